@@ -1,0 +1,63 @@
+"""Fast paths for the hot ops, each beside the plain reference it must match.
+
+Layout (a numbered ladder, as in llm.c's dev/cuda): every module here holds
+
+1. ``*_reference``: plain array code on ``backend.xp`` -- the truth that tests and readers trust;
+2. ``*_numba``: a Numba ``njit`` kernel for NumPy arrays on the CPU;
+3. a CUDA version (``kernels/cuda.py`` + ``kernels/*.cu``) for CuPy arrays;
+
+and one dispatching entry point per direction (e.g. ``attention.forward`` / ``attention.backward``)
+that picks: CuPy arrays -> CUDA, NumPy arrays with Numba importable -> Numba, otherwise the
+reference. ``use_reference(True)`` or the environment variable ``SCRATCHLM_KERNELS=reference``
+forces the references everywhere (for teaching and debugging).
+
+Signatures (arrays are backend arrays; shapes use B, H, T, D, N, C, V):
+
+attention.forward(q, k, v, causal: bool, scale: float) -> (o, lse)
+    q, k, v, o: (B, H, T, D); lse: (B, H, T), log-sum-exp of each query row's scaled scores.
+attention.backward(do, q, k, v, o, lse, causal, scale) -> (dq, dk, dv)
+layer_norm.forward(x, weight, bias, eps) -> (y, mean, rstd)       x, y: (N, C); mean, rstd: (N,)
+    weight/bias may be None (no affine part).
+layer_norm.backward(dy, x, weight, mean, rstd) -> (dx, dweight, dbias)   dweight/dbias None if weight is None
+gelu.forward(x, approximate: str) -> y                 approximate in {"none", "tanh"}
+gelu.backward(dy, x, approximate) -> dx
+cross_entropy.forward(logits, targets, ignore_index) -> (loss, lse)
+    logits: (N, V); targets: (N,) int; loss: 0-d mean over non-ignored rows (0.0 if none); lse: (N,)
+cross_entropy.backward(dloss, logits, lse, targets, ignore_index) -> dlogits     dloss: 0-d
+embedding.backward(dout, idx, vocab_size) -> dweight   dout: (N, C); idx: (N,) int; dweight: (V, C)
+adamw.step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step) -> None
+    in place on param, exp_avg, exp_avg_sq; PyTorch's AdamW update with bias correction.
+"""
+import os
+
+_force_reference = os.environ.get("SCRATCHLM_KERNELS", "").lower() in ("reference", "0", "off", "none")
+
+
+def use_reference(force: bool = True) -> None:
+    """Force the plain reference implementations (True) or let fast kernels run (False)."""
+    global _force_reference
+    _force_reference = bool(force)
+
+
+def reference_forced() -> bool:
+    return _force_reference
+
+
+def numba_available() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pick(array) -> str:
+    """Which ladder rung runs for ``array``: "cuda", "numba" or "reference"."""
+    if _force_reference:
+        return "reference"
+    module = type(array).__module__
+    if module.startswith("cupy"):
+        return "cuda"
+    if module == "numpy" and type(array).__name__ == "ndarray" and numba_available():
+        return "numba"
+    return "reference"
