@@ -1,0 +1,145 @@
+"""GELU, exact (erf) and tanh-approximated: the reference, a Numba kernel, and dispatch.
+
+Shapes: x, y, dy, dx any shape (elementwise), typically (B, T, 4C).
+
+Exact ("none"): with Phi the standard normal CDF and phi its density,
+
+    y = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))
+    dy/dx = Phi(x) + x phi(x),   phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+
+Tanh approximation ("tanh", GPT-2's): with u = sqrt(2/pi) (x + 0.044715 x^3) and t = tanh u,
+
+    y = 0.5 x (1 + t)
+    dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+
+Nothing is saved but x; the backward recomputes t (or Phi).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from scratchlm import backend
+from scratchlm.kernels import pick
+
+try:  # Numba is optional: without it the package imports and the reference runs.
+    import numba
+    from numba import prange
+    _njit = numba.njit
+except ImportError:  # pragma: no cover
+    numba = None
+    prange = range
+
+    def _njit(*args, **kwargs):
+        return lambda function: function
+
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+TANH_CUBIC = 0.044715
+APPROXIMATIONS = ("none", "tanh")
+
+
+def _check_approximate(approximate: str) -> None:
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"gelu approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+
+
+# ============================================================== 1. reference (the truth)
+
+def _erf(x):
+    """Elementwise erf on a backend array. NumPy has no erf, so the reference borrows it:
+    CuPy's from cupyx.scipy.special, SciPy's when installed, else Python's math.erf per element
+    (exact and slow; the Numba kernel is the fast CPU path)."""
+    xp = backend.xp
+    if type(x).__module__.startswith("cupy"):
+        from cupyx.scipy.special import erf
+        return erf(x)
+    try:
+        from scipy.special import erf
+        return erf(x).astype(x.dtype, copy=False)
+    except ImportError:
+        return xp.asarray(np.vectorize(math.erf, otypes=[x.dtype])(backend.to_numpy(x)))
+
+
+def forward_reference(x, approximate: str = "none"):
+    """y = gelu(x), exact or tanh-approximated."""
+    _check_approximate(approximate)
+    xp = backend.xp
+    if approximate == "tanh":
+        t = xp.tanh(SQRT_2_OVER_PI * (x + TANH_CUBIC * x * x * x))
+        return 0.5 * x * (1.0 + t)
+    return 0.5 * x * (1.0 + _erf(x * INV_SQRT_2))
+
+
+def backward_reference(dy, x, approximate: str = "none"):
+    """dx = dy * gelu'(x)."""
+    _check_approximate(approximate)
+    xp = backend.xp
+    if approximate == "tanh":
+        t = xp.tanh(SQRT_2_OVER_PI * (x + TANH_CUBIC * x * x * x))
+        du_dx = SQRT_2_OVER_PI * (1.0 + 3.0 * TANH_CUBIC * x * x)
+        return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx)
+    cdf = 0.5 * (1.0 + _erf(x * INV_SQRT_2))                     # Phi(x)
+    pdf = INV_SQRT_2PI * xp.exp(-0.5 * x * x)                    # phi(x)
+    return dy * (cdf + x * pdf)
+
+
+# ============================================================== 2. Numba (CPU)
+
+def forward_numba(x, approximate: str = "none"):
+    """Elementwise kernel, parallel over chunks; same contract as ``forward_reference``."""
+    _check_approximate(approximate)
+    if _gelu_forward_kernel is None or x.dtype not in (np.float32, np.float64):
+        return forward_reference(x, approximate)
+    flat = np.ascontiguousarray(x).reshape(-1)
+    return _gelu_forward_kernel(flat, approximate == "tanh").reshape(x.shape)
+
+
+def backward_numba(dy, x, approximate: str = "none"):
+    """Elementwise kernel for dx = dy * gelu'(x); same contract as ``backward_reference``."""
+    _check_approximate(approximate)
+    if _gelu_backward_kernel is None or x.dtype not in (np.float32, np.float64) or dy.dtype != x.dtype:
+        return backward_reference(dy, x, approximate)
+    flat_x = np.ascontiguousarray(x).reshape(-1)
+    flat_dy = np.ascontiguousarray(dy).reshape(-1)
+    return _gelu_backward_kernel(flat_dy, flat_x, approximate == "tanh").reshape(x.shape)
+
+
+_gelu_forward_kernel = None     # filled in below
+_gelu_backward_kernel = None
+
+
+# ============================================================== dispatch
+
+def _cuda_kernel(name: str):
+    try:
+        from scratchlm.kernels import cuda as cuda_module
+    except Exception:   # no CuPy, no GPU, or the CUDA half is absent: use the reference
+        return None
+    return getattr(cuda_module, name, None)
+
+
+def forward(x, approximate: str = "none"):
+    """y = gelu(x) on the fastest rung for ``x``: CUDA for CuPy, Numba for NumPy, else reference."""
+    rung = pick(x)
+    if rung == "cuda":
+        kernel = _cuda_kernel("gelu_forward")
+        if kernel is not None:
+            return kernel(x, approximate)
+    elif rung == "numba":
+        return forward_numba(x, approximate)
+    return forward_reference(x, approximate)
+
+
+def backward(dy, x, approximate: str = "none"):
+    """dx on the fastest rung for ``x`` (see ``forward``)."""
+    rung = pick(x)
+    if rung == "cuda":
+        kernel = _cuda_kernel("gelu_backward")
+        if kernel is not None:
+            return kernel(dy, x, approximate)
+    elif rung == "numba":
+        return backward_numba(dy, x, approximate)
+    return backward_reference(dy, x, approximate)

@@ -1,0 +1,137 @@
+"""Layer norm over the last axis: the reference, a fused Numba kernel, and dispatch.
+
+Shapes: x, y, dy, dx (N, C) (N rows, e.g. N = B*T, of C features); weight, bias (C,); mean, rstd (N,).
+
+Forward, for one row x (C values):
+
+    mean = (1/C) sum_c x_c
+    rstd = 1 / sqrt((1/C) sum_c (x_c - mean)^2 + eps)
+    xhat_c = (x_c - mean) * rstd
+    y_c = xhat_c * w_c + b_c                  (no affine part: y = xhat)
+
+Backward, with g_c = dy_c * w_c (g = dy without affine). xhat depends on every x_c through mean and
+rstd; differentiating and collecting terms gives the three-term form
+
+    dx = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))
+    dw = sum over rows of dy * xhat,   db = sum over rows of dy
+
+Only mean and rstd are saved; xhat is recomputed from x in the backward (one row of C values is
+cheap to recompute, a whole (N, C) copy is not cheap to keep).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from scratchlm import backend
+from scratchlm.kernels import pick
+
+try:  # Numba is optional: without it the package imports and the reference runs.
+    import numba
+    from numba import prange
+    _njit = numba.njit
+except ImportError:  # pragma: no cover
+    numba = None
+    prange = range
+
+    def _njit(*args, **kwargs):
+        return lambda function: function
+
+
+# ============================================================== 1. reference (the truth)
+
+def forward_reference(x, weight, bias, eps: float):
+    """(y, mean, rstd) for x (N, C); weight/bias (C,) or None."""
+    xp = backend.xp
+    mean = xp.mean(x, axis=-1)                                   # (N,)
+    centered = x - mean[:, None]                                 # (N, C)
+    rstd = 1.0 / xp.sqrt(xp.mean(centered * centered, axis=-1) + eps)   # (N,)
+    y = centered * rstd[:, None]                                 # xhat (N, C)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y, mean, rstd
+
+
+def backward_reference(dy, x, weight, mean, rstd):
+    """(dx, dweight, dbias) by the three-term formula; dweight/dbias are None if weight is None."""
+    xp = backend.xp
+    xhat = (x - mean[:, None]) * rstd[:, None]                   # recomputed (N, C)
+    g = dy * weight if weight is not None else dy                # dL/dxhat (N, C)
+    dx = rstd[:, None] * (g - xp.mean(g, axis=-1, keepdims=True)
+                          - xhat * xp.mean(g * xhat, axis=-1, keepdims=True))
+    if weight is None:
+        return dx, None, None
+    dweight = xp.sum(dy * xhat, axis=0)                          # (C,)
+    dbias = xp.sum(dy, axis=0)                                   # (C,)
+    return dx, dweight, dbias
+
+
+# ============================================================== 2. Numba (CPU)
+
+def forward_numba(x, weight, bias, eps: float):
+    """One pass per row (parallel over rows); same contract as ``forward_reference``."""
+    if _layer_norm_forward_kernel is None or x.dtype not in (np.float32, np.float64) or x.ndim != 2:
+        return forward_reference(x, weight, bias, eps)
+    return _layer_norm_forward_kernel(np.ascontiguousarray(x), *_affine(weight, bias, x), eps)
+
+
+def backward_numba(dy, x, weight, mean, rstd):
+    """Rows in parallel for dx; per-chunk partial sums for dweight/dbias (no races)."""
+    if (_layer_norm_backward_kernel is None or x.dtype not in (np.float32, np.float64)
+            or x.ndim != 2 or dy.dtype != x.dtype):
+        return backward_reference(dy, x, weight, mean, rstd)
+    w, _ = _affine(weight, None, x)
+    n_chunks = max(1, min(x.shape[0], 4 * numba.get_num_threads()))
+    dx, dweight_parts, dbias_parts = _layer_norm_backward_kernel(
+        np.ascontiguousarray(dy), np.ascontiguousarray(x), w,
+        np.ascontiguousarray(mean, dtype=x.dtype), np.ascontiguousarray(rstd, dtype=x.dtype), n_chunks)
+    if weight is None:
+        return dx, None, None
+    return dx, dweight_parts.sum(axis=0), dbias_parts.sum(axis=0)   # (n_chunks, C) -> (C,)
+
+
+def _affine(weight, bias, x):
+    """Numba wants concrete arrays: ones/zeros stand in for an absent weight/bias."""
+    channels = x.shape[1]
+    w = np.ones(channels, x.dtype) if weight is None else np.ascontiguousarray(weight, dtype=x.dtype)
+    b = np.zeros(channels, x.dtype) if bias is None else np.ascontiguousarray(bias, dtype=x.dtype)
+    return w, b
+
+
+_layer_norm_forward_kernel = None    # filled in below
+_layer_norm_backward_kernel = None
+
+
+# ============================================================== dispatch
+
+def _cuda_kernel(name: str):
+    try:
+        from scratchlm.kernels import cuda as cuda_module
+    except Exception:   # no CuPy, no GPU, or the CUDA half is absent: use the reference
+        return None
+    return getattr(cuda_module, name, None)
+
+
+def forward(x, weight, bias, eps: float):
+    """(y, mean, rstd) on the fastest rung for ``x``: CUDA for CuPy, Numba for NumPy, else reference."""
+    rung = pick(x)
+    if rung == "cuda":
+        kernel = _cuda_kernel("layer_norm_forward")
+        if kernel is not None:
+            return kernel(x, weight, bias, eps)
+    elif rung == "numba":
+        return forward_numba(x, weight, bias, eps)
+    return forward_reference(x, weight, bias, eps)
+
+
+def backward(dy, x, weight, mean, rstd):
+    """(dx, dweight, dbias) on the fastest rung for ``x`` (see ``forward``)."""
+    rung = pick(x)
+    if rung == "cuda":
+        kernel = _cuda_kernel("layer_norm_backward")
+        if kernel is not None:
+            return kernel(dy, x, weight, mean, rstd)
+    elif rung == "numba":
+        return backward_numba(dy, x, weight, mean, rstd)
+    return backward_reference(dy, x, weight, mean, rstd)
