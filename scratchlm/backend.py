@@ -65,8 +65,10 @@ def use_backend(backend_name: str) -> None:
     global xp, name
     if backend_name not in _LOADERS:
         raise BackendUnavailable(f"unknown backend {backend_name!r}; choose one of {sorted(_LOADERS)}")
+    global _default_generator
     xp = _LOADERS[backend_name]()
     name = backend_name
+    _default_generator = None   # a generator belongs to one backend
 
 
 def get_backend() -> str:
@@ -126,6 +128,30 @@ def synchronize() -> None:
 def random_generator(seed: int):
     """A seeded generator of the current backend (``numpy.random.Generator`` or CuPy's)."""
     return xp.random.default_rng(seed)
+
+
+_default_generator = None
+
+
+def manual_seed(seed: int) -> None:
+    """Seed the generator that ops such as dropout draw from when given none.
+
+    CuPy's generator state cannot be saved, so a resumable run re-seeds from (seed, step) at
+    every step instead of saving the state: ``manual_seed(step_seed(seed, step))``.
+    """
+    global _default_generator
+    _default_generator = random_generator(seed)
+
+
+def default_generator():
+    if _default_generator is None:
+        manual_seed(0)
+    return _default_generator
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A seed for step ``step`` of a run seeded ``seed``: distinct per step, same on every backend."""
+    return (int(seed) * 1_000_003 + int(step)) % (2**63)
 
 
 # ---------------------------------------------------------------- escape hatches
