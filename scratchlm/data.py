@@ -1,0 +1,468 @@
+"""Corpora -> token streams on disk -> batches.
+
+Three steps, one function each:
+
+    corpus = load_corpus("tinyshakespeare")          # a registered name, a file or a folder
+    prepared = prepare(corpus, tokenizer)            # train.bin / val.bin memmaps + meta.json, cached
+    sampler = BatchSampler(prepared.train, batch_size=12, block_size=64, seed=0)
+    x, y = sampler.batch(step)                       # (B, T) int64 backend arrays, y = x shifted by 1
+
+The registry (``REGISTRY``) names the corpora scratchlm knows how to obtain. None of their text
+lives in the repository: ``pydoc`` and ``stdlib`` come with every CPython, ``tinyshakespeare``
+is downloaded once (sha256-checked, resumable, atomic) into the user cache directory:
+``$SCRATCHLM_CACHE``, else ``$XDG_CACHE_HOME/scratchlm``, else ``~/.cache/scratchlm``.
+
+Text files must be UTF-8. A file that is not is refused with the byte offset of the first bad
+byte (for either tokenizer: ``Corpus.text`` is a ``str``); inside a folder such files, and
+binary files (NUL bytes), are skipped and listed in ``Corpus.skipped``.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import sysconfig
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from scratchlm import backend
+from scratchlm.errors import UserError
+
+# ---------------------------------------------------------------- cache location
+
+
+def cache_root() -> Path:
+    """Where downloads and prepared token streams go (created on first use)."""
+    if os.environ.get("SCRATCHLM_CACHE"):
+        return Path(os.environ["SCRATCHLM_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "scratchlm"
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class CorpusSource:
+    """A named corpus: what it is and how to obtain it."""
+    name: str
+    description: str
+    obtain: str                   # "builtin" (ships with Python) or "download"
+    url: str | None = None
+    sha256: str | None = None
+    filename: str | None = None   # name in the cache folder, for downloads
+    license: str = ""
+
+
+STDLIB_MAX_BYTES = 4_000_000      # keep the code corpus practical: ~4 MB of source
+
+REGISTRY: dict[str, CorpusSource] = {s.name: s for s in [
+    CorpusSource(
+        name="pydoc",
+        description="English prose: the Python language reference topics that ship with every "
+                    "CPython as pydoc_data.topics (~465 KB); the embedded default, no download",
+        obtain="builtin", license="PSF License (part of CPython)"),
+    CorpusSource(
+        name="stdlib",
+        description="Python code: the running interpreter's standard-library .py files in sorted "
+                    f"path order (tests and site-packages left out), capped at {STDLIB_MAX_BYTES:,} bytes",
+        obtain="builtin", license="PSF License (part of CPython)"),
+    CorpusSource(
+        name="tinyshakespeare",
+        description="40,000 lines of Shakespeare's plays (1,115,394 bytes), the char-rnn / nanoGPT toy corpus",
+        obtain="download",
+        url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        filename="tinyshakespeare.txt", license="public domain text"),
+]}
+
+
+@dataclass
+class Corpus:
+    name: str
+    text: str
+    sha256: str                        # of the UTF-8 bytes of ``text`` (= the file's bytes for one file)
+    source: str                        # where it came from: a path, a URL, a module
+    files: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return f"Corpus(name={self.name!r}, chars={len(self.text):,}, sha256={self.sha256[:12]}..)"
+
+
+def _make_corpus(name, text, source, files=(), skipped=()) -> Corpus:
+    if not text:
+        raise UserError(f"corpus {name!r} ({source}) is empty; give it some text")
+    sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return Corpus(name, text, sha, str(source), list(files), list(skipped))
+
+
+def decode_utf8(data: bytes, where) -> str:
+    """Strict UTF-8 decoding with an error that says where the first bad byte is."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{where} is not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} ({exc.reason}); "
+            f"convert it first, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _read_text_file(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read corpus file {path}: {exc.strerror}") from None
+    return decode_utf8(data, f"corpus file {path}")
+
+
+def _text_files_under(folder: Path):
+    """(sorted relative paths of UTF-8 text files, relative paths skipped). Hidden entries ignored."""
+    keep, skipped = [], []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = Path(root) / name
+            try:
+                data = path.read_bytes()
+            except OSError:
+                skipped.append(path)
+                continue
+            if b"\0" in data:
+                skipped.append(path)
+                continue
+            try:
+                keep.append((path.relative_to(folder).as_posix(), data.decode("utf-8")))
+            except UnicodeDecodeError:
+                skipped.append(path)
+    keep.sort()
+    return keep, sorted(p.relative_to(folder).as_posix() for p in skipped)
+
+
+def _load_folder(folder: Path) -> Corpus:
+    files, skipped = _text_files_under(folder)
+    if not files:
+        raise UserError(f"folder {folder} has no UTF-8 text files (checked {len(skipped)} other files); "
+                        f"point at a text file or a folder of them")
+    # Files are joined in sorted path order, each ending in one newline, so the corpus is the
+    # same on every machine that has the same files.
+    text = "".join(t if t.endswith("\n") else t + "\n" for _, t in files)
+    return _make_corpus(folder.name, text, folder, [p for p, _ in files], skipped)
+
+
+def _load_pydoc() -> Corpus:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise UserError("this Python has no pydoc_data module (some distributions split it out); "
+                        "use --corpus stdlib or a text file") from None
+    text = "\n\n".join(topics[key].strip("\n") for key in sorted(topics)) + "\n"
+    return _make_corpus("pydoc", text, "pydoc_data.topics", sorted(topics))
+
+
+def _stdlib_folder() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _load_stdlib(max_bytes: int = STDLIB_MAX_BYTES) -> Corpus:
+    folder = _stdlib_folder()
+    left_out = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    paths = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if d not in left_out and not d.startswith("."))
+        paths += [Path(root) / f for f in files if f.endswith(".py")]
+    paths.sort(key=lambda p: p.relative_to(folder).as_posix())
+    parts, used, total = [], [], 0
+    for path in paths:
+        if total >= max_bytes:
+            break
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        text = text if text.endswith("\n") else text + "\n"
+        parts.append(text)
+        used.append(path.relative_to(folder).as_posix())
+        total += len(text.encode("utf-8"))
+    if not parts:
+        raise UserError(f"found no standard-library .py files under {folder}; use another corpus")
+    return _make_corpus("stdlib", "".join(parts), folder, used)
+
+
+def _load_download(source: CorpusSource) -> Corpus:
+    path = download(source.url, cache_root() / "corpora" / source.filename, source.sha256, progress=True)
+    text = _read_text_file(path)
+    return _make_corpus(source.name, text, source.url)
+
+
+def load_corpus(name_or_path) -> Corpus:
+    """A registered corpus by name (``REGISTRY``), or a local text file, or a folder of them."""
+    key = str(name_or_path)
+    if key in REGISTRY and not isinstance(name_or_path, Path):
+        source = REGISTRY[key]
+        if key == "pydoc":
+            return _load_pydoc()
+        if key == "stdlib":
+            return _load_stdlib()
+        return _load_download(source)
+    path = Path(key).expanduser()
+    if path.is_dir():
+        return _load_folder(path)
+    if path.is_file():
+        return _make_corpus(path.stem, _read_text_file(path), path)
+    raise UserError(f"corpus {key!r} is neither a registered name ({', '.join(REGISTRY)}) "
+                    f"nor an existing file or folder")
+
+
+# ---------------------------------------------------------------- download
+
+
+def download(url: str, dest, sha256: str | None = None, progress: bool = False,
+             timeout: float = 30.0, chunk_size: int = 1 << 16) -> Path:
+    """Fetch ``url`` to ``dest``: resumable, checksummed, atomic.
+
+    Bytes go to ``dest + ".part"``. If a ``.part`` is already there (an earlier run was
+    interrupted), ask the server for the rest with an HTTP ``Range: bytes=N-`` header; a server
+    that answers 200 instead of 206 sends the whole file, so start over. When the transfer ends,
+    the ``.part`` file's sha256 must equal ``sha256``: then it is renamed onto ``dest`` (atomic),
+    else it is deleted and the download refused. ``dest`` therefore only ever holds a verified
+    file. Works for ``http(s)://`` and ``file://`` URLs (the latter without ranges).
+    """
+    dest = Path(dest)
+    if dest.exists():
+        if sha256 is None or file_sha256(dest) == sha256:
+            return dest
+        dest.unlink()                                   # a corrupted cache entry: fetch again
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    complete_already = False
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:                    # nothing after byte N: the .part is whole
+            complete_already, response = True, None
+        else:
+            raise UserError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"cannot download {url} ({reason}); check the network or the URL, "
+                        f"or put the file at {dest} yourself") from None
+
+    if not complete_already:
+        with response:
+            status = getattr(response, "status", None)      # None for file:// URLs
+            resume_at = _range_start(response.headers.get("Content-Range")) if status == 206 else None
+            if resume_at != have:                            # full body: start from byte 0
+                have = 0
+            length = response.headers.get("Content-Length")
+            expected_end = have + int(length) if length and length.isdigit() else None
+            bar = None
+            if progress:
+                from tqdm import tqdm
+                bar = tqdm(total=expected_end, initial=have, unit="B", unit_scale=True,
+                           desc=f"downloading {dest.name}")
+            try:
+                with open(part, "ab" if have else "wb") as f:
+                    while True:
+                        chunk = response.read(chunk_size)
+                        if not chunk:
+                            break
+                        f.write(chunk)
+                        have += len(chunk)
+                        if bar is not None:
+                            bar.update(len(chunk))
+                    f.flush()
+                    os.fsync(f.fileno())
+            except (http.client.HTTPException, OSError) as exc:
+                raise UserError(f"download of {url} was interrupted after {have:,} bytes "
+                                f"({type(exc).__name__}); run again to resume") from None
+            finally:
+                if bar is not None:
+                    bar.close()
+            if expected_end is not None and have < expected_end:
+                raise UserError(f"download of {url} was interrupted after {have:,} of {expected_end:,} "
+                                f"bytes; run again to resume")
+
+    if sha256 is not None:
+        got = file_sha256(part)
+        if got != sha256:
+            part.unlink()
+            raise UserError(f"download of {url} has sha256 {got}, expected {sha256}; the file was "
+                            f"deleted (the source changed or the transfer was corrupted)")
+    os.replace(part, dest)
+    return dest
+
+
+def _range_start(content_range):
+    """First byte of a ``Content-Range: bytes START-END/TOTAL`` header, or None."""
+    match = re.match(r"bytes (\d+)-\d+/(\d+|\*)", content_range or "")
+    return int(match.group(1)) if match else None
+
+
+# ---------------------------------------------------------------- prepared token streams
+
+PREPARED_FORMAT = 1
+
+
+@dataclass
+class Prepared:
+    train: np.ndarray            # (N_train,) memmap of token ids
+    val: np.ndarray              # (N_val,)
+    meta: dict
+    path: Path
+
+    @property
+    def tokenizer(self):
+        from scratchlm.tokenizers import from_dict
+        return from_dict(self.meta["tokenizer"])
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    canonical = json.dumps(tokenizer.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _open_stream(path: Path, dtype, n: int) -> np.ndarray:
+    if n == 0:                               # np.memmap cannot map an empty file
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+
+
+def prepare(corpus: Corpus, tokenizer, cache_dir=None, val_fraction: float = 0.1,
+            rebuild: bool = False, progress: bool = False) -> Prepared:
+    """Encode ``corpus`` once into ``train.bin`` / ``val.bin`` + ``meta.json``; reuse it after.
+
+    The folder is ``<cache_dir or cache_root()/prepared>/<name>-<corpus sha>-<tokenizer sha>-val<f>``,
+    so a different corpus, tokenizer or split never collides. The token stream is split by
+    tokens: the first ``1 - val_fraction`` for training, the rest for validation. ids are stored
+    as uint16 when the vocabulary fits (<= 65536 tokens), else uint32. ``meta.json`` is written
+    last: a folder without it is an unfinished build and is rebuilt. A folder whose meta.json
+    does not match (edited, truncated files, other format) is refused with a UserError saying to
+    delete it or pass ``rebuild=True`` -- we do not silently overwrite what we cannot explain.
+    """
+    if not (isinstance(val_fraction, (int, float)) and 0.0 <= val_fraction < 1.0):
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    tok_dict = tokenizer.to_dict()
+    tok_sha = tokenizer_sha256(tokenizer)
+    dtype = "uint16" if tokenizer.vocab_size <= 65536 else "uint32"
+    safe_name = re.sub(r"[^A-Za-z0-9_.-]", "_", corpus.name)[:40] or "corpus"
+    root = Path(cache_dir) if cache_dir is not None else cache_root() / "prepared"
+    folder = root / f"{safe_name}-{corpus.sha256[:16]}-{tok_sha[:16]}-val{val_fraction:g}"
+    meta_path = folder / "meta.json"
+    want = {"format": PREPARED_FORMAT, "source_sha256": corpus.sha256, "tokenizer_sha256": tok_sha,
+            "val_fraction": val_fraction, "dtype": dtype, "vocab_size": tokenizer.vocab_size}
+
+    if meta_path.exists() and not rebuild:
+        return _reuse(folder, want)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = np.asarray(tokenizer.encode(corpus.text), dtype=np.int64)      # (N,)
+    n_train = len(ids) - int(round(len(ids) * val_fraction))
+    train, val = ids[:n_train].astype(dtype), ids[n_train:].astype(dtype)
+    _atomic_write_bytes(folder / "train.bin", train.tobytes())
+    _atomic_write_bytes(folder / "val.bin", val.tobytes())
+    meta = dict(want, corpus=corpus.name, source=corpus.source, source_chars=len(corpus.text),
+                n_tokens=int(len(ids)), train_tokens=int(len(train)), val_tokens=int(len(val)),
+                split="by tokens: first (1 - val_fraction) train, rest val", tokenizer=tok_dict)
+    _atomic_write_bytes(meta_path, (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    return Prepared(_open_stream(folder / "train.bin", dtype, len(train)),
+                    _open_stream(folder / "val.bin", dtype, len(val)), meta, folder)
+
+
+def _reuse(folder: Path, want: dict) -> Prepared:
+    fix = f"delete {folder} or prepare with rebuild=True"
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"prepared cache {folder}/meta.json is unreadable ({exc}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"prepared cache {folder}/meta.json is not a JSON object; {fix}")
+    for key, value in want.items():
+        if meta.get(key) != value:
+            raise UserError(f"prepared cache {folder} has {key}={meta.get(key)!r}, expected {value!r}; {fix}")
+    itemsize = np.dtype(want["dtype"]).itemsize
+    streams = []
+    for split in ("train", "val"):
+        n = meta.get(f"{split}_tokens")
+        path = folder / f"{split}.bin"
+        size = path.stat().st_size if path.exists() else -1
+        if not isinstance(n, int) or size != n * itemsize:
+            raise UserError(f"prepared cache {path} has {size} bytes, meta.json says {n} tokens "
+                            f"of {itemsize} bytes; {fix}")
+        streams.append(_open_stream(path, want["dtype"], n))
+    return Prepared(streams[0], streams[1], meta, folder)
+
+
+# ---------------------------------------------------------------- batches
+
+
+class BatchSampler:
+    """Random windows of a token stream: ``batch(step) -> (x, y)``, both (B, T) int64.
+
+    Batch ``step`` depends only on ``(seed, step)``: its generator is seeded with the pair, so a
+    resumed run needs only the step number (``state_dict()`` is just the seed and sizes), and
+    the batches are the same on NumPy and CuPy because the draws happen on the host.
+
+    Row b is ``tokens[s_b : s_b + T]`` and its targets ``tokens[s_b + 1 : s_b + T + 1]`` with
+    ``s_b`` uniform in ``[0, N - T - 1]``, so every window, target included, lies in the stream.
+    """
+
+    def __init__(self, tokens, batch_size: int, block_size: int, seed: int = 0, name: str = "token stream"):
+        for label, value in (("batch_size", batch_size), ("block_size", block_size)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise UserError(f"{label} must be a positive integer, got {value!r}")
+        n = len(tokens)
+        if n < block_size + 1:
+            raise UserError(f"{name} has {n} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                            f"use a smaller block_size or a bigger corpus")
+        self.tokens = tokens
+        self.batch_size, self.block_size, self.seed = int(batch_size), int(block_size), int(seed)
+        self._offsets = np.arange(self.block_size + 1)                   # (T+1,)
+
+    def batch(self, step: int):
+        B, T = self.batch_size, self.block_size
+        rng = np.random.default_rng([self.seed, int(step)])
+        starts = rng.integers(0, len(self.tokens) - T, size=B)          # (B,) in [0, N - T - 1]
+        window = np.asarray(self.tokens[starts[:, None] + self._offsets], dtype=np.int64)  # (B, T+1)
+        x, y = window[:, :-1], window[:, 1:]                            # (B, T), (B, T)
+        return backend.to_device(np.ascontiguousarray(x)), backend.to_device(np.ascontiguousarray(y))
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "batch_size": self.batch_size, "block_size": self.block_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
