@@ -102,8 +102,7 @@ def forward_numba(q, k, v, causal: bool, scale: float | None = None):
     """The tiled online-softmax kernel below; same contract as ``forward_reference``."""
     scale = _default_scale(q, scale)
     q3, k3, v3 = _as_heads(q), _as_heads(k), _as_heads(v)
-    if (_attention_forward_kernel is None or q3 is None or k3 is None or v3 is None
-            or not (q.dtype == k.dtype == v.dtype)):
+    if q3 is None or k3 is None or v3 is None or not (q.dtype == k.dtype == v.dtype):
         return forward_reference(q, k, v, causal, scale)
     out, lse = _attention_forward_kernel(q3, k3, v3, bool(causal), q.dtype.type(scale))
     return out.reshape(q.shape), lse.reshape(q.shape[:-1])
@@ -113,13 +112,12 @@ def backward_numba(do, q, k, v, o, lse, causal: bool, scale: float | None = None
     """dq, dk, dv by the two-level tiled kernel below; same contract as ``backward_reference``."""
     scale = _default_scale(q, scale)
     arrays = [_as_heads(a) for a in (do, q, k, v, o)]
-    if (_attention_backward_kernel is None or any(a is None for a in arrays)
-            or len({a.dtype for a in arrays}) != 1):
+    if any(a is None for a in arrays) or len({a.dtype for a in arrays}) != 1:
         return backward_reference(do, q, k, v, o, lse, causal, scale)
     do3, q3, k3, v3, o3 = arrays
     lse2 = np.ascontiguousarray(lse, dtype=q.dtype).reshape(q3.shape[0], q3.shape[1])
     dq, dk, dv = _attention_backward_kernel(do3, q3, k3, v3, o3, lse2, bool(causal),
-                                            q.dtype.type(scale))
+                                            q.dtype.type(scale), _group_count(q3.shape[0], k3.shape[1]))
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 
 
@@ -130,8 +128,187 @@ def _as_heads(array):
     return np.ascontiguousarray(array).reshape(-1, array.shape[-2], array.shape[-1])
 
 
-_attention_forward_kernel = None   # filled in below
-_attention_backward_kernel = None
+def _group_count(n_heads: int, t_key: int) -> int:
+    """Key-block groups per head in the backward: enough (head, group) tasks to feed every thread."""
+    threads = numba.get_num_threads()
+    n_key_blocks = -(-t_key // BLOCK_K)
+    return max(1, min(n_key_blocks, -(-threads // max(n_heads, 1))))
+
+
+# Tile sizes: a (BLOCK_Q x BLOCK_K) score tile, a (D x BLOCK_K) transposed key tile and a
+# (BLOCK_Q x D) output accumulator stay in L1/L2 while the key loop streams through K and V.
+BLOCK_Q = 64
+BLOCK_K = 64
+
+
+@_njit(parallel=True, cache=True)
+def _attention_forward_kernel(q, k, v, causal, scale):
+    """q (N, Tq, D), k and v (N, Tk, D) with N = B*H -> o (N, Tq, D), lse (N, Tq).
+
+    Parallel over (head, query block) tasks. For each task, key blocks are visited in order and
+    each query row keeps a running max m, running sum l = sum exp(s - m) and an unnormalised
+    output acc = sum exp(s - m) v. When a new block raises the max to m', the old sums are
+    rescaled by exp(m - m'). Key blocks entirely in a row block's causal future are never visited,
+    and within a block a row only visits its own visible keys (masked keys are skipped, which is
+    the same as a -inf score).
+    """
+    n_heads, t_query, head_dim = q.shape
+    t_key = k.shape[1]
+    offset = t_key - t_query                    # causal: row i sees keys j <= i + offset
+    out = np.empty_like(q)
+    lse = np.empty((n_heads, t_query), dtype=q.dtype)
+    n_query_blocks = (t_query + BLOCK_Q - 1) // BLOCK_Q
+    for task in prange(n_heads * n_query_blocks):
+        head = task // n_query_blocks
+        q_start = (task % n_query_blocks) * BLOCK_Q
+        rows = min(BLOCK_Q, t_query - q_start)
+        q_tile = np.empty((BLOCK_Q, head_dim), dtype=q.dtype)        # scale * q rows
+        for i in range(rows):
+            for d in range(head_dim):
+                q_tile[i, d] = q[head, q_start + i, d] * scale
+        acc = np.zeros((BLOCK_Q, head_dim), dtype=q.dtype)          # sum_j exp(s_ij - m_i) v_j
+        row_max = np.full(BLOCK_Q, -np.inf, dtype=q.dtype)           # m_i
+        row_sum = np.zeros(BLOCK_Q, dtype=np.float64)                # l_i
+        scores = np.empty(BLOCK_K, dtype=q.dtype)                    # one row of the tile
+        k_tile_t = np.empty((head_dim, BLOCK_K), dtype=q.dtype)      # K block, transposed
+        key_stop = t_key
+        if causal:
+            key_stop = min(t_key, q_start + rows + offset)           # last row's last visible key + 1
+        for k_start in range(0, key_stop, BLOCK_K):
+            cols = min(BLOCK_K, key_stop - k_start)
+            # Transposing the K block once lets the score loop run contiguously over keys
+            # (s_j += q_d * kT_dj), which vectorises without reassociating a dot product.
+            for j in range(cols):
+                for d in range(head_dim):
+                    k_tile_t[d, j] = k[head, k_start + j, d]
+            for i in range(rows):
+                visible = cols
+                if causal:
+                    visible = min(cols, q_start + i + offset + 1 - k_start)
+                if visible <= 0:
+                    continue
+                for j in range(visible):
+                    scores[j] = 0
+                for d in range(head_dim):
+                    q_id = q_tile[i, d]
+                    for j in range(visible):
+                        scores[j] += q_id * k_tile_t[d, j]
+                block_max = scores[0]                                # in q's dtype, as are
+                for j in range(1, visible):                          # new_max and rescale, so
+                    block_max = max(block_max, scores[j])            # acc stays float32 SIMD
+                new_max = max(row_max[i], block_max)
+                rescale = math.exp(row_max[i] - new_max)             # 0 on the first block
+                block_sum = 0.0
+                for j in range(visible):
+                    p = math.exp(scores[j] - new_max)
+                    scores[j] = p
+                    block_sum += p
+                row_sum[i] = row_sum[i] * rescale + block_sum
+                row_max[i] = new_max
+                if rescale != 1:
+                    for d in range(head_dim):
+                        acc[i, d] *= rescale
+                for j in range(visible):
+                    p = scores[j]
+                    for d in range(head_dim):
+                        acc[i, d] += p * v[head, k_start + j, d]
+        for i in range(rows):
+            if row_sum[i] > 0.0:
+                inverse = 1.0 / row_sum[i]
+                for d in range(head_dim):
+                    out[head, q_start + i, d] = acc[i, d] * inverse
+                lse[head, q_start + i] = row_max[i] + math.log(row_sum[i])
+            else:                                   # a row with no visible key: o = 0, lse = -inf
+                for d in range(head_dim):
+                    out[head, q_start + i, d] = 0
+                lse[head, q_start + i] = -np.inf
+    return out, lse
+
+
+@_njit(parallel=True, cache=True)
+def _attention_backward_kernel(do, q, k, v, o, lse, causal, scale, n_groups):
+    """do, q, o (N, Tq, D); k, v (N, Tk, D); lse (N, Tq) -> dq (N, Tq, D), dk, dv (N, Tk, D).
+
+    Parallel over (head, key-block group) tasks; group g owns key blocks g, g + G, g + 2G, ...
+    (round robin, so causal work is balanced). A task owns the dk, dv rows of its key blocks, so
+    those need no locks. For each key block it walks the query blocks that can see it, recomputes
+    P = exp(scale q k^T - lse) row by row and accumulates
+
+        dv_j += p_ij dO_i,   dk_j += scale ds_ij q_i,   dq_i += scale ds_ij k_j
+        with ds_ij = p_ij (dO_i . v_j - delta_i), delta_i = dO_i . o_i.
+
+    dq rows are shared by every key block, so each group adds into its own (Tq, D) slice of
+    dq_parts (G slices per head, G = 1 when there are at least as many heads as threads) and the
+    slices are summed at the end: memory stays linear in T and no two threads write one address.
+    """
+    n_heads, t_query, head_dim = q.shape
+    t_key = k.shape[1]
+    offset = t_key - t_query
+    n_key_blocks = (t_key + BLOCK_K - 1) // BLOCK_K
+    delta = np.empty((n_heads, t_query), dtype=np.float64)          # delta_i = dO_i . o_i
+    for head in prange(n_heads):
+        for i in range(t_query):
+            total = 0.0
+            for d in range(head_dim):
+                total += do[head, i, d] * o[head, i, d]
+            delta[head, i] = total
+    dq_parts = np.zeros((n_groups, n_heads, t_query, head_dim), dtype=q.dtype)
+    dk = np.zeros_like(k)
+    dv = np.zeros_like(v)
+    for task in prange(n_heads * n_groups):
+        head = task // n_groups
+        group = task % n_groups
+        k_tile_t = np.empty((head_dim, BLOCK_K), dtype=q.dtype)     # K block, transposed
+        v_tile_t = np.empty((head_dim, BLOCK_K), dtype=q.dtype)     # V block, transposed
+        probs = np.empty(BLOCK_K, dtype=q.dtype)
+        dprobs = np.empty(BLOCK_K, dtype=q.dtype)
+        q_row = np.empty(head_dim, dtype=q.dtype)
+        for key_block in range(group, n_key_blocks, n_groups):
+            k_start = key_block * BLOCK_K
+            cols = min(BLOCK_K, t_key - k_start)
+            for j in range(cols):
+                for d in range(head_dim):
+                    k_tile_t[d, j] = k[head, k_start + j, d]
+                    v_tile_t[d, j] = v[head, k_start + j, d]
+            first_row = 0
+            if causal:
+                first_row = max(0, k_start - offset)               # first query that sees k_start
+            for i in range(first_row, t_query):
+                visible = cols
+                if causal:
+                    visible = min(cols, i + offset + 1 - k_start)
+                if visible <= 0:
+                    continue
+                for d in range(head_dim):
+                    q_row[d] = q[head, i, d] * scale
+                # s_ij = scale q_i . k_j and dp_ij = dO_i . v_j, contiguous over keys j
+                for j in range(visible):
+                    probs[j] = 0
+                    dprobs[j] = 0
+                for d in range(head_dim):
+                    q_id = q_row[d]
+                    do_id = do[head, i, d]
+                    for j in range(visible):
+                        probs[j] += q_id * k_tile_t[d, j]
+                        dprobs[j] += do_id * v_tile_t[d, j]
+                row_lse = lse[head, i]
+                row_delta = delta[head, i]
+                for j in range(visible):
+                    p = math.exp(probs[j] - row_lse)                 # P recomputed from lse
+                    probs[j] = p
+                    dprobs[j] = p * (dprobs[j] - row_delta)          # ds_ij
+                for j in range(visible):
+                    p = probs[j]
+                    ds = dprobs[j]
+                    key = k_start + j
+                    for d in range(head_dim):
+                        dv[head, key, d] += p * do[head, i, d]
+                        dk[head, key, d] += ds * q_row[d]            # q_row already holds scale q_i
+                        dq_parts[group, head, i, d] += ds * scale * k[head, key, d]
+    dq = dq_parts[0]
+    for group in range(1, n_groups):
+        dq += dq_parts[group]
+    return dq, dk, dv
 
 
 # ============================================================== dispatch

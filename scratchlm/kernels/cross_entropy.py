@@ -17,6 +17,8 @@ while dlogits is written, so no (N, V) probability matrix is ever kept.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from scratchlm import backend
@@ -95,8 +97,52 @@ def _checked_targets(targets, vocab_size: int, ignore_index: int):
     return targets
 
 
-_cross_entropy_forward_kernel = None     # filled in below
-_cross_entropy_backward_kernel = None
+@_njit(parallel=True, cache=True)
+def _cross_entropy_forward_kernel(logits, targets, ignore_index):
+    """logits (N, V), targets (N,) -> (sum of lse_r - logits_r,t over counted rows, count, lse (N,)).
+
+    Rows in parallel; per row one pass for the max and one for sum exp(logit - max) (float64
+    accumulation). The scalar sums are prange reductions.
+    """
+    rows, vocab = logits.shape
+    lse = np.empty(rows, dtype=logits.dtype)
+    total = 0.0
+    counted = 0
+    for r in prange(rows):
+        row_max = logits[r, 0]
+        for c in range(1, vocab):
+            row_max = max(row_max, logits[r, c])
+        exp_total = 0.0
+        for c in range(vocab):
+            exp_total += math.exp(logits[r, c] - row_max)
+        row_lse = row_max + math.log(exp_total)
+        lse[r] = row_lse
+        if targets[r] != ignore_index:
+            total += row_lse - logits[r, targets[r]]
+            counted += 1
+    return total, counted, lse
+
+
+@_njit(parallel=True, cache=True)
+def _cross_entropy_backward_kernel(dloss, logits, lse, targets, ignore_index):
+    """dlogits (N, V) = dloss / n (exp(logits - lse) - onehot), zero rows where ignored."""
+    rows, vocab = logits.shape
+    counted = 0
+    for r in range(rows):
+        if targets[r] != ignore_index:
+            counted += 1
+    dlogits = np.empty_like(logits)
+    row_scale = dloss / max(counted, 1)
+    for r in prange(rows):
+        if targets[r] == ignore_index:
+            for c in range(vocab):
+                dlogits[r, c] = 0
+            continue
+        row_lse = lse[r]
+        for c in range(vocab):
+            dlogits[r, c] = math.exp(logits[r, c] - row_lse) * row_scale
+        dlogits[r, targets[r]] -= row_scale
+    return dlogits
 
 
 # ============================================================== dispatch

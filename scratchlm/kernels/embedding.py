@@ -54,7 +54,21 @@ def backward_numba(dout, idx, vocab_size: int):
     return _embedding_backward_kernel(dout, idx, vocab_size)
 
 
-_embedding_backward_kernel = None   # filled in below
+@_njit(parallel=True, cache=True)
+def _embedding_backward_kernel(dout, idx, vocab_size):
+    """dout (N, C), idx (N,) -> dweight (V, C). Parallel over column stripes, serial over n."""
+    rows, channels = dout.shape
+    dweight = np.zeros((vocab_size, channels), dtype=dout.dtype)
+    stripe = 16                                  # 64 bytes of float32: one cache line per row
+    n_stripes = (channels + stripe - 1) // stripe
+    for s in prange(n_stripes):
+        c_start = s * stripe
+        c_stop = min(channels, c_start + stripe)
+        for n in range(rows):
+            token = idx[n]
+            for c in range(c_start, c_stop):
+                dweight[token, c] += dout[n, c]
+    return dweight
 
 
 # ============================================================== dispatch

@@ -107,8 +107,35 @@ def backward_numba(dy, x, approximate: str = "none"):
     return _gelu_backward_kernel(flat_dy, flat_x, approximate == "tanh").reshape(x.shape)
 
 
-_gelu_forward_kernel = None     # filled in below
-_gelu_backward_kernel = None
+@_njit(parallel=True, cache=True)
+def _gelu_forward_kernel(x, tanh_approximation):
+    """x flat (M,) -> y (M,), elementwise, in parallel."""
+    y = np.empty_like(x)
+    for n in prange(x.size):
+        value = x[n]
+        if tanh_approximation:
+            t = math.tanh(SQRT_2_OVER_PI * (value + TANH_CUBIC * value * value * value))
+            y[n] = 0.5 * value * (1.0 + t)
+        else:
+            y[n] = 0.5 * value * (1.0 + math.erf(value * INV_SQRT_2))
+    return y
+
+
+@_njit(parallel=True, cache=True)
+def _gelu_backward_kernel(dy, x, tanh_approximation):
+    """dy, x flat (M,) -> dx = dy * gelu'(x) (M,), elementwise, in parallel."""
+    dx = np.empty_like(x)
+    for n in prange(x.size):
+        value = x[n]
+        if tanh_approximation:
+            t = math.tanh(SQRT_2_OVER_PI * (value + TANH_CUBIC * value * value * value))
+            du_dx = SQRT_2_OVER_PI * (1.0 + 3.0 * TANH_CUBIC * value * value)
+            slope = 0.5 * (1.0 + t) + 0.5 * value * (1.0 - t * t) * du_dx
+        else:
+            cdf = 0.5 * (1.0 + math.erf(value * INV_SQRT_2))
+            slope = cdf + value * INV_SQRT_2PI * math.exp(-0.5 * value * value)
+        dx[n] = dy[n] * slope
+    return dx
 
 
 # ============================================================== dispatch

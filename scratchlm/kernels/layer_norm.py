@@ -20,6 +20,8 @@ cheap to recompute, a whole (N, C) copy is not cheap to keep).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from scratchlm import backend
@@ -99,8 +101,67 @@ def _affine(weight, bias, x):
     return w, b
 
 
-_layer_norm_forward_kernel = None    # filled in below
-_layer_norm_backward_kernel = None
+@_njit(parallel=True, cache=True)
+def _layer_norm_forward_kernel(x, weight, bias, eps):
+    """x (N, C), weight and bias (C,) -> y (N, C), mean (N,), rstd (N,); rows in parallel.
+
+    Mean and variance are accumulated in float64 (two passes over the row: the centred second
+    pass avoids the cancellation of E[x^2] - E[x]^2).
+    """
+    rows, channels = x.shape
+    y = np.empty_like(x)
+    mean = np.empty(rows, dtype=x.dtype)
+    rstd = np.empty(rows, dtype=x.dtype)
+    for r in prange(rows):
+        total = 0.0
+        for c in range(channels):
+            total += x[r, c]
+        row_mean = total / channels
+        squares = 0.0
+        for c in range(channels):
+            centred = x[r, c] - row_mean
+            squares += centred * centred
+        row_rstd = 1.0 / math.sqrt(squares / channels + eps)
+        mean[r] = row_mean
+        rstd[r] = row_rstd
+        for c in range(channels):
+            y[r, c] = (x[r, c] - row_mean) * row_rstd * weight[c] + bias[c]
+    return y, mean, rstd
+
+
+@_njit(parallel=True, cache=True)
+def _layer_norm_backward_kernel(dy, x, weight, mean, rstd, n_chunks):
+    """dy, x (N, C), weight (C,), mean and rstd (N,) -> dx (N, C) and per-chunk partial sums
+    dweight_parts, dbias_parts (n_chunks, C).
+
+    Rows are split into n_chunks contiguous chunks, one prange task each; a task writes dx for
+    its rows and accumulates dw, db into its own partial row, so no two threads add into one
+    address. The caller sums the partials.
+    """
+    rows, channels = x.shape
+    dx = np.empty_like(x)
+    dweight_parts = np.zeros((n_chunks, channels), dtype=x.dtype)
+    dbias_parts = np.zeros((n_chunks, channels), dtype=x.dtype)
+    rows_per_chunk = (rows + n_chunks - 1) // n_chunks
+    for chunk in prange(n_chunks):
+        for r in range(chunk * rows_per_chunk, min(rows, (chunk + 1) * rows_per_chunk)):
+            row_mean = mean[r]
+            row_rstd = rstd[r]
+            g_total = 0.0            # sum_c g_c
+            g_xhat_total = 0.0       # sum_c g_c xhat_c
+            for c in range(channels):
+                xhat = (x[r, c] - row_mean) * row_rstd
+                g = dy[r, c] * weight[c]
+                g_total += g
+                g_xhat_total += g * xhat
+                dweight_parts[chunk, c] += dy[r, c] * xhat
+                dbias_parts[chunk, c] += dy[r, c]
+            g_mean = g_total / channels
+            g_xhat_mean = g_xhat_total / channels
+            for c in range(channels):
+                xhat = (x[r, c] - row_mean) * row_rstd
+                dx[r, c] = row_rstd * (dy[r, c] * weight[c] - g_mean - xhat * g_xhat_mean)
+    return dx, dweight_parts, dbias_parts
 
 
 # ============================================================== dispatch
