@@ -1,0 +1,401 @@
+"""CUDA rung of the kernel ladder: CuPy launch wrappers around the sources in ``kernels/*.cu``.
+
+Each function here takes and returns CuPy arrays and has the signature of its dispatcher in
+``scratchlm/kernels/<op>.py`` (see ``scratchlm/kernels/__init__.py``); the NumPy references beside
+those dispatchers are what the tests compare these kernels with (tests/test_cuda_kernels.py), and
+bench/cuda_kernels.py validates then times each one against PyTorch.
+
+* attention.cu: FlashAttention-2 style forward (online softmax, only the per-row log-sum-exp kept)
+  and backward (delta = rowsum(dO * O); one block per key tile accumulating dK, dV and adding dQ
+  atomically), float32, head dim D <= 128 (padded to a multiple of 32 inside the kernel).
+* rowops.cu: layer norm (a warp per row), softmax + cross-entropy (a block per row, one read for
+  the log-sum-exp, one pass writing dlogits), embedding backward (atomicAdd scatter); float32/64.
+* GELU and AdamW are elementwise: ``cupy.ElementwiseKernel`` (one fused pass each).
+
+Sources are compiled by NVRTC on first use (``cupy.RawModule``, ``-std=c++17``), one module per
+source and template choice, cached here and on disk by CuPy. Importing this module never needs CuPy;
+calling a function without it raises ``CudaUnavailable``.
+
+Non-determinism: dQ of attention and embedding_backward add with atomics, so their last bits can
+vary from run to run; every other kernel is deterministic.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import cupy as cp
+except ImportError:   # CPU-only installs: the functions below raise CudaUnavailable when called
+    cp = None
+
+__all__ = [
+    "CudaUnavailable", "available",
+    "attention_forward", "attention_backward",
+    "layer_norm_forward", "layer_norm_backward",
+    "gelu_forward", "gelu_backward",
+    "cross_entropy_forward", "cross_entropy_backward",
+    "embedding_backward", "adamw_step",
+]
+
+SOURCE_DIR = Path(__file__).resolve().parent
+COMPILE_OPTIONS = ("-std=c++17",)
+
+# Attention tiling, mirrored from attention.cu (SLM_BR, SLM_BC, SLM_THREADS).
+ATTENTION_TILE_Q = 64
+ATTENTION_TILE_K = 64
+ATTENTION_THREADS = 128
+ATTENTION_MAX_HEAD_DIM = 128
+
+
+class CudaUnavailable(RuntimeError):
+    """The CUDA kernels were called where CuPy (or a GPU) is missing."""
+
+
+def available() -> bool:
+    """True when CuPy imports and sees at least one GPU."""
+    if cp is None:
+        return False
+    try:
+        return cp.cuda.runtime.getDeviceCount() > 0
+    except Exception:   # CUDARuntimeError without a driver
+        return False
+
+
+def _require_cupy() -> None:
+    if cp is None:
+        raise CudaUnavailable("scratchlm's CUDA kernels need CuPy: pip install 'scratchlm[cuda12]' "
+                              "(or [cuda13]), or use the numpy backend")
+
+
+@functools.lru_cache(maxsize=None)
+def _module(source: str, name_expressions: tuple[str, ...]):
+    """The compiled RawModule for ``kernels/<source>`` with these template instantiations."""
+    code = (SOURCE_DIR / source).read_text()
+    return cp.RawModule(code=code, options=COMPILE_OPTIONS, name_expressions=name_expressions)
+
+
+def _kernel(source: str, name: str):
+    return _module(source, (name,)).get_function(name)
+
+
+def _ctype(dtype) -> str:
+    dtype = np.dtype(dtype)
+    if dtype == np.float32:
+        return "float"
+    if dtype == np.float64:
+        return "double"
+    raise TypeError(f"CUDA kernels take float32 or float64 arrays, got {dtype}")
+
+
+def _scalar(value, dtype):
+    return np.dtype(dtype).type(value)
+
+
+# ============================================================================ attention
+
+def _padded_head_dim(D: int) -> int:
+    return 32 * ((D + 31) // 32)
+
+
+def attention_forward_smem(DP: int) -> int:
+    """Dynamic shared memory of attention_forward_f32<DP>: Q, K, V tiles and the P tile."""
+    return 4 * (3 * ATTENTION_TILE_Q * (DP + 4) + ATTENTION_TILE_Q * (ATTENTION_TILE_K + 8))
+
+
+def attention_backward_smem(DP: int) -> int:
+    """Dynamic shared memory of attention_backward_dkdv_f32<DP>: K, V, Q, dO tiles, P^T, dS^T, dS,
+    and the per-query lse and delta."""
+    return 4 * (4 * ATTENTION_TILE_Q * (DP + 4) + 3 * ATTENTION_TILE_Q * (ATTENTION_TILE_K + 8)
+                + 2 * ATTENTION_TILE_Q)
+
+
+@functools.lru_cache(maxsize=None)
+def _attention_kernel(name: str, DP: int, smem: int):
+    kernel = _kernel("attention.cu", f"{name}<{DP}>")
+    if smem > 48 * 1024:          # above 48 KiB a kernel must opt in to more shared memory
+        kernel.max_dynamic_shared_size_bytes = smem
+    return kernel
+
+
+def _check_attention(q, k, v):
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if a.ndim != 4:
+            raise ValueError(f"attention {name} must be (B, H, T, D), got shape {a.shape}")
+        if a.dtype != np.float32:
+            raise TypeError(f"the CUDA attention kernel takes float32, got {name}.dtype={a.dtype}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention shapes do not match: q {q.shape}, k {k.shape}, v {v.shape}")
+    D = q.shape[3]
+    if not 1 <= D <= ATTENTION_MAX_HEAD_DIM:
+        raise ValueError(f"the CUDA attention kernel supports head dim 1..{ATTENTION_MAX_HEAD_DIM}, got {D}")
+
+
+def attention_forward(q, k, v, causal: bool, scale: float | None = None):
+    """o = softmax(scale q k^T + mask) v and lse = per-row log-sum-exp, without the (T, T) matrix.
+
+    q (B, H, Tq, D), k and v (B, H, Tk, D), float32 -> o (B, H, Tq, D), lse (B, H, Tq).
+    Causal: query i sees keys j <= i + Tk - Tq; masked scores are -inf, fully masked tiles skipped.
+    """
+    _require_cupy()
+    _check_attention(q, k, v)
+    q, k, v = (cp.ascontiguousarray(a) for a in (q, k, v))
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    o = cp.empty_like(q)
+    lse = cp.empty((B, H, Tq), dtype=cp.float32)
+    if o.size == 0:
+        return o, lse
+    DP = _padded_head_dim(D)
+    smem = attention_forward_smem(DP)
+    kernel = _attention_kernel("attention_forward_f32", DP, smem)
+    grid = ((Tq + ATTENTION_TILE_Q - 1) // ATTENTION_TILE_Q, B * H)
+    kernel(grid, (ATTENTION_THREADS,),
+           (q, k, v, o, lse, np.int32(Tq), np.int32(Tk), np.int32(D), np.float32(scale), np.int32(causal)),
+           shared_mem=smem)
+    return o, lse
+
+
+def attention_backward(do, q, k, v, o, lse, causal: bool, scale: float | None = None):
+    """(dq, dk, dv) of attention from do = dL/do, recomputing P tile by tile from lse.
+
+    dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q.
+    """
+    _require_cupy()
+    _check_attention(q, k, v)
+    if do.shape != q.shape or o.shape != q.shape or lse.shape != q.shape[:3]:
+        raise ValueError(f"attention backward shapes do not match: do {do.shape}, o {o.shape}, "
+                         f"lse {lse.shape}, q {q.shape}")
+    q, k, v = (cp.ascontiguousarray(a) for a in (q, k, v))
+    do, o, lse = (cp.ascontiguousarray(a, dtype=cp.float32) for a in (do, o, lse))
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    dq = cp.zeros_like(q)                   # accumulated atomically by the key-tile blocks
+    dk = cp.empty_like(k)
+    dv = cp.empty_like(v)
+    if q.size == 0 or k.size == 0:
+        return dq, cp.zeros_like(k), cp.zeros_like(v)
+
+    rows = B * H * Tq
+    delta = cp.empty((B, H, Tq), dtype=cp.float32)
+    _kernel("attention.cu", "attention_backward_delta_f32")(
+        ((rows + 7) // 8,), (256,), (do, o, delta, np.int64(rows), np.int32(D)))
+
+    DP = _padded_head_dim(D)
+    smem = attention_backward_smem(DP)
+    kernel = _attention_kernel("attention_backward_dkdv_f32", DP, smem)
+    grid = ((Tk + ATTENTION_TILE_K - 1) // ATTENTION_TILE_K, B * H)
+    kernel(grid, (ATTENTION_THREADS,),
+           (q, k, v, do, lse, delta, dq, dk, dv, np.int32(Tq), np.int32(Tk), np.int32(D),
+            np.float32(scale), np.int32(causal)),
+           shared_mem=smem)
+    return dq, dk, dv
+
+
+# ============================================================================ layer norm
+
+_ROWS_PER_BLOCK = 8          # one warp per row, 256 threads
+
+
+def layer_norm_forward(x, weight, bias, eps: float):
+    """y = (x - mean) * rstd * weight + bias over the last axis; x (N, C) -> y, mean (N,), rstd (N,)."""
+    _require_cupy()
+    x = cp.ascontiguousarray(x)
+    N, C = x.shape
+    t = _ctype(x.dtype)
+    weight = None if weight is None else cp.ascontiguousarray(weight, dtype=x.dtype)
+    bias = None if bias is None else cp.ascontiguousarray(bias, dtype=x.dtype)
+    y = cp.empty_like(x)
+    mean = cp.empty((N,), dtype=x.dtype)
+    rstd = cp.empty((N,), dtype=x.dtype)
+    if N == 0:
+        return y, mean, rstd
+    null = np.uint64(0)   # a null pointer: no affine part
+    _kernel("rowops.cu", f"layer_norm_forward<{t}>")(
+        ((N + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK,), (32 * _ROWS_PER_BLOCK,),
+        (x, null if weight is None else weight, null if bias is None else bias, y, mean, rstd,
+         np.int64(N), np.int32(C), _scalar(eps, x.dtype)))
+    return y, mean, rstd
+
+
+def layer_norm_backward(dy, x, weight, mean, rstd):
+    """(dx, dweight, dbias): dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dy * weight;
+    dweight = sum_n dy xhat, dbias = sum_n dy (both None when weight is None)."""
+    _require_cupy()
+    x = cp.ascontiguousarray(x)
+    N, C = x.shape
+    t = _ctype(x.dtype)
+    dy = cp.ascontiguousarray(dy, dtype=x.dtype)
+    mean = cp.ascontiguousarray(mean, dtype=x.dtype)
+    rstd = cp.ascontiguousarray(rstd, dtype=x.dtype)
+    weight = None if weight is None else cp.ascontiguousarray(weight, dtype=x.dtype)
+    dx = cp.empty_like(x)
+    if N > 0:
+        _kernel("rowops.cu", f"layer_norm_backward_dx<{t}>")(
+            ((N + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK,), (32 * _ROWS_PER_BLOCK,),
+            (dy, x, np.uint64(0) if weight is None else weight, mean, rstd, dx, np.int64(N), np.int32(C)))
+    if weight is None:
+        return dx, None, None
+    # Parameter gradients: per-chunk partial column sums, then one deterministic sum over chunks.
+    rows_per_chunk = max(64, -(-N // 128))
+    n_chunks = max(1, -(-N // rows_per_chunk))
+    partial = cp.zeros((2, n_chunks, C), dtype=x.dtype)
+    if N > 0:
+        _kernel("rowops.cu", f"layer_norm_backward_params<{t}>")(
+            ((C + 31) // 32, n_chunks), (32, 8),
+            (dy, x, mean, rstd, partial, np.int64(N), np.int32(C), np.int32(rows_per_chunk)))
+    sums = partial.sum(axis=1)
+    return dx, sums[0], sums[1]
+
+
+# ============================================================================ GELU
+
+@functools.lru_cache(maxsize=None)
+def _gelu_kernels():
+    # y = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2;  dy/dx = Phi(x) + x phi(x), phi = N(0, 1) pdf.
+    # tanh form: u = sqrt(2/pi) (x + 0.044715 x^3), y = x (1 + tanh u) / 2,
+    #            dy/dx = (1 + tanh u) / 2 + x (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2) / 2.
+    forward_exact = cp.ElementwiseKernel(
+        "T x", "T y", "y = x * (T)0.5 * ((T)1 + erf(x * (T)0.70710678118654752440))",
+        "scratchlm_gelu_forward_exact")
+    forward_tanh = cp.ElementwiseKernel(
+        "T x", "T y",
+        "T u = (T)0.79788456080286535588 * (x + (T)0.044715 * x * x * x);"
+        "y = (T)0.5 * x * ((T)1 + tanh(u))",
+        "scratchlm_gelu_forward_tanh")
+    backward_exact = cp.ElementwiseKernel(
+        "T dy, T x", "T dx",
+        "T cdf = (T)0.5 * ((T)1 + erf(x * (T)0.70710678118654752440));"
+        "T pdf = (T)0.39894228040143267794 * exp((T)-0.5 * x * x);"
+        "dx = dy * (cdf + x * pdf)",
+        "scratchlm_gelu_backward_exact")
+    backward_tanh = cp.ElementwiseKernel(
+        "T dy, T x", "T dx",
+        "T u = (T)0.79788456080286535588 * (x + (T)0.044715 * x * x * x);"
+        "T th = tanh(u);"
+        "T du = (T)0.79788456080286535588 * ((T)1 + (T)0.134145 * x * x);"
+        "dx = dy * ((T)0.5 * ((T)1 + th) + (T)0.5 * x * ((T)1 - th * th) * du)",
+        "scratchlm_gelu_backward_tanh")
+    return {"none": (forward_exact, backward_exact), "tanh": (forward_tanh, backward_tanh)}
+
+
+def _gelu_pair(approximate: str):
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _gelu_kernels()[approximate]
+
+
+def gelu_forward(x, approximate: str = "none"):
+    """y = x Phi(x) (exact, erf) or its tanh approximation, one elementwise pass."""
+    _require_cupy()
+    _ctype(x.dtype)
+    return _gelu_pair(approximate)[0](x)
+
+
+def gelu_backward(dy, x, approximate: str = "none"):
+    """dx = dy * dGELU/dx, recomputed from x (nothing else is saved)."""
+    _require_cupy()
+    _ctype(x.dtype)
+    return _gelu_pair(approximate)[1](dy.astype(x.dtype, copy=False), x)
+
+
+# ============================================================================ cross-entropy
+
+def cross_entropy_forward(logits, targets, ignore_index: int = -100):
+    """(loss, lse): loss = mean over counted rows of lse[n] - logits[n, targets[n]], 0-d; lse (N,).
+
+    A counted target outside [0, V) makes the loss NaN (checking on the host would cost a sync).
+    """
+    _require_cupy()
+    logits = cp.ascontiguousarray(logits)
+    N, V = logits.shape
+    t = _ctype(logits.dtype)
+    targets = cp.ascontiguousarray(targets, dtype=cp.int64)
+    lse = cp.empty((N,), dtype=logits.dtype)
+    row_loss = cp.empty((N,), dtype=logits.dtype)
+    if N > 0:
+        _kernel("rowops.cu", f"cross_entropy_forward<{t}>")(
+            (N,), (512,), (logits, targets, lse, row_loss, np.int32(V), np.int64(ignore_index)))
+    n_counted = cp.count_nonzero(targets != ignore_index)
+    loss = row_loss.sum() / cp.maximum(n_counted, 1).astype(logits.dtype)
+    return loss.astype(logits.dtype), lse
+
+
+def cross_entropy_backward(dloss, logits, lse, targets, ignore_index: int = -100):
+    """dlogits = dloss / n_counted * (softmax(logits) - onehot(targets)); ignored rows are 0."""
+    _require_cupy()
+    logits = cp.ascontiguousarray(logits)
+    N, V = logits.shape
+    t = _ctype(logits.dtype)
+    targets = cp.ascontiguousarray(targets, dtype=cp.int64)
+    lse = cp.ascontiguousarray(lse, dtype=logits.dtype)
+    n_counted = cp.maximum(cp.count_nonzero(targets != ignore_index), 1)
+    coef = (cp.asarray(dloss, dtype=logits.dtype) / n_counted.astype(logits.dtype)).reshape(1)
+    dlogits = cp.empty_like(logits)
+    if N > 0 and V > 0:
+        threads = 256
+        _kernel("rowops.cu", f"cross_entropy_backward<{t}>")(
+            ((V + 4 * threads - 1) // (4 * threads), N), (threads,),
+            (logits, lse, targets, coef, dlogits, np.int32(V), np.int64(ignore_index)))
+    return dlogits
+
+
+# ============================================================================ embedding
+
+def embedding_backward(dout, idx, vocab_size: int):
+    """dweight (V, C) with dweight[idx[n]] += dout[n] for every n (repeats add up)."""
+    _require_cupy()
+    dout = cp.ascontiguousarray(dout)
+    N, C = dout.shape
+    t = _ctype(dout.dtype)
+    idx = cp.ascontiguousarray(idx, dtype=cp.int64).reshape(-1)
+    if idx.shape[0] != N:
+        raise ValueError(f"embedding backward: {idx.shape[0]} ids for {N} gradient rows")
+    dweight = cp.zeros((vocab_size, C), dtype=dout.dtype)
+    if N > 0 and C > 0:
+        threads = min(256, 32 * ((C + 31) // 32))
+        _kernel("rowops.cu", f"embedding_backward<{t}>")(
+            (N, (C + threads - 1) // threads), (threads,), (dout, idx, dweight, np.int32(C)))
+    return dweight
+
+
+# ============================================================================ AdamW
+
+@functools.lru_cache(maxsize=None)
+def _adamw_kernel():
+    # PyTorch's AdamW, one pass: p <- p (1 - lr wd); m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2;
+    # p <- p - (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps). Host scalars arrive as float64.
+    return cp.ElementwiseKernel(
+        "T grad, float64 decay, float64 beta1, float64 one_minus_beta1, float64 beta2, "
+        "float64 one_minus_beta2, float64 step_size, float64 bc2_sqrt, float64 eps",
+        "T param, T exp_avg, T exp_avg_sq",
+        "T g = grad;"
+        "T m = (T)beta1 * exp_avg + (T)one_minus_beta1 * g;"
+        "T v = (T)beta2 * exp_avg_sq + (T)one_minus_beta2 * g * g;"
+        "exp_avg = m; exp_avg_sq = v;"
+        "T denom = sqrt(v) / (T)bc2_sqrt + (T)eps;"
+        "param = param * (T)decay - (T)step_size * (m / denom);",
+        "scratchlm_adamw_step")
+
+
+def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step) -> None:
+    """One AdamW update in place on param, exp_avg, exp_avg_sq (PyTorch's, with bias correction)."""
+    _require_cupy()
+    if step < 1:
+        raise ValueError(f"adamw step counts from 1 (the update being made), got {step}")
+    _ctype(param.dtype)
+    for name, a in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if a.shape != param.shape:
+            raise ValueError(f"adamw {name} shape {a.shape} differs from param shape {param.shape}")
+    if not (param.flags.c_contiguous and exp_avg.flags.c_contiguous and exp_avg_sq.flags.c_contiguous):
+        raise ValueError("adamw updates in place and needs C-contiguous param and moments")
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2 = 1.0 - beta2 ** step
+    _adamw_kernel()(grad.astype(param.dtype, copy=False), 1.0 - lr * weight_decay, beta1, 1.0 - beta1,
+                    beta2, 1.0 - beta2, lr / bias_correction1, math.sqrt(bias_correction2), eps,
+                    param, exp_avg, exp_avg_sq)
