@@ -1,0 +1,4 @@
+"""Models built from scratchlm.nn: ``from scratchlm.models import GPT, GPTConfig``."""
+from .gpt import GPT, GPTConfig, ModelArgumentError, normalize_gpt2_keys, sample_next_token
+
+__all__ = ["GPT", "GPTConfig", "ModelArgumentError", "normalize_gpt2_keys", "sample_next_token"]

@@ -1,0 +1,336 @@
+"""GPT: a decoder-only transformer language model, laid out as GPT-2.
+
+Read top to bottom, the classes are the architecture: a config, the output head tied to the
+token embedding, then the model. token ids (B, T) -> token + position embeddings (B, T, C)
+-> n_layer Blocks (nn/modules.py) -> final LayerNorm -> logits (B, T, V) over the next token.
+
+Parameter names are those of Hugging Face's ``GPT2LMHeadModel`` (``transformer.h.0.attn.c_attn.weight``
+...), and Linear weights are stored (n_in, n_out) as GPT-2's Conv1D, so a GPT-2 checkpoint
+loads with no renaming table and no transposes:
+
+    >>> from scratchlm.models import GPT, GPTConfig
+    >>> model = GPT(GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=2, n_embd=32), seed=0)
+    >>> logits, loss = model([[1, 2, 3]], targets=[[2, 3, 4]])
+    >>> logits.shape
+    (1, 3, 65)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+
+import numpy as np
+
+from .. import backend
+from .. import nn
+from ..errors import UserError
+from ..nn import functional as F
+from ..tensor import Tensor, no_grad
+
+
+class ModelArgumentError(UserError, ValueError):
+    """A bad config value or model argument: a UserError for the CLI, a ValueError for Python."""
+
+
+@dataclasses.dataclass
+class GPTConfig:
+    vocab_size: int = 50304     # GPT-2's 50257 padded up to a multiple of 64 (faster matmuls), as nanoGPT
+    block_size: int = 1024      # the longest context T the model sees
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768           # C; each head has D = C / H channels
+    dropout: float = 0.0
+    bias: bool = True           # biases in Linear and LayerNorm layers (GPT-2: True)
+    positional: str = "learned"  # "learned" (wpe, GPT-2) or "sinusoidal" (fixed, no parameters)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ModelArgumentError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ModelArgumentError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                                     f"choose n_embd as a multiple of n_head")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ModelArgumentError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.bias, bool):
+            raise ModelArgumentError(f"bias must be true or false, got {self.bias!r}")
+        if self.positional not in ("learned", "sinusoidal"):
+            raise ModelArgumentError(f"positional must be 'learned' or 'sinusoidal', got {self.positional!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GPTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ModelArgumentError(f"unknown GPTConfig key(s) {', '.join(map(repr, unknown))}; "
+                                     f"known keys: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+class TiedLMHead(nn.Module):
+    """logits = x @ W_te^T: the output layer reuses the token embedding W_te (V, C).
+
+    ``self.weight`` IS ``transformer.wte.weight`` (one Parameter), so the tape adds the gradient
+    of this use to the gradient of the embedding lookup, and ``state_dict`` lists it under both
+    names, as Hugging Face does.
+    """
+
+    def __init__(self, embedding: nn.Embedding):
+        self.weight = embedding.weight                                   # (V, C), shared
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        return (x.reshape(B * T, C) @ self.weight.T).reshape(B, T, -1)   # (B, T, V)
+
+
+class GPT(nn.Module):
+    """GPT-2: embeddings, a stack of pre-LayerNorm Blocks, a final LayerNorm, the tied head."""
+
+    def __init__(self, config: GPTConfig, seed: int = 0):
+        self.config = config
+        C = config.n_embd
+        with nn.deferred_init():                      # allocate; _init_weights draws the values
+            self.transformer = nn.ModuleDict(wte=nn.Embedding(config.vocab_size, C))
+            if config.positional == "learned":
+                self.transformer.wpe = nn.Embedding(config.block_size, C)
+            else:
+                self.transformer.sinusoidal = nn.SinusoidalPositionalEncoding(config.block_size, C)
+            self.transformer.drop = nn.Dropout(config.dropout)
+            self.transformer.h = nn.ModuleList(nn.Block(C, config.n_head, config.dropout, config.bias)
+                                               for _ in range(config.n_layer))
+            self.transformer.ln_f = nn.LayerNorm(C, bias=config.bias)
+            self.lm_head = TiedLMHead(self.transformer.wte)
+        self._init_weights(seed)
+
+    def _init_weights(self, seed: int) -> None:
+        """GPT-2's init: N(0, 0.02) for Linear and Embedding weights, zero biases, unit LayerNorm
+        gains; the projections that write into the residual stream (``c_proj``) get
+        N(0, 0.02 / sqrt(2 n_layer)) so the stream's variance does not grow with depth (2 per
+        block). Drawn on the host with NumPy: the same seed gives the same model on every backend."""
+        rng = np.random.default_rng(seed)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+
+        def fill(param, values):
+            param.data[...] = backend.to_device(values, param.dtype)
+
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = residual_std if name.endswith("c_proj") else 0.02
+                # float32 draws (half the time of float64 for 124M weights), the same for every dtype
+                fill(module.weight, std * rng.standard_normal(module.weight.shape, dtype=np.float32))
+            if isinstance(module, nn.LayerNorm):
+                fill(module.weight, np.ones(module.weight.shape))
+            if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
+                fill(module.bias, np.zeros(module.bias.shape))
+
+    # ------------------------------------------------------------------ forward
+    def _features(self, idx) -> Tensor:
+        """Token ids (B, T) -> the final LayerNorm's output (B, T, C), before the head."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ModelArgumentError(f"sequence length {T} is longer than block_size {self.config.block_size}; "
+                                     f"crop the input to the last {self.config.block_size} tokens")
+        pos = backend.xp.arange(T)                                       # (T,)
+        tok_emb = self.transformer.wte(idx)                              # (B, T, C)
+        if "wpe" in self.transformer:
+            pos_emb = self.transformer.wpe(pos)                          # (T, C), learned
+        else:
+            pos_emb = self.transformer.sinusoidal(pos)                   # (T, C), fixed
+        x = self.transformer.drop(tok_emb + pos_emb)                     # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)                                                 # (B, T, C)
+        return self.transformer.ln_f(x)                                  # (B, T, C)
+
+    def forward(self, idx, targets=None):
+        """idx: int (B, T) -> (logits (B, T, V), mean cross-entropy against targets (B, T) or None).
+
+        Targets equal to -100 are ignored (padding). Logits are computed at every position.
+        """
+        logits = self.lm_head(self._features(_index_array(idx, "idx")))  # (B, T, V)
+        loss = None if targets is None else F.cross_entropy(logits, _index_array(targets, "targets"))
+        return logits, loss
+
+    # ------------------------------------------------------------------ sampling
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None,
+                 seed: int = 0):
+        """Continue each row of idx (B, T) by ``max_new_tokens`` sampled tokens: (B, T + new) ints.
+
+        Each step feeds the last ``block_size`` tokens, divides the last position's logits by
+        ``temperature`` (0 = greedy), keeps the ``top_k`` largest (None or 0 = all; 1 = greedy),
+        then the smallest set whose probability reaches ``top_p`` (None or 1 = all), and draws
+        from what is left with NumPy's generator seeded ``seed`` (the same ids on every backend).
+        Dropout is off while sampling. This recomputes the whole context every step; a KV cache
+        replaces this loop later.
+        """
+        _check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+        ids = np.asarray(backend.to_numpy(_index_array(idx, "idx"))).astype(np.int64)
+        if ids.shape[1] == 0:
+            raise ModelArgumentError("generate needs a prompt of at least one token")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise ModelArgumentError(f"prompt token ids must be in [0, {self.config.vocab_size}), "
+                                     f"got {ids.min()}..{ids.max()}")
+        rng = np.random.default_rng(seed)
+        was_training = self.training
+        self.eval()
+        try:
+            with no_grad():
+                for _ in range(max_new_tokens):
+                    context = backend.to_device(ids[:, -self.config.block_size:])          # (B, <=T)
+                    last = self.lm_head(self._features(context)[:, -1:, :])             # (B, 1, V)
+                    logits = backend.to_numpy(last.data[:, 0, :]).astype(np.float64)   # (B, V)
+                    next_ids = sample_next_token(logits, temperature, top_k, top_p, rng)
+                    ids = np.concatenate([ids, next_ids[:, None]], axis=1)
+        finally:
+            self.train(was_training)
+        return backend.to_device(ids)
+
+    # ------------------------------------------------------------------ loading
+    def load_state_dict(self, state_dict: dict, strict: bool = True):
+        """Load our own state dicts and GPT-2 ``model.safetensors`` files alike (see
+        ``normalize_gpt2_keys``). Returns (missing, unexpected), as ``nn.Module.load_state_dict``."""
+        return super().load_state_dict(normalize_gpt2_keys(state_dict), strict=strict)
+
+    # ------------------------------------------------------------------ accounting
+    def num_parameters(self, non_embedding: bool = True) -> int:
+        """Distinct parameters; with ``non_embedding`` the position table is not counted (as
+        nanoGPT: the token table is, since the tied head uses it as a real weight)."""
+        n = sum(p.size for p in self.parameters())
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.size
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B and
+        nanoGPT's estimate_mfu: 6 N for the weights, plus 12 L H D T for attention's two
+        (T x T) products."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        return 6 * self.num_parameters() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
+
+    def estimate_mfu(self, tokens_per_second: float, peak_flops: float, seq_len: int | None = None) -> float:
+        """Model FLOPs utilisation: achieved training FLOP/s over the hardware's peak."""
+        return self.flops_per_token(seq_len) * tokens_per_second / peak_flops
+
+    def configure_optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """Param groups for AdamW, as nanoGPT: decay the 2-D weights of Linear layers (the
+        matrices); no decay for biases, LayerNorm gains and the embeddings (wte = lm_head, wpe)."""
+        decay_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
+        params = self.parameters()
+        return [{"params": [p for p in params if id(p) in decay_ids], "weight_decay": weight_decay},
+                {"params": [p for p in params if id(p) not in decay_ids], "weight_decay": 0.0}]
+
+    def summary(self, batch_size: int = 1, seq_len: int | None = None, file=sys.stdout) -> str:
+        """A per-layer table (like Keras's): each leaf layer in call order with its output shape
+        for a (batch_size, seq_len or block_size) input and its parameter count, then totals.
+        Printed to ``file`` (None: not printed) and returned."""
+        T = seq_len or self.config.block_size
+        names = {id(module): name for name, module in self.named_modules()}
+        rows, counted = [], set()
+
+        def record(module, out):
+            if next(module.children(), None) is not None:
+                return                                   # containers: their leaves are rows
+            own = [p for _, p in module._named_parameters_all()]
+            fresh = [p for p in own if id(p) not in counted]
+            counted.update(id(p) for p in own)
+            n = sum(p.size for p in fresh)
+            note = "" if len(fresh) == len(own) else " (tied)"
+            rows.append((f"{names[id(module)]} ({type(module).__name__})", str(out.shape), f"{n:,}{note}"))
+
+        was_training = self.training
+        self.eval()
+        try:
+            with no_grad(), nn.record_outputs(record):
+                self(backend.xp.zeros((batch_size, T), dtype=backend.xp.int64))
+        finally:
+            self.train(was_training)
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(("Layer (type)", "Output shape", "Params"))]
+        line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        rule = "=" * len(line(("", "", "")))
+        text = "\n".join([line(("Layer (type)", "Output shape", "Params")), rule, *map(line, rows), rule,
+                          f"Total params: {self.num_parameters(non_embedding=False):,}",
+                          f"Non-embedding params: {self.num_parameters():,}"])
+        if file is not None:
+            print(text, file=file)
+        return text
+
+
+# ---------------------------------------------------------------------- helpers
+
+def _index_array(values, what: str):
+    """Token ids as a 2-D integer backend array, from a Tensor, backend/NumPy array or lists."""
+    data = values.data if isinstance(values, Tensor) else values
+    data = backend.to_device(data if hasattr(data, "dtype") else np.asarray(data))
+    if data.dtype.kind not in "iu" or data.ndim != 2:
+        raise ModelArgumentError(f"{what} must be a 2-D integer array (B, T), got dtype {data.dtype} "
+                                 f"and shape {tuple(data.shape)}")
+    return data
+
+
+_GPT2_BUFFER = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
+
+
+def normalize_gpt2_keys(state_dict: dict) -> dict:
+    """The one key normaliser: GPT-2 ``model.safetensors`` layout -> ours (= GPT2LMHeadModel's).
+
+    Those files name weights without the ``transformer.`` prefix (``h.0.attn.c_attn.weight``),
+    have no ``lm_head.weight`` (it is the tied ``wte``, which is enough for loading), and carry the
+    causal-mask buffers ``attn.bias`` / ``attn.masked_bias``, which are not weights: dropped.
+    Our own keys pass through unchanged.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        if _GPT2_BUFFER.search(key):
+            continue
+        name = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
+        if name in out:
+            raise UserError(f"state dict has both {key!r} and {name!r}; keep one of them")
+        out[name] = value
+    return out
+
+
+def _check_sampling_args(max_new_tokens, temperature, top_k, top_p) -> None:
+    def is_int(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ModelArgumentError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ModelArgumentError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not is_int(top_k) or top_k < 0):
+        raise ModelArgumentError(f"top_k must be None or an integer >= 0 (0 = off), got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ModelArgumentError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
+def sample_next_token(logits: np.ndarray, temperature: float, top_k, top_p, rng) -> np.ndarray:
+    """One token id per row of host logits (B, V): temperature, then top-k, then top-p, then a draw.
+
+    Greedy (argmax) when temperature is 0 or top_k is 1. Filtered-out tokens get probability
+    exactly 0. The draw inverts the cumulative distribution with one uniform number per row.
+    """
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(axis=-1)
+    B, V = logits.shape
+    logits = logits / temperature
+    if top_k and top_k < V:
+        kth_largest = np.partition(logits, V - top_k, axis=-1)[:, V - top_k : V - top_k + 1]   # (B, 1)
+        logits = np.where(logits < kth_largest, -np.inf, logits)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)                                            # (B, V)
+    if top_p is not None and top_p < 1:
+        order = np.argsort(-probs, axis=-1, kind="stable")                               # most likely first
+        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        mass_before = np.cumsum(sorted_probs, axis=-1) - sorted_probs
+        keep = np.zeros_like(probs, dtype=bool)
+        np.put_along_axis(keep, order, mass_before < top_p, axis=-1)   # the top token always stays
+        probs = np.where(keep, probs, 0.0)
+    cdf = np.cumsum(probs, axis=-1)                                                       # (B, V)
+    u = rng.random((B, 1)) * cdf[:, -1:]
+    # the first index whose cdf exceeds u; zero-probability tokens never do (their cdf equals the previous one)
+    return np.minimum((cdf <= u).sum(axis=-1), V - 1)
