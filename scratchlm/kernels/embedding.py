@@ -50,7 +50,7 @@ def backward_numba(dout, idx, vocab_size: int):
     idx = np.ascontiguousarray(idx, dtype=np.int64).reshape(-1)
     if idx.size and (idx.min() < 0 or idx.max() >= vocab_size):
         raise IndexError(f"embedding index out of range [0, {vocab_size}): min {idx.min()}, max {idx.max()}")
-    dout = np.ascontiguousarray(dout).reshape(idx.size, -1)
+    dout = np.ascontiguousarray(dout).reshape(idx.size, dout.shape[-1])
     return _embedding_backward_kernel(dout, idx, vocab_size)
 
 
