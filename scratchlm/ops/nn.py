@@ -169,6 +169,7 @@ class BinaryCrossEntropyWithLogits(Function):
     @staticmethod
     def forward(logits, targets):
         xp = backend.xp
+        logits, targets = xp.broadcast_arrays(logits, targets)
         losses = xp.maximum(logits, 0) - logits * targets + xp.log1p(xp.exp(-xp.abs(logits)))
         return losses.mean(), (logits, targets)
 
