@@ -1,0 +1,279 @@
+"""The ``scratchlm`` command: train, sample, summary, demo.
+
+    scratchlm demo
+    scratchlm train --corpus tinyshakespeare --tokenizer char --preset nano-cpu --out runs/nano
+    scratchlm sample --run runs/nano --prompt "ROMEO:"
+    scratchlm summary --preset gpt2-124m
+
+Mistakes a user can make (a missing run folder, a corrupt checkpoint, an unknown preset or key, a
+bad value) end in one line on stderr, ``scratchlm: error: ...``, and exit status 2, with no
+traceback. Ctrl-C while training saves a checkpoint and exits with 130. Anything else is a bug
+and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from scratchlm.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as a UserError (one line) instead of usage + exit."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see '{self.prog} --help')")
+
+
+def _use_backend(name: str) -> None:
+    from scratchlm import backend
+    try:
+        backend.use_backend(name)
+    except backend.BackendUnavailable as exc:
+        raise UserError(str(exc)) from None
+
+
+def _config_from(args):
+    from scratchlm.train import apply_overrides, load_preset
+    config = load_preset(args.preset)
+    config = apply_overrides(config, args.set)
+    if getattr(args, "iters", None) is not None:
+        config = config.with_value("max_iters", args.iters, where="--iters")
+    if getattr(args, "backend", None):
+        config = config.with_value("backend", args.backend, where="--backend")
+    return config.validate()
+
+
+# ================================================================ train
+
+def cmd_train(args) -> int:
+    from scratchlm.train import TrainConfig, apply_overrides, read_run_config, train
+    if args.resume:
+        # a resumed run keeps its saved config; --set, --iters and --backend may still change the
+        # non-architecture keys (e.g. train longer)
+        header = read_run_config(args.out)
+        config = apply_overrides(TrainConfig.from_dict(header["train"], where=f"{args.out}/config.json"), args.set)
+        if args.iters is not None:
+            config = config.with_value("max_iters", args.iters, where="--iters")
+        if args.backend:
+            config = config.with_value("backend", args.backend, where="--backend")
+        config.validate()
+    else:
+        if args.corpus is None:
+            raise UserError("train needs --corpus NAME|PATH (e.g. --corpus pydoc), or --resume to continue a run")
+        config = _config_from(args)
+    result = train(config, args.out, corpus=args.corpus, tokenizer=args.tokenizer, resume=args.resume,
+                   progress=args.progress)
+    val = f"{result.last_val_loss:.4f}" if result.last_val_loss is not None else "n/a"
+    print(f"done: {result.iteration} iterations in {result.elapsed_s:.1f} s, val loss {val}; run in {result.run_dir}")
+    print(f"sample from it: scratchlm sample --run {result.run_dir} --prompt \"...\"")
+    return 0
+
+
+# ================================================================ sample
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
+                  top_k: int | None = 200, top_p: float | None = None, seed: int = 1337, note=None) -> str:
+    """The text ``model`` writes after ``prompt`` (the prompt itself not included)."""
+    import numpy as np
+    from scratchlm import backend
+    ids = tokenizer.encode(prompt) if prompt else []
+    if not ids:      # an empty prompt: start from a newline (or token 0 if the vocabulary has none)
+        ids = tokenizer.encode("\n") or [0]
+    block_size = model.config.block_size
+    if len(ids) > block_size:
+        if note is not None:
+            note(f"note: the prompt is {len(ids)} tokens, longer than block_size {block_size}; "
+                 f"using its last {block_size} tokens")
+        ids = ids[-block_size:]
+    idx = backend.to_device(np.asarray([ids], dtype=np.int64))                  # (1, T)
+    out = model.generate(idx, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, seed=seed)                                 # (1, T + new)
+    out = backend.to_numpy(getattr(out, "data", out))
+    return tokenizer.decode([int(t) for t in out[0, len(ids):]])
+
+
+def _stderr_note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def cmd_sample(args) -> int:
+    from scratchlm.train import load_model
+    _use_backend(args.backend)
+    model, tokenizer, _ = load_model(args.run)
+    completion = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+                               args.top_k, args.top_p, args.seed, note=_stderr_note)
+    print(args.prompt + completion)
+    return 0
+
+
+# ================================================================ summary
+
+def cmd_summary(args) -> int:
+    from scratchlm.models import GPT, GPTConfig
+    from scratchlm.train import apply_overrides, read_preset, read_run_config
+    if (args.preset is None) == (args.run is None):
+        raise UserError("summary needs exactly one of --preset NAME or --run DIR")
+    if args.run is not None:
+        header = read_run_config(args.run)
+        model_config = GPTConfig.from_dict(header["model"])
+        where = f"run {args.run} (corpus {header['data'].get('corpus_name', '?')}, tokenizer " \
+                f"{header['data'].get('tokenizer', '?')})"
+    else:
+        preset = read_preset(args.preset)
+        config = _config_from(args)
+        vocab_size = args.vocab_size or preset.get("vocab_size", 65)
+        model_config = config.model_config(vocab_size)
+        where = f"preset {args.preset} with vocab_size {vocab_size}" + \
+                ("" if args.vocab_size else " (its typical tokenizer; change with --vocab-size)")
+    model = GPT(model_config, seed=0)
+    print(f"{where}")
+    print(model.summary(file=None))
+    return 0
+
+
+# ================================================================ demo
+
+DEMO_PROMPT = "The "
+
+
+def cmd_demo(args) -> int:
+    import time
+    from scratchlm.data import load_corpus, prepare
+    from scratchlm.tokenizers import make_tokenizer
+    from scratchlm.train import Trainer, load_preset
+    config = load_preset("demo")
+    if args.iters is not None:
+        config = config.with_value("max_iters", args.iters, where="--iters").with_value(
+            "lr_decay_iters", args.iters, where="--iters")
+    config = config.with_value("backend", args.backend, where="--backend").validate()
+    _use_backend(config.backend)
+    out = Path(args.out)
+
+    corpus = load_corpus("pydoc")
+    tokenizer = make_tokenizer("char", corpus.text)
+    prepared = prepare(corpus, tokenizer)
+    data_info = {"corpus": "pydoc", "corpus_name": corpus.name, "corpus_sha256": corpus.sha256, "tokenizer": "char",
+                 "train_tokens": int(len(prepared.train)), "val_tokens": int(len(prepared.val))}
+    trainer = Trainer(config, tokenizer, prepared, out, data_info, progress=args.progress)
+    n_params = sum(int(p.data.size) for p in trainer.params)
+    print(f"scratchlm demo: a {n_params:,}-parameter GPT ({config.n_layer} layers, {config.n_head} heads, "
+          f"{config.n_embd} channels) learns Python's documentation ({len(corpus.text):,} characters of "
+          f"pydoc_data, char-level, {tokenizer.vocab_size} symbols), {config.max_iters} iterations "
+          f"on {config.backend}.")
+
+    def show(title: str) -> None:
+        trainer.model.eval()
+        text = generate_text(trainer.model, tokenizer, DEMO_PROMPT, max_new_tokens=args.sample_tokens,
+                             temperature=0.8, top_k=None, seed=0)
+        trainer.model.train()
+        print(f"\n--- {title} ---\n{DEMO_PROMPT}{text}\n---\n", flush=True)
+
+    show("sample before training (random weights)")
+    start = time.perf_counter()
+    result = trainer.fit()
+    print(f"trained {result.iteration} iterations in {time.perf_counter() - start:.0f} s: "
+          f"val loss {result.last_val_loss:.3f} (it was ~{_log_vocab(tokenizer.vocab_size):.2f} = ln(vocab) at the start)")
+    show("sample after training")
+    print(f"The run is in {out}/ (weights, optimizer, metrics.jsonl, loss.png). Next:")
+    print(f"  scratchlm sample --run {out} --prompt \"The \" --max-new-tokens 300")
+    print(f"  scratchlm summary --run {out}")
+    print(f"  scratchlm train --resume --out {out} --iters {2 * result.iteration}     # train longer")
+    print("  scratchlm train --corpus tinyshakespeare --tokenizer char --preset nano-cpu --out runs/nano")
+    return 0
+
+
+def _log_vocab(vocab_size: int) -> float:
+    import math
+    return math.log(vocab_size)
+
+
+# ================================================================ the parser
+
+def build_parser() -> argparse.ArgumentParser:
+    from scratchlm.train import preset_names
+    presets = ", ".join(preset_names())
+    parser = _Parser(prog="scratchlm", description="GPT language models from scratch on NumPy/CuPy: "
+                     "train on a text corpus, sample from the result.",
+                     epilog="Start with: scratchlm demo")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add_progress(p):
+        p.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
+                       help="always show the progress bar (default: only on a terminal)")
+        p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                       help="no bar and no per-iteration lines")
+
+    p = commands.add_parser("train", help="train a GPT on a corpus (or continue a run with --resume)",
+                            description="Train a GPT on a corpus into a run folder. Config keys use nanoGPT's "
+                                        "names; --set key=value overrides any of them.")
+    p.add_argument("--corpus", metavar="NAME|PATH",
+                   help="a registered corpus (pydoc, stdlib, tinyshakespeare), a UTF-8 text file or a folder")
+    p.add_argument("--tokenizer", default="char", metavar="char|bpe[:VOCAB]", help="default: char")
+    p.add_argument("--preset", default="nano-cpu", metavar="NAME", help=f"one of: {presets} (default nano-cpu)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the run folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set learning_rate=3e-4 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--iters", type=int, metavar="N", help="train until iteration N (sets max_iters)")
+    p.add_argument("--backend", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (NVIDIA GPU)")
+    add_progress(p)
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("sample", help="generate text from a trained run",
+                            description="Generate text from a run folder's model, continuing --prompt.")
+    p.add_argument("--run", required=True, metavar="DIR", help="a run folder written by scratchlm train")
+    p.add_argument("--prompt", default="", help="the text to continue (default: empty)")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="default 200")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="default 0.8; lower is more conservative")
+    p.add_argument("--top-k", type=int, default=200, metavar="K", help="keep the K likeliest tokens (0 = off; default 200)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling: keep tokens up to mass P")
+    p.add_argument("--seed", type=int, default=1337, metavar="S", help="default 1337")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="default numpy")
+    p.set_defaults(func=cmd_sample)
+
+    p = commands.add_parser("summary", help="print a model's layers, output shapes and parameter counts",
+                            description="Per-layer table of a preset's or a run's model.")
+    p.add_argument("--preset", metavar="NAME", help=f"one of: {presets}")
+    p.add_argument("--run", metavar="DIR", help="a run folder")
+    p.add_argument("--vocab-size", type=int, metavar="V", help="vocabulary size for --preset (default: the preset's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.set_defaults(func=cmd_summary)
+
+    p = commands.add_parser("demo", help="train a small GPT on Python's docs in a couple of minutes",
+                            description="Train the `demo` preset on the pydoc corpus (ships with Python, no "
+                                        "download), char-level, printing a sample before and after. "
+                                        "Overwrites the run in --out.")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="the run folder (default runs/demo)")
+    p.add_argument("--iters", type=int, metavar="N", help="iterations (default: the demo preset's)")
+    p.add_argument("--sample-tokens", type=int, default=300, metavar="N", help="length of each sample (default 300)")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="default numpy")
+    add_progress(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    from scratchlm import backend
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            raise UserError("choose a command: train, sample, summary or demo (see 'scratchlm --help'; "
+                            "start with 'scratchlm demo')")
+        return args.func(args) or 0
+    except (UserError, backend.BackendUnavailable) as exc:
+        message = " ".join(str(exc).split())          # one line, whatever the message held
+        print(f"scratchlm: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt as exc:
+        print(" ".join(str(exc).split()) or "interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
