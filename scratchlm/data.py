@@ -362,6 +362,38 @@ def _open_stream(path: Path, dtype, n: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
 
 
+_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+
+
+def encode_in_chunks(tokenizer, text: str, chunk_chars: int = 1 << 20, progress: bool = False) -> np.ndarray:
+    """``np.asarray(tokenizer.encode(text))`` in pieces of about ``chunk_chars`` characters.
+
+    A chunk ends right after a lone newline between two non-space characters. The BPE
+    pre-tokenizer always splits there into [..x]["\n"][y..]: the newline is a whitespace piece
+    of its own (a longer whitespace run would give its last character to the next word, which is
+    why the newline must be alone), and the next piece starts with no space to glue. So the ids are exactly those of encoding the whole text at once,
+    while the Python list of ids never holds more than one chunk (special tokens are assumed to
+    contain no newline). A test checks the equality.
+    """
+    parts, start, n = [], 0, len(text)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=n, unit="char", unit_scale=True, desc="encoding")
+    while start < n:
+        end = n
+        if start + chunk_chars < n:
+            cut = _SAFE_CUT.search(text, start + chunk_chars)
+            end = cut.end() if cut else n
+        parts.append(np.asarray(tokenizer.encode(text[start:end]), dtype=np.int64))
+        if bar is not None:
+            bar.update(end - start)
+        start = end
+    if bar is not None:
+        bar.close()
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 def prepare(corpus: Corpus, tokenizer, cache_dir=None, val_fraction: float = 0.1,
             rebuild: bool = False, progress: bool = False) -> Prepared:
     """Encode ``corpus`` once into ``train.bin`` / ``val.bin`` + ``meta.json``; reuse it after.
@@ -390,7 +422,7 @@ def prepare(corpus: Corpus, tokenizer, cache_dir=None, val_fraction: float = 0.1
         return _reuse(folder, want)
 
     folder.mkdir(parents=True, exist_ok=True)
-    ids = np.asarray(tokenizer.encode(corpus.text), dtype=np.int64)      # (N,)
+    ids = encode_in_chunks(tokenizer, corpus.text, progress=progress)    # (N,)
     n_train = len(ids) - int(round(len(ids) * val_fraction))
     train, val = ids[:n_train].astype(dtype), ids[n_train:].astype(dtype)
     _atomic_write_bytes(folder / "train.bin", train.tobytes())

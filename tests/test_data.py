@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import http.server
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from scratchlm import backend, data
 from scratchlm.data import BatchSampler, download, load_corpus, prepare
@@ -231,6 +233,18 @@ def test_prepare_writes_streams_that_decode_back_to_the_corpus(tmp_path):
     assert meta["source_sha256"] == corpus.sha256 and meta["dtype"] == "uint16"
     assert meta["train_tokens"] == len(prepared.train) and meta["tokenizer"] == tok.to_dict()
     assert prepared.tokenizer.to_dict() == tok.to_dict()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(st.text(alphabet="ab '1.\n\t", max_size=60), st.integers(1, 12))
+def test_encoding_in_chunks_gives_exactly_the_ids_of_one_encode(text, chunk_chars):
+    tok = _chunk_test_bpe()
+    assert data.encode_in_chunks(tok, text, chunk_chars=chunk_chars).tolist() == tok.encode(text)
+
+
+@functools.lru_cache(maxsize=1)
+def _chunk_test_bpe():
+    return ByteLevelBPE.train("ab a\nb 'a 1.1\n\n  ab\tab ba\n" * 5, vocab_size=290)
 
 
 def test_prepare_reuses_the_cache_without_encoding_again(tmp_path, monkeypatch):
