@@ -248,7 +248,7 @@ def corrupt(d, **changes):
 @pytest.mark.parametrize("change", [
     {"type": "wordpiece"}, {"version": 99}, {"merges": ["a b c"]}, {"merges": ["ab c"]},
     {"vocab_size": 5}, {"special_tokens": {"<|endoftext|>": 3}}, {"pretokenizer": "other"},
-    {"merges": "not a list"},
+    {"merges": "not a list"}, {"special_tokens": {"<|endoftext|>": "x"}}, {"merges": [" a"]},
 ])
 def test_mismatched_bpe_data_is_a_user_error(small_bpe, change):
     with pytest.raises(UserError):
@@ -300,6 +300,8 @@ def test_bpe_vocab_below_bytes_plus_specials_is_refused():
     with pytest.raises(UserError, match="257"):
         ByteLevelBPE.train("abc", vocab_size=256)
     assert ByteLevelBPE.train("abc", vocab_size=257).vocab_size == 257
+    with pytest.raises(UserError, match="integer"):
+        ByteLevelBPE.train("abc", vocab_size=300.0)
 
 
 def test_char_tokenizer_of_empty_text_is_refused():

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import codecs
 import heapq
+import operator
 import re
 from collections import Counter
 
@@ -165,7 +166,11 @@ class ByteLevelBPE(Tokenizer):
         ``vocab_size`` tokens, or until no adjacent pair is left to merge (a tiny corpus: the
         vocabulary is then smaller, so check ``.vocab_size``)."""
         specials = _check_specials(special_tokens)
-        if not isinstance(vocab_size, int) or vocab_size < 256 + len(specials):
+        try:
+            vocab_size = operator.index(vocab_size)        # ints and NumPy ints, not floats
+        except TypeError:
+            raise UserError(f"BPE vocab_size must be an integer, got {vocab_size!r}") from None
+        if vocab_size < 256 + len(specials):
             raise UserError(f"BPE vocab_size must be at least 256 (one token per byte) + "
                             f"{len(specials)} special token(s) = {256 + len(specials)}, got {vocab_size}")
         target = vocab_size - len(specials)          # byte tokens + merged tokens
@@ -352,8 +357,10 @@ class ByteLevelBPE(Tokenizer):
             raise UserError(f"BPE tokenizer uses pre-tokenizer {d.get('pretokenizer')!r}; this scratchlm "
                             f"has {PRETOKENIZER_NAME!r} (retrain the tokenizer)")
         merges_text, specials = d.get("merges"), d.get("special_tokens", {})
-        if not isinstance(merges_text, list) or not isinstance(specials, dict):
-            raise UserError("BPE tokenizer data needs a \"merges\" list and a \"special_tokens\" object")
+        if not isinstance(merges_text, list) or not isinstance(specials, dict) or \
+                not all(isinstance(i, int) for i in specials.values()):
+            raise UserError("BPE tokenizer data needs a \"merges\" list and a \"special_tokens\" "
+                            "object mapping each special token to its integer id")
         token_ids = {bytes([b]): b for b in range(256)}
         merges = []
         for rank, line in enumerate(merges_text):
