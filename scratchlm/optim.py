@@ -149,13 +149,17 @@ class Optimizer:
         if scalars.get("type") != name:
             raise UserError(f"optimizer state was saved by {scalars.get('type')}, this run uses {name}; "
                             "use the same optimizer or start the optimizer afresh")
-        saved_groups = scalars["param_groups"]
+        saved_groups, saved_state = scalars.get("param_groups"), scalars.get("state")
+        if (not isinstance(saved_groups, list) or not isinstance(saved_state, dict)
+                or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved_groups)
+                or not all(isinstance(e, dict) and i.isdigit() for i, e in saved_state.items())):
+            raise UserError("optimizer state lacks well-formed param_groups/state entries; the file is damaged")
         if [len(g["params"]) for g in saved_groups] != [len(ix) for ix in self._index_of_group]:
             raise UserError(f"optimizer state has groups of sizes {[len(g['params']) for g in saved_groups]}, "
                             f"this model's are {[len(ix) for ix in self._index_of_group]}; "
                             "the checkpoint belongs to a different model")
 
-        state: dict[int, dict[str, Any]] = {int(i): dict(entry) for i, entry in scalars["state"].items()}
+        state: dict[int, dict[str, Any]] = {int(i): dict(entry) for i, entry in saved_state.items()}
         if any(not 0 <= i < len(self._params) for i in state):
             raise UserError(f"optimizer state names parameter {max(state)}, this model has {len(self._params)}; "
                             "the checkpoint belongs to a different model")

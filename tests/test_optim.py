@@ -419,6 +419,8 @@ def test_load_state_dict_refuses_mismatches():
     missing = {k: v for k, v in arrays.items() if k != "state.1.exp_avg_sq"}
     with pytest.raises(UserError, match="lacks"):
         optim.AdamW(make_params()).load_state_dict(scalars, missing)
+    with pytest.raises(UserError, match="damaged"):
+        optim.AdamW(make_params()).load_state_dict({k: v for k, v in scalars.items() if k != "state"}, arrays)
 
 
 # ---------------------------------------------------------------- other backends: strict (CuPy-like) and CuPy
