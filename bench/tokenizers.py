@@ -53,7 +53,8 @@ def bench_scratchlm(text, vocab_size, repeats):
     warm_tok.encode(text)
     warm_s, _ = best_of(repeats, lambda: warm_tok.encode(text))
     decode_s, decoded = best_of(repeats, lambda: tok.decode(ids))
-    return {"train_s": train_s, "encode_MBps": n_bytes / cold_s / 1e6,
+    return {"pieces": [tok.token_bytes[i] for i in ids],
+            "train_s": train_s, "encode_MBps": n_bytes / cold_s / 1e6,
             "encode_warm_MBps": n_bytes / warm_s / 1e6, "decode_MBps": n_bytes / decode_s / 1e6,
             "tokens": len(ids), "bytes_per_token": n_bytes / len(ids),
             "vocab_size": tok.vocab_size, "round_trip": decoded == text}
@@ -81,7 +82,9 @@ def bench_hf(text, vocab_size, repeats):
     # HF's usual fast path: many short strings in parallel threads (not comparable one-to-one).
     batch_s, _ = best_of(repeats, lambda: Tokenizer.from_str(serialized).encode_batch(lines))
     decode_s, decoded = best_of(repeats, lambda: tok.decode(ids))
-    return {"train_s": train_s, "encode_MBps": n_bytes / cold_s / 1e6,
+    from scratchlm.tokenizers.bpe import readable_to_bytes
+    return {"pieces": [readable_to_bytes(t) for t in encoding.tokens],
+            "train_s": train_s, "encode_MBps": n_bytes / cold_s / 1e6,
             "encode_batch_lines_MBps": n_bytes / batch_s / 1e6,
             "decode_MBps": n_bytes / decode_s / 1e6, "tokens": len(ids),
             "bytes_per_token": n_bytes / len(ids), "vocab_size": tok.get_vocab_size(),
@@ -110,14 +113,17 @@ def main(argv=None):
     rows = []
     for vocab_size in args.vocab:
         row = {"vocab": vocab_size, "scratchlm": bench_scratchlm(text, vocab_size, args.repeats)}
+        ours_pieces = row["scratchlm"].pop("pieces")
         if hf_version:
             row["hf"] = bench_hf(text, vocab_size, args.repeats)
+            # Same segmentation = the same byte strings, token by token (ids are numbered differently).
+            row["same_tokens_as_hf"] = ours_pieces == row["hf"].pop("pieces")
         rows.append(row)
 
     header = (f"{'vocab':>6} | {'train s':>8} {'enc MB/s':>9} {'warm MB/s':>9} {'B/tok':>6} {'rt':>3}")
     if hf_version:
         header += (f" || {'HF train s':>10} {'HF enc MB/s':>11} {'HF batch MB/s':>13} {'HF B/tok':>8} | "
-                   f"{'train x':>8} {'enc x':>6}")
+                   f"{'train x':>8} {'enc x':>6} {'same':>5}")
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -132,12 +138,14 @@ def main(argv=None):
             line += (f" || {h['train_s']:>10.2f} {h['encode_MBps']:>11.2f} {h['encode_batch_lines_MBps']:>13.2f} "
                      f"{h['bytes_per_token']:>8.3f} | "
                      f"{row['ratios']['train_time_ours_over_hf']:>8.2f} "
-                     f"{row['ratios']['encode_speed_ours_over_hf']:>6.2f}")
+                     f"{row['ratios']['encode_speed_ours_over_hf']:>6.2f} "
+                     f"{'yes' if row['same_tokens_as_hf'] else 'no':>5}")
         print(line)
     print("train x = our train time / HF's (lower is better for us); enc x = our encode MB/s / HF's "
           "(higher is better), both encoding the corpus as one string on one thread;\n"
           "warm = our encoder again with its word cache filled; HF batch = HF encode_batch over the "
-          "lines, multi-threaded; rt = decode(encode(corpus)) == corpus")
+          "lines, multi-threaded; rt = decode(encode(corpus)) == corpus;\n"
+          "same = both split the corpus into exactly the same byte strings")
 
     result = {"corpus": corpus.name, "corpus_bytes": len(text.encode("utf-8")), "sha256": corpus.sha256,
               "python": platform.python_version(), "machine": platform.machine(),
