@@ -24,12 +24,21 @@ class MatMul(Function):
             raise ValueError(f"matmul shape mismatch: {tuple(a.shape)} @ {tuple(b.shape)} "
                              f"(the last axis of the first must equal the "
                              f"{'second-to-last' if b.ndim > 1 else 'only'} axis of the second)")
+        if a.ndim > 2 and b.ndim == 2:
+            # A Linear layer: (B, T, C) @ (C, N). Fold the batch axes into rows so this is one
+            # matrix product (B*T, C) @ (C, N), not B smaller ones; the same in the backward,
+            # where dL/dW = A^T G becomes one product instead of B products and a sum.
+            rows = a.reshape(-1, a.shape[-1])
+            return (rows @ b).reshape(a.shape[:-1] + b.shape[-1:]), (a, b)
         return a @ b, (a, b)
 
     @staticmethod
     def backward(g, saved):
         a, b = saved
         xp = backend.xp
+        if a.ndim > 2 and b.ndim == 2:
+            rows, g_rows = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+            return (g_rows @ b.T).reshape(a.shape), rows.T @ g_rows
         a2 = a[None, :] if a.ndim == 1 else a       # (1, K)
         b2 = b[:, None] if b.ndim == 1 else b       # (K, 1)
         if b.ndim == 1:
