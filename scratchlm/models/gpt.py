@@ -24,8 +24,10 @@ import sys
 import numpy as np
 
 from .. import backend
+from .. import generate as generation
 from .. import nn
 from ..errors import UserError
+from ..generate import sample_next_token  # noqa: F401  (re-exported: the one sampler lives in generate.py)
 from ..nn import functional as F
 from ..tensor import Tensor, no_grad
 
@@ -130,65 +132,57 @@ class GPT(nn.Module):
                 fill(module.bias, np.zeros(module.bias.shape))
 
     # ------------------------------------------------------------------ forward
-    def _features(self, idx) -> Tensor:
-        """Token ids (B, T) -> the final LayerNorm's output (B, T, C), before the head."""
+    def _features(self, idx, cache=None) -> Tensor:
+        """Token ids (B, T) -> the final LayerNorm's output (B, T, C), before the head.
+
+        With a KV cache (``scratchlm.generate.KVCache``) the tokens come after the ``cache.length``
+        positions it holds: they get absolute positions start_pos = cache.length onwards, and
+        each block reads and extends its layer's cache."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ModelArgumentError(f"sequence length {T} is longer than block_size {self.config.block_size}; "
-                                     f"crop the input to the last {self.config.block_size} tokens")
-        pos = backend.xp.arange(T)                                       # (T,)
+        start_pos = 0 if cache is None else cache.length
+        if start_pos + T > self.config.block_size:
+            raise ModelArgumentError(f"sequence length {start_pos + T} is longer than block_size "
+                                     f"{self.config.block_size}; crop the input to the last "
+                                     f"{self.config.block_size} tokens")
+        pos = backend.xp.arange(start_pos, start_pos + T)                # (T,) absolute positions
         tok_emb = self.transformer.wte(idx)                              # (B, T, C)
         if "wpe" in self.transformer:
             pos_emb = self.transformer.wpe(pos)                          # (T, C), learned
         else:
             pos_emb = self.transformer.sinusoidal(pos)                   # (T, C), fixed
         x = self.transformer.drop(tok_emb + pos_emb)                     # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)                                                 # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache=None if cache is None else cache.layers[i])   # (B, T, C)
         return self.transformer.ln_f(x)                                  # (B, T, C)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
         """idx: int (B, T) -> (logits (B, T, V), mean cross-entropy against targets (B, T) or None).
 
         Targets equal to -100 are ignored (padding). Logits are computed at every position.
+        ``cache``: a ``scratchlm.generate.KVCache`` for decoding (inference only): idx continues
+        the positions it holds, and it is extended by them.
         """
-        logits = self.lm_head(self._features(_index_array(idx, "idx")))  # (B, T, V)
+        logits = self.lm_head(self._features(_index_array(idx, "idx"), cache))  # (B, T, V)
         loss = None if targets is None else F.cross_entropy(logits, _index_array(targets, "targets"))
         return logits, loss
 
     # ------------------------------------------------------------------ sampling
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None,
-                 seed: int = 0):
+                 seed: int = 0, *, repetition_penalty: float = 1.0, use_cache: bool = True,
+                 window_keep: int | None = None):
         """Continue each row of idx (B, T) by ``max_new_tokens`` sampled tokens: (B, T + new) ints.
 
-        Each step feeds the last ``block_size`` tokens, divides the last position's logits by
-        ``temperature`` (0 = greedy), keeps the ``top_k`` largest (None or 0 = all; 1 = greedy),
-        then the smallest set whose probability reaches ``top_p`` (None or 1 = all), and draws
-        from what is left with NumPy's generator seeded ``seed`` (the same ids on every backend).
-        Dropout is off while sampling. This recomputes the whole context every step; a KV cache
-        replaces this loop later.
+        Each step takes the last position's logits, applies the repetition penalty (1 = off),
+        divides by ``temperature`` (0 = greedy), keeps the ``top_k`` largest (None or 0 = all;
+        1 = greedy), then the smallest set whose probability reaches ``top_p`` (None or 1 = all),
+        and draws from what is left with NumPy's generator seeded ``seed`` (the same ids on every
+        backend). Dropout is off while sampling. A KV cache makes each step one token's work; the
+        model sees the last block_size tokens (``window_keep``: how many to keep when the window
+        slides). All of it lives in ``scratchlm.generate`` (see ``iter_tokens``).
         """
-        _check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-        ids = np.asarray(backend.to_numpy(_index_array(idx, "idx"))).astype(np.int64)
-        if ids.shape[1] == 0:
-            raise ModelArgumentError("generate needs a prompt of at least one token")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise ModelArgumentError(f"prompt token ids must be in [0, {self.config.vocab_size}), "
-                                     f"got {ids.min()}..{ids.max()}")
-        rng = np.random.default_rng(seed)
-        was_training = self.training
-        self.eval()
-        try:
-            with no_grad():
-                for _ in range(max_new_tokens):
-                    context = backend.to_device(ids[:, -self.config.block_size:])          # (B, <=T)
-                    last = self.lm_head(self._features(context)[:, -1:, :])             # (B, 1, V)
-                    logits = backend.to_numpy(last.data[:, 0, :]).astype(np.float64)   # (B, V)
-                    next_ids = sample_next_token(logits, temperature, top_k, top_p, rng)
-                    ids = np.concatenate([ids, next_ids[:, None]], axis=1)
-        finally:
-            self.train(was_training)
-        return backend.to_device(ids)
+        return generation.generate(self, idx, max_new_tokens, temperature, top_k, top_p, seed,
+                                   repetition_penalty=repetition_penalty, use_cache=use_cache,
+                                   window_keep=window_keep)
 
     # ------------------------------------------------------------------ loading
     def load_state_dict(self, state_dict: dict, strict: bool = True):
@@ -293,44 +287,3 @@ def normalize_gpt2_keys(state_dict: dict) -> dict:
             raise UserError(f"state dict has both {key!r} and {name!r}; keep one of them")
         out[name] = value
     return out
-
-
-def _check_sampling_args(max_new_tokens, temperature, top_k, top_p) -> None:
-    def is_int(v):
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-    if not is_int(max_new_tokens) or max_new_tokens < 0:
-        raise ModelArgumentError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
-        raise ModelArgumentError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not is_int(top_k) or top_k < 0):
-        raise ModelArgumentError(f"top_k must be None or an integer >= 0 (0 = off), got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise ModelArgumentError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
-
-
-def sample_next_token(logits: np.ndarray, temperature: float, top_k, top_p, rng) -> np.ndarray:
-    """One token id per row of host logits (B, V): temperature, then top-k, then top-p, then a draw.
-
-    Greedy (argmax) when temperature is 0 or top_k is 1. Filtered-out tokens get probability
-    exactly 0. The draw inverts the cumulative distribution with one uniform number per row.
-    """
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(axis=-1)
-    B, V = logits.shape
-    logits = logits / temperature
-    if top_k and top_k < V:
-        kth_largest = np.partition(logits, V - top_k, axis=-1)[:, V - top_k : V - top_k + 1]   # (B, 1)
-        logits = np.where(logits < kth_largest, -np.inf, logits)
-    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)                                            # (B, V)
-    if top_p is not None and top_p < 1:
-        order = np.argsort(-probs, axis=-1, kind="stable")                               # most likely first
-        sorted_probs = np.take_along_axis(probs, order, axis=-1)
-        mass_before = np.cumsum(sorted_probs, axis=-1) - sorted_probs
-        keep = np.zeros_like(probs, dtype=bool)
-        np.put_along_axis(keep, order, mass_before < top_p, axis=-1)   # the top token always stays
-        probs = np.where(keep, probs, 0.0)
-    cdf = np.cumsum(probs, axis=-1)                                                       # (B, V)
-    u = rng.random((B, 1)) * cdf[:, -1:]
-    # the first index whose cdf exceeds u; zero-probability tokens never do (their cdf equals the previous one)
-    return np.minimum((cdf <= u).sum(axis=-1), V - 1)

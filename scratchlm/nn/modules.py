@@ -372,6 +372,12 @@ class CausalSelfAttention(Module):
     ``F.scaled_dot_product_attention`` (exact -inf, never a finite constant). Dropout is applied
     to the output projection only: the fused attention op has no dropout on the attention
     probabilities (nanoGPT's ``attn_dropout``); with the usual dropout=0 the two agree.
+
+    Decoding with a KV cache (``scratchlm.generate.LayerKVCache``, inference only): ``cache``
+    holds this layer's keys and values of the positions already seen. ``cache.append(k, v)``
+    stores the new ones and returns all of them, (B, H, Tk, D). An empty cache is a prefill
+    (Tq == Tk, causal mask as without a cache); a filled one takes one new query, which may see
+    every cached key, so the mask is not needed (the op takes Tq != Tk only without it).
     """
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
@@ -382,14 +388,22 @@ class CausalSelfAttention(Module):
         self.c_proj = Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache=None) -> Tensor:
         B, T, C = x.shape
         H, D = self.n_head, C // self.n_head
         q, k, v = F.split(self.c_attn(x), 3, axis=2)             # 3 x (B, T, C)
         q = q.reshape(B, T, H, D).transpose(1, 2)                # (B, H, T, D)
         k = k.reshape(B, T, H, D).transpose(1, 2)                # (B, H, T, D)
         v = v.reshape(B, T, H, D).transpose(1, 2)                # (B, H, T, D)
-        y = F.scaled_dot_product_attention(q, k, v, causal=True)  # (B, H, T, D)
+        if cache is None or cache.length == 0:
+            if cache is not None:
+                cache.append(k, v)                               # prefill: remember, attend as usual
+            y = F.scaled_dot_product_attention(q, k, v, causal=True)  # (B, H, T, D)
+        else:
+            if T != 1:
+                raise ValueError(f"a filled KV cache takes one new token at a time, got {T}")
+            k, v = cache.append(k, v)                            # (B, H, Tk, D): the past and this token
+            y = F.scaled_dot_product_attention(q, k, v, causal=False)  # (B, H, 1, D)
         y = y.transpose(1, 2).reshape(B, T, C)                   # heads side by side again
         return self.resid_dropout(self.c_proj(y))                # (B, T, C)
 
@@ -407,8 +421,8 @@ class Block(Module):
         self.ln_2 = LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout, bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: Tensor, cache=None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache=cache)    # cache: this layer's KV cache or None
         x = x + self.mlp(self.ln_2(x))
         return x
 

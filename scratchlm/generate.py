@@ -1,0 +1,409 @@
+"""Generation: sampling controls, the KV cache, the decoding loop, and streaming text.
+
+A language model gives, for a context of tokens, logits over the next token. Generating is a loop:
+pick a token from those logits, append it, ask again. This file is that loop, made fast and
+steerable:
+
+1. **Sampling controls** (``check_sampling_args``, ``apply_repetition_penalty``,
+   ``sample_next_token``): repetition penalty, then temperature, then top-k, then top-p
+   (nucleus), then one draw from a seeded NumPy generator on the host. Temperature 0 (or
+   top_k=1) is greedy. The last position's logits (B, V) come to the host once per token:
+   one small transfer, and the draws are the same on NumPy and CuPy.
+2. **The KV cache** (``KVCache``, ``LayerKVCache``; ``prefill``, ``decode_step``): without it
+   every new token re-runs the model over the whole context, O(T) work per token for the
+   projections and O(T^2) for attention. But the keys and values of the past positions do not
+   change when a token is appended (attention is causal), so each layer keeps them in a
+   preallocated (B, H, block_size, D) buffer: one *prefill* over the prompt, then each *decode
+   step* runs the model on one token at its absolute position and attends over the cache.
+3. **The loop** (``iter_tokens``, ``generate``) with a sliding window: a GPT with learned position
+   embeddings cannot see more than block_size tokens (``wpe`` has block_size rows), and its cached
+   keys depend on their absolute positions, so the cache cannot simply be shifted. When the next
+   token does not fit, the window slides: the oldest tokens are dropped, the newest
+   ``window_keep`` are kept, and the cache is rebuilt by a fresh prefill of those. The default,
+   ``window_keep = block_size``, keeps the whole window: the model always sees the last
+   block_size tokens, exactly as nanoGPT's loop without a cache (and the tokens are the same),
+   at the price of a full prefill for every token past the window. A smaller ``window_keep``
+   (e.g. block_size // 2, like llama.cpp's context shift) rebuilds only every
+   block_size - window_keep tokens, at the price of a shorter context right after a slide.
+   ``use_cache=False`` runs the same window rule with a full forward per token: the reference
+   that the cached path must match token for token.
+4. **Text** (``stream_text``, ``generate_text``): encode the prompt, run the loop, and yield text
+   pieces as soon as they are complete characters. A byte-level BPE token can end in the middle
+   of a multi-byte UTF-8 character, so bytes are buffered in an incremental UTF-8 decoder and
+   only whole characters come out. Stop strings end the text before the stop string, which is
+   never emitted (text that could be the start of a stop string is held back until it is not).
+
+    >>> from scratchlm.models import GPT, GPTConfig
+    >>> from scratchlm.tokenizers import CharTokenizer
+    >>> tok = CharTokenizer.from_text("abc ")
+    >>> model = GPT(GPTConfig(vocab_size=4, block_size=16, n_layer=1, n_head=1, n_embd=8), seed=0)
+    >>> text = "".join(stream_text(model, tok, "ab", max_new_tokens=5, temperature=0))
+    >>> len(text) <= 5
+    True
+
+Shapes: B batch (rows generated together), T context length, V vocabulary, H heads, D head size.
+"""
+from __future__ import annotations
+
+import codecs
+import math
+from typing import Iterator
+
+import numpy as np
+
+from . import backend
+from .errors import UserError
+from .tensor import Tensor, is_grad_enabled, no_grad
+
+
+class SamplingArgumentError(UserError, ValueError):
+    """A bad sampling control or prompt: a UserError for the CLI, a ValueError for Python."""
+
+
+# ====================================================================== 1. sampling controls
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def check_sampling_args(max_new_tokens=0, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                        stop=None, seed=0, window_keep=None, block_size=None) -> None:
+    """Refuse a bad control up front, with one line that names it and its valid range."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise SamplingArgumentError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not _is_number(temperature) or not 0 <= temperature < math.inf:
+        raise SamplingArgumentError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 0):
+        raise SamplingArgumentError(f"top_k must be None, 0 (both: off) or an integer >= 1 (1 = greedy), got {top_k!r}")
+    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+        raise SamplingArgumentError(f"top_p must be None (off) or a number in (0, 1] (1 = off), got {top_p!r}")
+    if not _is_number(repetition_penalty) or not 0 < repetition_penalty < math.inf:
+        raise SamplingArgumentError(f"repetition_penalty must be a finite number > 0 (1 = off, > 1 discourages "
+                                    f"repeats), got {repetition_penalty!r}")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+            raise SamplingArgumentError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    if not _is_int(seed) or seed < 0:
+        raise SamplingArgumentError(f"seed must be an integer >= 0, got {seed!r}")
+    if window_keep is not None and (not _is_int(window_keep) or window_keep < 1
+                                    or (block_size is not None and window_keep > block_size)):
+        raise SamplingArgumentError(f"window_keep must be None (= block_size) or an integer in [1, "
+                                    f"{block_size if block_size is not None else 'block_size'}], got {window_keep!r}")
+
+
+def apply_repetition_penalty(logits: np.ndarray, context: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL's repetition penalty (Keskar et al. 2019, as in Hugging Face): for every token that
+    already occurs in the row's context, divide its logit by ``penalty`` if positive and multiply
+    it if negative -- both lower it when penalty > 1. A token counts once however often it occurs.
+
+    logits (B, V) float, context (B, T) int -> new logits (B, V); penalty 1 returns the input.
+    """
+    if penalty == 1 or context.shape[1] == 0:
+        return logits
+    seen = np.zeros(logits.shape, dtype=bool)
+    np.put_along_axis(seen, context, True, axis=-1)                       # (B, V): token in the context
+    penalized = np.where(logits > 0, logits / penalty, logits * penalty)
+    return np.where(seen, penalized, logits)
+
+
+def sample_next_token(logits: np.ndarray, temperature: float, top_k, top_p, rng) -> np.ndarray:
+    """One token id per row of host logits (B, V): temperature, then top-k, then top-p, then a draw.
+
+    Greedy (argmax, no random number drawn) when temperature is 0 or top_k is 1. Top-k keeps the
+    k largest logits (ties at the k-th value all stay); top-p keeps the smallest set of most
+    likely tokens whose probability reaches p (the most likely token always stays). Filtered-out
+    tokens get probability exactly 0. The draw inverts the cumulative distribution with one
+    uniform number per row.
+    """
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(axis=-1)
+    B, V = logits.shape
+    logits = logits / temperature
+    if top_k and top_k < V:
+        kth_largest = np.partition(logits, V - top_k, axis=-1)[:, V - top_k : V - top_k + 1]   # (B, 1)
+        logits = np.where(logits < kth_largest, -np.inf, logits)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)                                            # (B, V)
+    if top_p is not None and top_p < 1:
+        order = np.argsort(-probs, axis=-1, kind="stable")                               # most likely first
+        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        mass_before = np.cumsum(sorted_probs, axis=-1) - sorted_probs
+        keep = np.zeros_like(probs, dtype=bool)
+        np.put_along_axis(keep, order, mass_before < top_p, axis=-1)   # the top token always stays
+        probs = np.where(keep, probs, 0.0)
+    cdf = np.cumsum(probs, axis=-1)                                                       # (B, V)
+    u = rng.random((B, 1)) * cdf[:, -1:]
+    # the first index whose cdf exceeds u; zero-probability tokens never do (their cdf equals the previous one)
+    return np.minimum((cdf <= u).sum(axis=-1), V - 1)
+
+
+# ====================================================================== 2. the KV cache
+
+class LayerKVCache:
+    """Keys and values of one attention layer for the positions seen so far.
+
+    Two preallocated buffers of shape (B, H, max_len, D) on the current backend; positions
+    [0, length) are filled. ``append(k, v)`` writes the new (B, H, T, D) keys and values after
+    them and returns all the filled ones (views, no gradient): this is the protocol
+    ``CausalSelfAttention.forward(x, cache=...)`` uses. Inference only.
+    """
+
+    def __init__(self, batch_size: int, n_head: int, max_len: int, head_dim: int, dtype=None):
+        xp = backend.xp
+        dtype = dtype or backend.get_default_dtype()
+        self.keys = xp.zeros((batch_size, n_head, max_len, head_dim), dtype=dtype)      # (B, H, max_len, D)
+        self.values = xp.zeros((batch_size, n_head, max_len, head_dim), dtype=dtype)    # (B, H, max_len, D)
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            raise RuntimeError("the KV cache is for inference: run the model under scratchlm.no_grad()")
+        T, start = k.shape[2], self.length
+        if start + T > self.keys.shape[2]:
+            raise ValueError(f"KV cache overflow: {start} cached + {T} new positions > {self.keys.shape[2]}")
+        self.keys[:, :, start:start + T] = k.data
+        self.values[:, :, start:start + T] = v.data
+        self.length = start + T
+        return Tensor(self.keys[:, :, :self.length]), Tensor(self.values[:, :, :self.length])
+
+
+class KVCache:
+    """One ``LayerKVCache`` per transformer block of a GPT; ``length`` = positions cached, which is
+    also the absolute position of the next token (``GPT.forward(idx, cache=...)`` starts there)."""
+
+    def __init__(self, config, batch_size: int = 1, dtype=None):
+        head_dim = config.n_embd // config.n_head
+        self.max_len = config.block_size
+        self.layers = [LayerKVCache(batch_size, config.n_head, config.block_size, head_dim, dtype)
+                       for _ in range(config.n_layer)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def reset(self) -> None:
+        """Forget every position (the buffers stay allocated)."""
+        for layer in self.layers:
+            layer.length = 0
+
+
+def _last_logits(model, ids: np.ndarray, cache: KVCache | None) -> np.ndarray:
+    """Run ``model`` on host ids (B, T) (after what ``cache`` holds) and return the logits of the
+    last position on the host, (B, V) float64. Only that position goes through the head."""
+    features = model._features(backend.to_device(ids), cache=cache)          # (B, T, C)
+    last = model.lm_head(features[:, -1:, :])                                # (B, 1, V)
+    return backend.to_numpy(last.data[:, 0, :]).astype(np.float64)          # (B, V)
+
+
+def prefill(model, ids: np.ndarray, cache: KVCache) -> np.ndarray:
+    """Empty ``cache``, run the whole context ids (B, T <= block_size) through ``model`` (causal
+    attention, as without a cache) filling it; return the next-token logits (B, V) on the host."""
+    cache.reset()
+    with no_grad():
+        return _last_logits(model, ids, cache)
+
+
+def decode_step(model, token: np.ndarray, cache: KVCache) -> np.ndarray:
+    """Run one new token per row, token (B,), at position ``cache.length`` against the cache;
+    return the next-token logits (B, V) on the host."""
+    with no_grad():
+        return _last_logits(model, np.asarray(token).reshape(-1, 1), cache)
+
+
+# ====================================================================== 3. the loop
+
+def _prompt_ids(model, idx) -> np.ndarray:
+    """Prompt token ids as a host int64 array (B, T >= 1), checked against the vocabulary."""
+    data = idx.data if isinstance(idx, Tensor) else idx
+    ids = backend.to_numpy(data) if hasattr(data, "dtype") else np.asarray(data)
+    if ids.ndim != 2 or (ids.size and ids.dtype.kind not in "iu"):
+        raise SamplingArgumentError(f"prompt ids must be a 2-D integer array (B, T), got dtype {ids.dtype} "
+                                    f"and shape {tuple(ids.shape)}")
+    if ids.shape[1] == 0:
+        raise SamplingArgumentError("generate needs a prompt of at least one token")
+    vocab_size = model.config.vocab_size
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise SamplingArgumentError(f"prompt token ids must be in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
+    return ids.astype(np.int64)
+
+
+def iter_tokens(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None,
+                repetition_penalty: float = 1.0, seed: int = 0, use_cache: bool = True,
+                window_keep: int | None = None) -> Iterator[np.ndarray]:
+    """Yield the next token of each row, (B,) host ints, ``max_new_tokens`` times.
+
+    The window: the model sees ids[start:], at most block_size tokens (a longer prompt starts
+    with its last block_size). When the token just sampled does not fit, the window slides to
+    the newest ``window_keep`` tokens (None = block_size) and the cache is rebuilt by a prefill
+    of them; otherwise one decode step runs. The repetition penalty looks at the window.
+    With ``use_cache=False`` every step is a full forward over the window (same rule, same
+    tokens). Dropout is off; the model's training mode is restored when the loop ends or is
+    closed. The arguments are checked here, before the first token is asked for.
+    """
+    block_size = model.config.block_size
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, None, seed,
+                        window_keep, block_size)
+    ids = _prompt_ids(model, idx)
+    keep = block_size if window_keep is None else window_keep
+    return _token_loop(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+                       use_cache, keep)
+
+
+def _token_loop(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, use_cache,
+                keep):
+    block_size = model.config.block_size
+    rng = np.random.default_rng(seed)
+    cache = KVCache(model.config, ids.shape[0]) if use_cache else None
+    start = max(0, ids.shape[1] - block_size)
+
+    def full_window():
+        return prefill(model, ids[:, start:], cache) if use_cache else _forward_window(model, ids[:, start:])
+
+    was_training = model.training
+    model.eval()
+    try:
+        logits = full_window() if max_new_tokens else None                     # (B, V)
+        for step in range(max_new_tokens):
+            logits = apply_repetition_penalty(logits, ids[:, start:], repetition_penalty)
+            token = sample_next_token(logits, temperature, top_k, top_p, rng)  # (B,)
+            ids = np.concatenate([ids, token[:, None]], axis=1)
+            yield token
+            if step == max_new_tokens - 1:
+                break                                      # no forward for a token nobody asks for
+            if ids.shape[1] - start > block_size:          # the new token does not fit: slide
+                start = ids.shape[1] - keep
+                logits = full_window()
+            elif use_cache:
+                logits = decode_step(model, token, cache)
+            else:
+                logits = full_window()
+    finally:
+        model.train(was_training)
+
+
+def _forward_window(model, ids: np.ndarray) -> np.ndarray:
+    with no_grad():
+        return _last_logits(model, ids, None)
+
+
+def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None,
+             seed: int = 0, repetition_penalty: float = 1.0, use_cache: bool = True,
+             window_keep: int | None = None):
+    """idx (B, T) -> (B, T + max_new_tokens) backend ints: the prompt and its continuation.
+
+    See ``iter_tokens`` for the window rule and ``sample_next_token`` for the controls. With the
+    same seed, ``use_cache=True`` and ``use_cache=False`` give the same tokens.
+    """
+    ids = _prompt_ids(model, idx)
+    steps = iter_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+                        use_cache, window_keep)
+    new = [token[:, None] for token in steps]
+    return backend.to_device(np.concatenate([ids, *new], axis=1))
+
+
+# ====================================================================== 4. text and streaming
+
+class _TextPieces:
+    """Token ids in, complete text out.
+
+    Tokenizers with ``decode_bytes`` (byte-level BPE): bytes go through an incremental UTF-8
+    decoder (invalid bytes become U+FFFD), which holds back an incomplete character until its
+    last byte arrives. Other tokenizers (characters) decode token by token.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace") \
+            if hasattr(tokenizer, "decode_bytes") else None
+
+    def push(self, token_id: int) -> str:
+        if self.utf8 is None:
+            return self.tokenizer.decode([token_id])
+        return self.utf8.decode(self.tokenizer.decode_bytes([token_id]))
+
+    def flush(self) -> str:
+        return "" if self.utf8 is None else self.utf8.decode(b"", final=True)
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string:
+    text that may yet become a stop string and so cannot be emitted now."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+def encode_prompt(tokenizer, prompt, block_size: int | None = None) -> list[int]:
+    """Token ids of ``prompt`` (a string, or already a list of ids). An empty prompt starts from a
+    newline (or token 0 if the vocabulary has none), as ``scratchlm sample``."""
+    ids = list(prompt) if not isinstance(prompt, str) else (tokenizer.encode(prompt) if prompt else [])
+    if not ids:
+        try:
+            ids = tokenizer.encode("\n")
+        except UserError:
+            ids = []
+        ids = ids or [0]
+    return [int(i) for i in ids]
+
+
+def stream_text(model, tokenizer, prompt, max_new_tokens: int = 200, temperature: float = 0.8, top_k=None,
+                top_p=None, repetition_penalty: float = 1.0, stop=None, seed: int = 0, use_cache: bool = True,
+                window_keep: int | None = None) -> Iterator[str]:
+    """Yield the text ``model`` writes after ``prompt`` (str or token ids), piece by piece.
+
+    Each piece is complete characters (never half of a UTF-8 character); the pieces joined are
+    the decoded continuation, cut before the first stop string (``stop``: a string or a list;
+    the stop string is not emitted, and generation ends there). Pieces come as soon as they are
+    known not to start a stop string. Closing the generator early (or Ctrl-C) stops generation
+    and restores the model's mode. The arguments are checked when it is called.
+    """
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
+                        window_keep, model.config.block_size)
+    stops = [] if stop is None else ([stop] if isinstance(stop, str) else list(stop))
+    ids = np.asarray([encode_prompt(tokenizer, prompt)], dtype=np.int64)           # (1, T)
+    steps = iter_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+                        use_cache, window_keep)
+    return _text_pieces(steps, _TextPieces(tokenizer), stops)
+
+
+def _text_pieces(steps, decoder, stops) -> Iterator[str]:
+    pending = ""                                       # decoded, not yet emitted (may start a stop string)
+    try:
+        for token in steps:
+            pending += decoder.push(int(token[0]))
+            cut = _first_stop(pending, stops)
+            if cut is not None:
+                if pending[:cut]:
+                    yield pending[:cut]
+                return
+            ready = len(pending) - _held_back(pending, stops)
+            if ready:
+                yield pending[:ready]
+                pending = pending[ready:]
+        pending += decoder.flush()
+        cut = _first_stop(pending, stops)
+        pending = pending if cut is None else pending[:cut]
+        if pending:
+            yield pending
+    finally:
+        steps.close()
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    """Index where the earliest stop string in ``text`` begins, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def generate_text(model, tokenizer, prompt, **controls) -> str:
+    """The whole continuation of ``prompt`` as one string (``stream_text`` joined)."""
+    return "".join(stream_text(model, tokenizer, prompt, **controls))
