@@ -233,10 +233,11 @@ def load_preset(name: str) -> TrainConfig:
 # ================================================================ the run folder
 
 def write_run_header(run_dir: Path, config: TrainConfig, model_config, tokenizer, data: dict) -> None:
-    """config.json and tokenizer.json: written once, when a run starts."""
+    """config.json and tokenizer.json, when a run starts (config.json again on resume: new max_iters...)."""
     from scratchlm.checkpoint import write_json_atomic
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(run_dir / "tokenizer.json")
+    if tokenizer is not None:
+        tokenizer.save(run_dir / "tokenizer.json")
     write_json_atomic(run_dir / "config.json", {"format": RUN_FORMAT, "model": model_config.to_dict(),
                                                 "train": config.to_dict(), "data": data})
 
@@ -465,6 +466,7 @@ class Trainer:
         self.evaluated_at: set[int] = set()
         if resume:
             state = load_checkpoint(self.run_dir, self.model, self.optimizer)
+            write_run_header(self.run_dir, config, self.model.config, None, data_info or {})   # new max_iters etc.
             self.iteration, self.best_val_loss = state["iteration"], state.get("best_val_loss")
             self.last_val_loss, self.last_saved = state.get("last_val_loss"), state["iteration"]
             kept = _keep_metrics_before(self.metrics_path, self.iteration)
