@@ -167,10 +167,9 @@ def test_attention_rejects_unsupported_inputs():
 
 @gpu
 @SETTINGS
-@given(N=st.integers(1, 70), C=st.sampled_from([2, 7, 32, 100, 768, 1031]), affine=st.booleans(),
+@given(N=st.integers(1, 70), C=st.sampled_from([1, 2, 7, 32, 100, 768, 1031]), affine=st.booleans(),
        dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**31 - 1))
 def test_layer_norm_matches_reference(N, C, affine, dtype, seed):
-    # C >= 2: at C = 1 the variance is 0 and rstd = 1/sqrt(eps) ~ 316 multiplies rounding noise.
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((N, C)) * 3 + 1
     dy = rng.standard_normal((N, C))
@@ -192,12 +191,15 @@ def test_layer_norm_matches_reference(N, C, affine, dtype, seed):
     assert_close(mean, mean_ref, tol, "mean")
     assert_close(rstd, rstd_ref, tol, "rstd")
     grads = cuda.layer_norm_backward(g(dy), g(x), g(weight), mean, rstd)
-    for name, got, want in zip(("dx", "dweight", "dbias"), grads, grads_ref):
+    # dx = rstd * (g - mean(g) - xhat mean(g xhat)): compare the bracket, whose natural scale is |g|.
+    # (At C = 2 it is ~0 and rstd can be large, so dx itself is rstd times pure rounding noise.)
+    assert_close(grads[0] / rstd[:, None], grads_ref[0] / rstd_ref[:, None], tol, "dx / rstd")
+    for name, got, want in zip(("dweight", "dbias"), grads[1:], grads_ref[1:]):
         if want is None:
             assert got is None, name
         else:
             # dweight/dbias sum N rows: allow for the float32 summation of N terms.
-            assert_close(got, want, tol * (1 if name == "dx" else 4), name)
+            assert_close(got, want, 4 * tol, name)
 
 
 # ------------------------------------------------------------------------ GELU

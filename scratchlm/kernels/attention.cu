@@ -176,9 +176,13 @@ attention_forward_f32(const float* __restrict__ q, const float* __restrict__ k,
     constexpr int NM = DP / 32;
     extern __shared__ float4 smem_f4[];
     float* Qs = reinterpret_cast<float*>(smem_f4);   // (BR, LD)  this block's queries
+    // The K tile's space is reused for the P tile, so it holds whichever of the two is larger.
+    constexpr int K_REGION = SLM_BC * LD > SLM_BR * kLdP ? SLM_BC * LD : SLM_BR * kLdP;
     float* Ks = Qs + SLM_BR * LD;                     // (BC, LD)  current key tile
-    float* Vs = Ks + SLM_BC * LD;                     // (BC, LD)  current value tile
-    float* Ps = Vs + SLM_BC * LD;                     // (BR, kLdP) unnormalised probabilities
+    float* Vs = Ks + K_REGION;                        // (BC, LD)  current value tile
+    float* Ps = Ks;                                   // (BR, kLdP) unnormalised probabilities: reuses
+                                                      // the K tile once S is computed (less shared
+                                                      // memory, more blocks per SM)
 
     const int tid = threadIdx.x, tx = tid & 7, ty = tid >> 3;
     const int q_tile = gridDim.x - 1 - blockIdx.x;
@@ -215,6 +219,7 @@ attention_forward_f32(const float* __restrict__ q, const float* __restrict__ k,
 
         float s[4][8];
         tile_dot<DP>(s, Qs, Ks, tx, ty);              // s = Q_tile K_tile^T (unscaled)
+        __syncthreads();                              // all reads of Ks done: it becomes Ps below
 
         // Only the last key tile (keys past T) and the diagonal tile (keys past the query) need masks.
         const bool edge = (k0 + SLM_BC > Tk) || (causal && k0 + SLM_BC - 1 > q0 + offset);
@@ -305,8 +310,9 @@ attention_backward_dkdv_f32(const float* __restrict__ q, const float* __restrict
     float* dOs = Qs + SLM_BR * LD;                    // (BR, LD)  current output-gradient tile
     float* Pt = dOs + SLM_BR * LD;                    // (BC, kLdP) P^T   [key][query]
     float* dSt = Pt + SLM_BC * kLdP;                  // (BC, kLdP) dS^T  [key][query]
-    float* dS = dSt + SLM_BC * kLdP;                  // (BR, kLdP) dS    [query][key]
-    float* lse2 = dS + SLM_BR * kLdP;                 // (BR,) lse in base 2
+    float* dS = Pt;                                   // (BR, kLdP) dS    [query][key], reusing P^T
+                                                      // once dV has been accumulated
+    float* lse2 = dSt + SLM_BC * kLdP;                // (BR,) lse in base 2
     float* dlt = lse2 + SLM_BR;                       // (BR,) delta
 
     const int tid = threadIdx.x, tx = tid & 7, ty = tid >> 3;
@@ -368,12 +374,20 @@ attention_backward_dkdv_f32(const float* __restrict__ q, const float* __restrict
                 const int key = ty + 16 * i, query = tx + 8 * j;
                 const float ds = Pt[key * kLdP + query] * (s[i][j] - dlt[query]);
                 dSt[key * kLdP + query] = ds;
-                dS[query * kLdP + key] = ds;
             }
         __syncthreads();
 
         tile_accumulate<DP, SLM_BR, NM>(dv_acc, Pt, dOs, 0, tx, ty);    // dV += P^T dO
         tile_accumulate<DP, SLM_BR, NM>(dk_acc, dSt, Qs, 0, tx, ty);    // dK += dS^T Q   (scaled at the end)
+        __syncthreads();                              // P^T is dead: its space takes dS (query-major)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const int key = ty + 16 * i, query = tx + 8 * j;
+                dS[query * kLdP + key] = dSt[key * kLdP + query];   // values this thread wrote
+            }
+        __syncthreads();
 
         // dQ[query] += scale * sum_key dS[query][key] K[key]: this tile's share, added atomically.
         // One 32-column group at a time keeps 16 accumulators live beside dK and dV.

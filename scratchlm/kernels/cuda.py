@@ -102,14 +102,15 @@ def _padded_head_dim(D: int) -> int:
 
 
 def attention_forward_smem(DP: int) -> int:
-    """Dynamic shared memory of attention_forward_f32<DP>: Q, K, V tiles and the P tile."""
-    return 4 * (3 * ATTENTION_TILE_Q * (DP + 4) + ATTENTION_TILE_Q * (ATTENTION_TILE_K + 8))
+    """Dynamic shared memory of attention_forward_f32<DP>: Q, K, V tiles; the P tile reuses K's space."""
+    k_region = max(ATTENTION_TILE_K * (DP + 4), ATTENTION_TILE_Q * (ATTENTION_TILE_K + 8))
+    return 4 * (2 * ATTENTION_TILE_Q * (DP + 4) + k_region)
 
 
 def attention_backward_smem(DP: int) -> int:
-    """Dynamic shared memory of attention_backward_dkdv_f32<DP>: K, V, Q, dO tiles, P^T, dS^T, dS,
-    and the per-query lse and delta."""
-    return 4 * (4 * ATTENTION_TILE_Q * (DP + 4) + 3 * ATTENTION_TILE_Q * (ATTENTION_TILE_K + 8)
+    """Dynamic shared memory of attention_backward_dkdv_f32<DP>: K, V, Q, dO tiles, P^T (later dS),
+    dS^T, and the per-query lse and delta."""
+    return 4 * (4 * ATTENTION_TILE_Q * (DP + 4) + 2 * ATTENTION_TILE_Q * (ATTENTION_TILE_K + 8)
                 + 2 * ATTENTION_TILE_Q)
 
 
