@@ -220,6 +220,15 @@ def test_gelu_matches_reference(shape, approximate, dtype, seed):
     assert_close(dx, gelu.backward_reference(dy, x, approximate), tol, "dx")
 
 
+@gpu
+def test_gelu_on_an_unaligned_view():
+    """A view starting mid-allocation cannot be read in 16-byte packs: the wrapper copies it."""
+    base = np.random.default_rng(3).uniform(-4, 4, 1031).astype(np.float32)
+    view = cp.asarray(base)[1:]                 # data pointer 4 bytes past a 16-byte boundary
+    want = gelu.forward_reference(base[1:].astype(np.float64), "tanh")
+    assert_close(cuda.gelu_forward(view, "tanh"), want, F32_TOL, "y")
+
+
 # ------------------------------------------------------------------------ cross-entropy
 
 @gpu

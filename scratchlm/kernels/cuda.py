@@ -10,7 +10,8 @@ bench/cuda_kernels.py validates then times each one against PyTorch.
   atomically), float32, head dim D <= 128 (padded to a multiple of 32 inside the kernel).
 * rowops.cu: layer norm (a warp per row), softmax + cross-entropy (a block per row, one read for
   the log-sum-exp, one pass writing dlogits), embedding backward (atomicAdd scatter); float32/64.
-* GELU and AdamW are elementwise: ``cupy.ElementwiseKernel`` (one fused pass each).
+* elementwise.cu: GELU forward/backward (exact and tanh), 16-byte vector loads; float32/64.
+* AdamW is one ``cupy.ElementwiseKernel`` pass over each parameter and its two moments.
 
 Sources are compiled by NVRTC on first use (``cupy.RawModule``, ``-std=c++17``), one module per
 source and template choice, cached here and on disk by CuPy. Importing this module never needs CuPy;
@@ -203,9 +204,15 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, scale: float | None = 
 _ROWS_PER_BLOCK = 8          # one warp per row, 256 threads
 
 
+def _check_rows(a, what: str) -> None:
+    if a.ndim != 2:
+        raise ValueError(f"{what} must be 2-D (N, C); got shape {a.shape} (reshape to (-1, C) first)")
+
+
 def layer_norm_forward(x, weight, bias, eps: float):
     """y = (x - mean) * rstd * weight + bias over the last axis; x (N, C) -> y, mean (N,), rstd (N,)."""
     _require_cupy()
+    _check_rows(x, "layer_norm x")
     x = cp.ascontiguousarray(x)
     N, C = x.shape
     t = _ctype(x.dtype)
@@ -228,6 +235,7 @@ def layer_norm_backward(dy, x, weight, mean, rstd):
     """(dx, dweight, dbias): dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dy * weight;
     dweight = sum_n dy xhat, dbias = sum_n dy (both None when weight is None)."""
     _require_cupy()
+    _check_rows(x, "layer_norm x")
     x = cp.ascontiguousarray(x)
     N, C = x.shape
     t = _ctype(x.dtype)
@@ -256,53 +264,51 @@ def layer_norm_backward(dy, x, weight, mean, rstd):
 
 # ============================================================================ GELU
 
-@functools.lru_cache(maxsize=None)
-def _gelu_kernels():
-    # y = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2;  dy/dx = Phi(x) + x phi(x), phi = N(0, 1) pdf.
-    # tanh form: u = sqrt(2/pi) (x + 0.044715 x^3), y = x (1 + tanh u) / 2,
-    #            dy/dx = (1 + tanh u) / 2 + x (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2) / 2.
-    forward_exact = cp.ElementwiseKernel(
-        "T x", "T y", "y = x * (T)0.5 * ((T)1 + erf(x * (T)0.70710678118654752440))",
-        "scratchlm_gelu_forward_exact")
-    forward_tanh = cp.ElementwiseKernel(
-        "T x", "T y",
-        "T u = (T)0.79788456080286535588 * (x + (T)0.044715 * x * x * x);"
-        "y = (T)0.5 * x * ((T)1 + tanh(u))",
-        "scratchlm_gelu_forward_tanh")
-    backward_exact = cp.ElementwiseKernel(
-        "T dy, T x", "T dx",
-        "T cdf = (T)0.5 * ((T)1 + erf(x * (T)0.70710678118654752440));"
-        "T pdf = (T)0.39894228040143267794 * exp((T)-0.5 * x * x);"
-        "dx = dy * (cdf + x * pdf)",
-        "scratchlm_gelu_backward_exact")
-    backward_tanh = cp.ElementwiseKernel(
-        "T dy, T x", "T dx",
-        "T u = (T)0.79788456080286535588 * (x + (T)0.044715 * x * x * x);"
-        "T th = tanh(u);"
-        "T du = (T)0.79788456080286535588 * ((T)1 + (T)0.134145 * x * x);"
-        "dx = dy * ((T)0.5 * ((T)1 + th) + (T)0.5 * x * ((T)1 - th * th) * du)",
-        "scratchlm_gelu_backward_tanh")
-    return {"none": (forward_exact, backward_exact), "tanh": (forward_tanh, backward_tanh)}
+def _aligned_contiguous(a, dtype):
+    """``a`` as a C-contiguous array of ``dtype`` whose data starts on a 16-byte boundary
+    (the vectorised kernels load 16-byte packs; an offset view is copied)."""
+    a = cp.ascontiguousarray(a, dtype=dtype)
+    return a if a.data.ptr % 16 == 0 else a.copy()
 
 
-def _gelu_pair(approximate: str):
+def _elementwise_grid(n: int, dtype) -> tuple[int]:
+    packs = max(1, n // (16 // np.dtype(dtype).itemsize))
+    return (min((packs + 255) // 256, 1 << 20),)
+
+
+def _check_approximate(approximate: str) -> int:
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}")
-    return _gelu_kernels()[approximate]
+    return int(approximate == "tanh")
 
 
 def gelu_forward(x, approximate: str = "none"):
-    """y = x Phi(x) (exact, erf) or its tanh approximation, one elementwise pass."""
+    """y = x Phi(x) (exact, erf) or its tanh approximation; one pass, 16-byte loads (elementwise.cu)."""
     _require_cupy()
-    _ctype(x.dtype)
-    return _gelu_pair(approximate)[0](x)
+    tanh_form = _check_approximate(approximate)
+    t = _ctype(x.dtype)
+    x = _aligned_contiguous(x, x.dtype)
+    y = cp.empty_like(x)
+    if x.size:
+        _kernel("elementwise.cu", f"gelu_forward<{t}>")(
+            _elementwise_grid(x.size, x.dtype), (256,), (x, y, np.int64(x.size), np.int32(tanh_form)))
+    return y
 
 
 def gelu_backward(dy, x, approximate: str = "none"):
     """dx = dy * dGELU/dx, recomputed from x (nothing else is saved)."""
     _require_cupy()
-    _ctype(x.dtype)
-    return _gelu_pair(approximate)[1](dy.astype(x.dtype, copy=False), x)
+    tanh_form = _check_approximate(approximate)
+    t = _ctype(x.dtype)
+    if dy.shape != x.shape:
+        raise ValueError(f"gelu backward: dy shape {dy.shape} differs from x shape {x.shape}")
+    x = _aligned_contiguous(x, x.dtype)
+    dy = _aligned_contiguous(dy, x.dtype)
+    dx = cp.empty_like(x)
+    if x.size:
+        _kernel("elementwise.cu", f"gelu_backward<{t}>")(
+            _elementwise_grid(x.size, x.dtype), (256,), (dy, x, dx, np.int64(x.size), np.int32(tanh_form)))
+    return dx
 
 
 # ============================================================================ cross-entropy
@@ -313,6 +319,7 @@ def cross_entropy_forward(logits, targets, ignore_index: int = -100):
     A counted target outside [0, V) makes the loss NaN (checking on the host would cost a sync).
     """
     _require_cupy()
+    _check_rows(logits, "cross_entropy logits")
     logits = cp.ascontiguousarray(logits)
     N, V = logits.shape
     t = _ctype(logits.dtype)
@@ -330,6 +337,7 @@ def cross_entropy_forward(logits, targets, ignore_index: int = -100):
 def cross_entropy_backward(dloss, logits, lse, targets, ignore_index: int = -100):
     """dlogits = dloss / n_counted * (softmax(logits) - onehot(targets)); ignored rows are 0."""
     _require_cupy()
+    _check_rows(logits, "cross_entropy logits")
     logits = cp.ascontiguousarray(logits)
     N, V = logits.shape
     t = _ctype(logits.dtype)
@@ -351,6 +359,7 @@ def cross_entropy_backward(dloss, logits, lse, targets, ignore_index: int = -100
 def embedding_backward(dout, idx, vocab_size: int):
     """dweight (V, C) with dweight[idx[n]] += dout[n] for every n (repeats add up)."""
     _require_cupy()
+    _check_rows(dout, "embedding dout")
     dout = cp.ascontiguousarray(dout)
     N, C = dout.shape
     t = _ctype(dout.dtype)
