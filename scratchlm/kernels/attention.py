@@ -104,7 +104,8 @@ def forward_numba(q, k, v, causal: bool, scale: float | None = None):
     q3, k3, v3 = _as_heads(q), _as_heads(k), _as_heads(v)
     if q3 is None or k3 is None or v3 is None or not (q.dtype == k.dtype == v.dtype):
         return forward_reference(q, k, v, causal, scale)
-    out, lse = _attention_forward_kernel(q3, k3, v3, bool(causal), q.dtype.type(scale))
+    out, lse = _attention_forward_kernel(q3, k3, v3, bool(causal), q.dtype.type(scale),
+                                         q.dtype == np.float32)
     return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
 
@@ -117,7 +118,8 @@ def backward_numba(do, q, k, v, o, lse, causal: bool, scale: float | None = None
     do3, q3, k3, v3, o3 = arrays
     lse2 = np.ascontiguousarray(lse, dtype=q.dtype).reshape(q3.shape[0], q3.shape[1])
     dq, dk, dv = _attention_backward_kernel(do3, q3, k3, v3, o3, lse2, bool(causal),
-                                            q.dtype.type(scale), _group_count(q3.shape[0], k3.shape[1]))
+                                            q.dtype.type(scale), _group_count(q3.shape[0], k3.shape[1]),
+                                            q.dtype == np.float32)
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 
 
@@ -141,8 +143,45 @@ BLOCK_Q = 64
 BLOCK_K = 64
 
 
+@_njit(inline="always")
+def _exp_shifted(values, count, shift, fast, bits):
+    """values[j] = exp(values[j] - shift) for j < count; values is one row (1-D).
+
+    ``fast`` (float32): a branch-free exp that LLVM vectorises; libm's expf is called one
+    element at a time and would cost about as much as the tile arithmetic around it. With
+    x = n ln2 + r, |r| <= ln2 / 2: exp(x) = 2^n exp(r), exp(r) by its degree-7 Taylor
+    polynomial (relative error < 1e-8, below float32's 6e-8), 2^n by writing n + 127 into a
+    float32's exponent bits. x is clamped to [-87, 88] (exp(-87) ~ 1.6e-38 stands in for 0;
+    every x here is <= 0 up to rounding); a NaN passes the clamps and stays NaN.
+    float64 rows use math.exp.
+    """
+    if fast:
+        for j in range(count):
+            x = values[j] - shift
+            x = np.float32(-87.0) if x < np.float32(-87.0) else x
+            x = np.float32(88.0) if x > np.float32(88.0) else x
+            n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+            r = x - n * np.float32(0.693145751953125) - n * np.float32(1.4286068203094173e-06)
+            poly = np.float32(1.0 / 5040.0)
+            poly = poly * r + np.float32(1.0 / 720.0)
+            poly = poly * r + np.float32(1.0 / 120.0)
+            poly = poly * r + np.float32(1.0 / 24.0)
+            poly = poly * r + np.float32(1.0 / 6.0)
+            poly = poly * r + np.float32(0.5)
+            poly = poly * r + np.float32(1.0)
+            poly = poly * r + np.float32(1.0)
+            bits[j] = (np.int32(n) + np.int32(127)) << np.int32(23)
+            values[j] = poly
+        two_to_n = bits.view(np.float32)
+        for j in range(count):
+            values[j] *= two_to_n[j]
+    else:
+        for j in range(count):
+            values[j] = math.exp(values[j] - shift)
+
+
 @_njit(parallel=True, cache=True)
-def _attention_forward_kernel(q, k, v, causal, scale):
+def _attention_forward_kernel(q, k, v, causal, scale, fast):
     """q (N, Tq, D), k and v (N, Tk, D) with N = B*H -> o (N, Tq, D), lse (N, Tq).
 
     Parallel over (head, query block) tasks. For each task, key blocks are visited in order and
@@ -170,6 +209,7 @@ def _attention_forward_kernel(q, k, v, causal, scale):
         row_max = np.full(BLOCK_Q, -np.inf, dtype=q.dtype)           # m_i
         row_sum = np.zeros(BLOCK_Q, dtype=np.float64)                # l_i
         scores = np.empty(BLOCK_K, dtype=q.dtype)                    # one row of the tile
+        bits = np.empty(BLOCK_K, dtype=np.int32)                     # scratch for the fast exp
         k_tile_t = np.empty((head_dim, BLOCK_K), dtype=q.dtype)      # K block, transposed
         key_stop = t_key
         if causal:
@@ -198,11 +238,10 @@ def _attention_forward_kernel(q, k, v, causal, scale):
                     block_max = max(block_max, scores[j])            # acc stays float32 SIMD
                 new_max = max(row_max[i], block_max)
                 rescale = math.exp(row_max[i] - new_max)             # 0 on the first block
+                _exp_shifted(scores, visible, new_max, fast, bits)    # p_ij = exp(s_ij - m_i)
                 block_sum = 0.0
                 for j in range(visible):
-                    p = math.exp(scores[j] - new_max)
-                    scores[j] = p
-                    block_sum += p
+                    block_sum += scores[j]
                 row_sum[i] = row_sum[i] * rescale + block_sum
                 row_max[i] = new_max
                 if rescale != 1:
@@ -226,7 +265,7 @@ def _attention_forward_kernel(q, k, v, causal, scale):
 
 
 @_njit(parallel=True, cache=True)
-def _attention_backward_kernel(do, q, k, v, o, lse, causal, scale, n_groups):
+def _attention_backward_kernel(do, q, k, v, o, lse, causal, scale, n_groups, fast):
     """do, q, o (N, Tq, D); k, v (N, Tk, D); lse (N, Tq) -> dq (N, Tq, D), dk, dv (N, Tk, D).
 
     Parallel over (head, key-block group) tasks; group g owns key blocks g, g + G, g + 2G, ...
@@ -245,7 +284,7 @@ def _attention_backward_kernel(do, q, k, v, o, lse, causal, scale, n_groups):
     t_key = k.shape[1]
     offset = t_key - t_query
     n_key_blocks = (t_key + BLOCK_K - 1) // BLOCK_K
-    delta = np.empty((n_heads, t_query), dtype=np.float64)          # delta_i = dO_i . o_i
+    delta = np.empty((n_heads, t_query), dtype=q.dtype)             # delta_i = dO_i . o_i
     for head in prange(n_heads):
         for i in range(t_query):
             total = 0.0
@@ -263,6 +302,7 @@ def _attention_backward_kernel(do, q, k, v, o, lse, causal, scale, n_groups):
         probs = np.empty(BLOCK_K, dtype=q.dtype)
         dprobs = np.empty(BLOCK_K, dtype=q.dtype)
         q_row = np.empty(head_dim, dtype=q.dtype)
+        bits = np.empty(BLOCK_K, dtype=np.int32)
         for key_block in range(group, n_key_blocks, n_groups):
             k_start = key_block * BLOCK_K
             cols = min(BLOCK_K, t_key - k_start)
@@ -293,10 +333,9 @@ def _attention_backward_kernel(do, q, k, v, o, lse, causal, scale, n_groups):
                         dprobs[j] += do_id * v_tile_t[d, j]
                 row_lse = lse[head, i]
                 row_delta = delta[head, i]
+                _exp_shifted(probs, visible, row_lse, fast, bits)    # P recomputed from lse
                 for j in range(visible):
-                    p = math.exp(probs[j] - row_lse)                 # P recomputed from lse
-                    probs[j] = p
-                    dprobs[j] = p * (dprobs[j] - row_delta)          # ds_ij
+                    dprobs[j] = probs[j] * (dprobs[j] - row_delta)   # ds_ij
                 for j in range(visible):
                     p = probs[j]
                     ds = dprobs[j]
