@@ -108,12 +108,10 @@ def step_numba(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_d
     _adamw_kernel(param.reshape(-1), flat_grad, exp_avg.reshape(-1), exp_avg_sq.reshape(-1), *scalars)
 
 
-# ============================================================== 3. CUDA (hook)
+# ============================================================== 3. CUDA
 
-# The CUDA rung plugs in here: a function with ``step_reference``'s signature that updates CuPy
-# arrays in place (e.g. one RawKernel launch). While it is None, CuPy arrays use the reference,
-# which runs on the GPU through ``backend.xp`` anyway (just with more passes over memory).
-_step_cuda = None
+# The CUDA rung is ``kernels/cuda.py``'s ``adamw_step``: one ElementwiseKernel launch per
+# parameter that reads p, g, m, v once and writes p, m, v once.
 
 
 # ============================================================== dispatch
@@ -121,8 +119,9 @@ _step_cuda = None
 def step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step) -> None:
     """One AdamW update in place on the fastest rung for ``param`` (CUDA, Numba, reference)."""
     rung = pick(param)
-    if rung == "cuda" and _step_cuda is not None:
-        _step_cuda(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step)
+    if rung == "cuda":
+        from . import cuda   # one ElementwiseKernel pass (kernels/cuda.py)
+        cuda.adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step)
     elif rung == "numba":
         step_numba(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step)
     else:
