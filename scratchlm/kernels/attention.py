@@ -227,9 +227,17 @@ def _attention_forward_kernel(q, k, v, causal, scale, fast):
                     visible = min(cols, q_start + i + offset + 1 - k_start)
                 if visible <= 0:
                     continue
+                # s_j = sum_d q_d kT_dj, four d at a time: each pass over the row of scores
+                # then loads and stores s once per four multiply-adds (loads/stores, not
+                # arithmetic, are what limits these loops).
                 for j in range(visible):
                     scores[j] = 0
-                for d in range(head_dim):
+                for d in range(0, head_dim - 3, 4):
+                    q0, q1, q2, q3 = q_tile[i, d], q_tile[i, d + 1], q_tile[i, d + 2], q_tile[i, d + 3]
+                    for j in range(visible):
+                        scores[j] += (q0 * k_tile_t[d, j] + q1 * k_tile_t[d + 1, j]
+                                      + q2 * k_tile_t[d + 2, j] + q3 * k_tile_t[d + 3, j])
+                for d in range(head_dim - head_dim % 4, head_dim):
                     q_id = q_tile[i, d]
                     for j in range(visible):
                         scores[j] += q_id * k_tile_t[d, j]
@@ -247,7 +255,14 @@ def _attention_forward_kernel(q, k, v, causal, scale, fast):
                 if rescale != 1:
                     for d in range(head_dim):
                         acc[i, d] *= rescale
-                for j in range(visible):
+                # acc += sum_j p_j v_j, four keys at a time (same reason as above)
+                for j in range(0, visible - 3, 4):
+                    p0, p1, p2, p3 = scores[j], scores[j + 1], scores[j + 2], scores[j + 3]
+                    key = k_start + j
+                    for d in range(head_dim):
+                        acc[i, d] += (p0 * v[head, key, d] + p1 * v[head, key + 1, d]
+                                      + p2 * v[head, key + 2, d] + p3 * v[head, key + 3, d])
+                for j in range(visible - visible % 4, visible):
                     p = scores[j]
                     for d in range(head_dim):
                         acc[i, d] += p * v[head, k_start + j, d]
@@ -299,9 +314,13 @@ def _attention_backward_kernel(do, q, k, v, o, lse, causal, scale, n_groups, fas
         group = task % n_groups
         k_tile_t = np.empty((head_dim, BLOCK_K), dtype=q.dtype)     # K block, transposed
         v_tile_t = np.empty((head_dim, BLOCK_K), dtype=q.dtype)     # V block, transposed
-        probs = np.empty(BLOCK_K, dtype=q.dtype)
-        dprobs = np.empty(BLOCK_K, dtype=q.dtype)
-        q_row = np.empty(head_dim, dtype=q.dtype)
+        # The task walks the query rows four at a time: every dk_j, dv_j row it loads is then
+        # updated with four rows' contributions at once (one load/store per four multiply-adds).
+        probs = np.zeros((4, BLOCK_K), dtype=q.dtype)              # P rows of the group (0 where masked)
+        dscores = np.zeros((4, BLOCK_K), dtype=q.dtype)            # dP rows, then dS rows
+        q_rows = np.zeros((4, head_dim), dtype=q.dtype)            # scale * q_i
+        do_rows = np.zeros((4, head_dim), dtype=q.dtype)
+        dq_row = np.empty(head_dim, dtype=q.dtype)
         bits = np.empty(BLOCK_K, dtype=np.int32)
         for key_block in range(group, n_key_blocks, n_groups):
             k_start = key_block * BLOCK_K
@@ -313,37 +332,66 @@ def _attention_backward_kernel(do, q, k, v, o, lse, causal, scale, n_groups, fas
             first_row = 0
             if causal:
                 first_row = max(0, k_start - offset)               # first query that sees k_start
-            for i in range(first_row, t_query):
-                visible = cols
+            for i0 in range(first_row, t_query, 4):
+                n_rows = min(4, t_query - i0)
+                group_visible = cols                                # the group's last row sees most
                 if causal:
-                    visible = min(cols, i + offset + 1 - k_start)
-                if visible <= 0:
-                    continue
-                for d in range(head_dim):
-                    q_row[d] = q[head, i, d] * scale
-                # s_ij = scale q_i . k_j and dp_ij = dO_i . v_j, contiguous over keys j
-                for j in range(visible):
-                    probs[j] = 0
-                    dprobs[j] = 0
-                for d in range(head_dim):
-                    q_id = q_row[d]
-                    do_id = do[head, i, d]
+                    group_visible = max(0, min(cols, i0 + n_rows + offset - k_start))
+                for r in range(4):
+                    for d in range(head_dim):
+                        q_rows[r, d] = q[head, i0 + r, d] * scale if r < n_rows else 0
+                        do_rows[r, d] = do[head, i0 + r, d] if r < n_rows else 0
+                    for j in range(group_visible):
+                        probs[r, j] = 0
+                        dscores[r, j] = 0
+                for r in range(n_rows):
+                    i = i0 + r
+                    visible = cols
+                    if causal:
+                        visible = max(0, min(cols, i + offset + 1 - k_start))
+                    # s_ij = scale q_i . k_j and dp_ij = dO_i . v_j, contiguous over keys j,
+                    # four d at a time
+                    for d in range(0, head_dim - 3, 4):
+                        a0, a1, a2, a3 = q_rows[r, d], q_rows[r, d + 1], q_rows[r, d + 2], q_rows[r, d + 3]
+                        g0, g1, g2, g3 = do_rows[r, d], do_rows[r, d + 1], do_rows[r, d + 2], do_rows[r, d + 3]
+                        for j in range(visible):
+                            probs[r, j] += (a0 * k_tile_t[d, j] + a1 * k_tile_t[d + 1, j]
+                                            + a2 * k_tile_t[d + 2, j] + a3 * k_tile_t[d + 3, j])
+                            dscores[r, j] += (g0 * v_tile_t[d, j] + g1 * v_tile_t[d + 1, j]
+                                              + g2 * v_tile_t[d + 2, j] + g3 * v_tile_t[d + 3, j])
+                    for d in range(head_dim - head_dim % 4, head_dim):
+                        for j in range(visible):
+                            probs[r, j] += q_rows[r, d] * k_tile_t[d, j]
+                            dscores[r, j] += do_rows[r, d] * v_tile_t[d, j]
+                    _exp_shifted(probs[r], visible, lse[head, i], fast, bits)   # P from lse
+                    row_delta = delta[head, i]
                     for j in range(visible):
-                        probs[j] += q_id * k_tile_t[d, j]
-                        dprobs[j] += do_id * v_tile_t[d, j]
-                row_lse = lse[head, i]
-                row_delta = delta[head, i]
-                _exp_shifted(probs, visible, row_lse, fast, bits)    # P recomputed from lse
-                for j in range(visible):
-                    dprobs[j] = probs[j] * (dprobs[j] - row_delta)   # ds_ij
-                for j in range(visible):
-                    p = probs[j]
-                    ds = dprobs[j]
+                        dscores[r, j] = probs[r, j] * (dscores[r, j] - row_delta)  # ds_ij
+                # dv_j += sum_r p_rj dO_r,  dk_j += sum_r ds_rj (scale q_r): this task owns key j
+                for j in range(group_visible):
+                    p0, p1, p2, p3 = probs[0, j], probs[1, j], probs[2, j], probs[3, j]
+                    s0, s1, s2, s3 = dscores[0, j], dscores[1, j], dscores[2, j], dscores[3, j]
                     key = k_start + j
                     for d in range(head_dim):
-                        dv[head, key, d] += p * do[head, i, d]
-                        dk[head, key, d] += ds * q_row[d]            # q_row already holds scale q_i
-                        dq_parts[group, head, i, d] += ds * scale * k[head, key, d]
+                        dv[head, key, d] += (p0 * do_rows[0, d] + p1 * do_rows[1, d]
+                                             + p2 * do_rows[2, d] + p3 * do_rows[3, d])
+                        dk[head, key, d] += (s0 * q_rows[0, d] + s1 * q_rows[1, d]
+                                             + s2 * q_rows[2, d] + s3 * q_rows[3, d])
+                # dq_r += scale * sum_j ds_rj k_j, four keys at a time
+                for r in range(n_rows):
+                    for d in range(head_dim):
+                        dq_row[d] = 0
+                    for j in range(0, group_visible - 3, 4):
+                        s0, s1, s2, s3 = dscores[r, j], dscores[r, j + 1], dscores[r, j + 2], dscores[r, j + 3]
+                        key = k_start + j
+                        for d in range(head_dim):
+                            dq_row[d] += (s0 * k[head, key, d] + s1 * k[head, key + 1, d]
+                                          + s2 * k[head, key + 2, d] + s3 * k[head, key + 3, d])
+                    for j in range(group_visible - group_visible % 4, group_visible):
+                        for d in range(head_dim):
+                            dq_row[d] += dscores[r, j] * k[head, k_start + j, d]
+                    for d in range(head_dim):
+                        dq_parts[group, head, i0 + r, d] += scale * dq_row[d]
     dq = dq_parts[0]
     for group in range(1, n_groups):
         dq += dq_parts[group]
