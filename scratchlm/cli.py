@@ -13,6 +13,7 @@ and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -148,8 +149,9 @@ def cmd_demo(args) -> int:
     from scratchlm.train import Trainer, load_preset
     config = load_preset("demo")
     if args.iters is not None:
-        config = config.with_value("max_iters", args.iters, where="--iters").with_value(
-            "lr_decay_iters", args.iters, where="--iters")
+        # a shorter (or longer) demo keeps the schedule's shape: warmup, then decay to the end
+        config = dataclasses.replace(config, max_iters=args.iters, lr_decay_iters=args.iters,
+                                     warmup_iters=min(config.warmup_iters, args.iters // 10))
     config = config.with_value("backend", args.backend, where="--backend").validate()
     _use_backend(config.backend)
     out = Path(args.out)

@@ -424,6 +424,11 @@ class _DeferredInterrupt:
         return False
 
 
+def _quiet_float_errors():
+    import numpy as np
+    return np.errstate(over="ignore", invalid="ignore")
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -538,7 +543,10 @@ class Trainer:
                     if it >= c.max_iters or interrupt.requested:
                         break
                     t0 = time.perf_counter()
-                    loss, grad_norm, lr = self.train_step(it)
+                    # overflow shows up as an inf/NaN loss, which train_step reports with the
+                    # iteration; NumPy's RuntimeWarnings about it would only add noise
+                    with _quiet_float_errors():
+                        loss, grad_norm, lr = self.train_step(it)
                     backend.synchronize()
                     self._log_train(it, loss, grad_norm, lr, time.perf_counter() - t0, bar)
                     it += 1

@@ -1,0 +1,278 @@
+"""Training speed: scratchlm's trainer step vs the same GPT written in plain PyTorch, side by side.
+
+    python bench/train.py                                  # nano-cpu recipe, CPU, 2 threads
+    python bench/train.py --kernels off                    # scratchlm with the NumPy reference kernels
+    CUPY_TF32=1 python bench/train.py --device gpu --backend cupy     # gpt2-124m, B=8, T=1024, GPU
+
+What is timed: one optimizer iteration -- forward, loss, backward, gradient clipping, AdamW step,
+zero_grad -- on the same shapes, batch, initialisation scale, optimizer and parameter groups on both
+sides. scratchlm runs ``Trainer.train_step`` itself (the function the trainer calls), so this is the
+speed a user gets. ms/iter is the median over the timed iterations after the warm-up ones (which
+also absorb Numba's compilation and CUDA's first-call costs); tokens/s = B * T / median.
+
+Each side runs in its own child process so that peak memory is that side's alone and neither
+inherits the other's threads: CPU peak memory is the child's peak resident set size (ru_maxrss:
+the interpreter and libraries included, so compare the two, not the absolute figure); GPU peak is
+the framework's own count (CuPy memory pool bytes, ``torch.cuda.max_memory_allocated``).
+PyTorch runs eager (no compile), float32; on the GPU TF32 is allowed on both sides (CuPy through
+``CUPY_TF32=1`` in the environment). Results: a table on stdout, JSON in bench/results/train.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def batches(vocab_size: int, B: int, T: int, n: int, seed: int = 0):
+    """n fixed (x, y) int64 host batches of random tokens (speed does not depend on the text)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab_size, size=(n, B, T + 1))
+    return [(t[:, :-1].copy(), t[:, 1:].copy()) for t in tokens]
+
+
+# ================================================================ scratchlm side
+
+class _StubTokenizer:
+    """What the Trainer needs of a tokenizer when the data is random ids: a size and a save()."""
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+    def save(self, path):
+        Path(path).write_text(json.dumps({"type": "bench-stub", "vocab_size": self.vocab_size}))
+
+
+def run_scratchlm(args, config, vocab_size) -> dict:
+    import numpy as np
+    from types import SimpleNamespace
+    from scratchlm import backend, kernels
+    from scratchlm.train import Trainer, peak_flops
+    kernels.use_reference(args.kernels == "off")
+    backend.use_backend(args.backend)
+    tokens = np.random.default_rng(0).integers(0, vocab_size, size=1_000_000).astype(np.uint16 if vocab_size <= 65536 else np.uint32)
+    prepared = SimpleNamespace(train=tokens, val=tokens)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(config, _StubTokenizer(vocab_size), prepared, run_dir, progress=False)
+        times = []
+        for it in range(args.warmup + args.iters):
+            backend.synchronize()
+            t0 = time.perf_counter()
+            loss, _, _ = trainer.train_step(it)
+            backend.synchronize()
+            times.append(time.perf_counter() - t0)
+        flops_per_token = trainer.model.flops_per_token()
+        n_params = trainer.model.num_parameters(non_embedding=False)
+    memory = _peak_memory(args, "cupy")
+    return {"times": times[args.warmup:], "loss": loss, "flops_per_token": flops_per_token, "params": n_params,
+            "peak_flops": peak_flops(), **memory}
+
+
+# ================================================================ PyTorch side: the same GPT, written plainly
+
+def run_torch(args, config, vocab_size) -> dict:
+    import math
+    import torch
+    import torch.nn as tnn
+    import torch.nn.functional as TF
+    torch.set_num_threads(args.threads)
+    device = "cuda" if args.device == "gpu" else "cpu"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = os.environ.get("CUPY_TF32") == "1"
+        torch.backends.cudnn.allow_tf32 = os.environ.get("CUPY_TF32") == "1"
+    torch.manual_seed(0)
+    C, H, L, T = config.n_embd, config.n_head, config.n_layer, config.block_size
+
+    class Block(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = tnn.LayerNorm(C, bias=config.bias), tnn.LayerNorm(C, bias=config.bias)
+            self.c_attn, self.attn_proj = tnn.Linear(C, 3 * C, bias=config.bias), tnn.Linear(C, C, bias=config.bias)
+            self.c_fc, self.c_proj = tnn.Linear(C, 4 * C, bias=config.bias), tnn.Linear(4 * C, C, bias=config.bias)
+
+        def forward(self, x):                                             # x: (B, T, C)
+            B_, T_, _ = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+            q, k, v = (t.view(B_, T_, H, C // H).transpose(1, 2) for t in (q, k, v))   # (B, H, T, D)
+            y = TF.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.attn_proj(y.transpose(1, 2).reshape(B_, T_, C))
+            return x + self.c_proj(TF.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    class TorchGPT(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = tnn.Embedding(vocab_size, C), tnn.Embedding(T, C)
+            self.h = tnn.ModuleList(Block() for _ in range(L))
+            self.ln_f = tnn.LayerNorm(C, bias=config.bias)
+            for name, p in self.named_parameters():                      # GPT-2 init, as scratchlm
+                if p.dim() == 2:
+                    std = 0.02 / math.sqrt(2 * L) if name.endswith(("attn_proj.weight", "c_proj.weight")) else 0.02
+                    tnn.init.normal_(p, 0.0, std)
+                elif name.endswith("bias"):
+                    tnn.init.zeros_(p)
+
+        def forward(self, idx, targets):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+            for block in self.h:
+                x = block(x)
+            logits = self.ln_f(x) @ self.wte.weight.T                     # tied head: (B, T, V)
+            return TF.cross_entropy(logits.view(-1, vocab_size), targets.view(-1))
+
+    model = TorchGPT().to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("wte", "wpe"))]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() == 2 and not n.startswith(("wte", "wpe")))]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=config.learning_rate, betas=(config.beta1, config.beta2), eps=1e-8)
+    data = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+            for x, y in batches(vocab_size, config.batch_size, T, 8)]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = []
+    for it in range(args.warmup + args.iters):
+        x, y = data[it % len(data)]
+        sync()
+        t0 = time.perf_counter()
+        loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()                       # the trainer syncs on the loss too
+        sync()
+        times.append(time.perf_counter() - t0)
+    memory = _peak_memory(args, "torch")
+    return {"times": times[args.warmup:], "loss": loss_value, "torch": torch.__version__, **memory}
+
+
+def _peak_memory(args, framework) -> dict:
+    if args.device == "gpu":
+        if framework == "torch":
+            import torch
+            return {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20, "memory_kind": "GPU, allocated"}
+        import cupy
+        return {"peak_memory_mb": cupy.get_default_memory_pool().total_bytes() / 2**20, "memory_kind": "GPU, pool"}
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "memory_kind": "CPU, peak RSS (ru_maxrss)"}
+
+
+# ================================================================ driver
+
+def child(args) -> None:
+    """Run one side and print its measurements as one JSON line."""
+    from scratchlm.train import apply_overrides, load_preset, read_preset
+    config = apply_overrides(load_preset(args.preset), args.set)
+    vocab_size = read_preset(args.preset).get("vocab_size", 65)
+    runner = run_scratchlm if args.side == "scratchlm" else run_torch
+    result = runner(args, config, vocab_size)
+    ms = sorted(1000 * t for t in result["times"])
+    tokens = config.batch_size * config.block_size * config.gradient_accumulation_steps
+    result.update(ms_per_iter=statistics.median(ms), tokens_per_s=tokens / (statistics.median(ms) / 1000),
+                  ms_min=ms[0], ms_max=ms[-1], B=config.batch_size, T=config.block_size, vocab_size=vocab_size)
+    print("RESULT " + json.dumps(result))
+
+
+def spawn(args, side) -> dict | None:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    if args.device == "cpu":
+        for name in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[name] = str(args.threads)
+    command = [sys.executable, __file__, "--side", side, "--preset", args.preset, "--device", args.device,
+               "--backend", args.backend, "--kernels", args.kernels, "--iters", str(args.iters),
+               "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    for pair in args.set:
+        command += ["--set", pair]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        print(f"[{side} failed]\n{done.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--backend", choices=["numpy", "cupy"], default=None, help="default: numpy on cpu, cupy on gpu")
+    parser.add_argument("--preset", default=None, help="default: nano-cpu on cpu, gpt2-124m on gpu")
+    parser.add_argument("--kernels", choices=["on", "off"], default="on", help="off: scratchlm's NumPy references")
+    parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 50 cpu, 20 gpu)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for both sides (default 2)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
+    parser.add_argument("--side", choices=["scratchlm", "torch"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.backend = args.backend or ("cupy" if args.device == "gpu" else "numpy")
+    args.preset = args.preset or ("gpt2-124m" if args.device == "gpu" else "nano-cpu")
+    args.iters = args.iters or (20 if args.device == "gpu" else 50)
+    if args.side:
+        child(args)
+        return
+
+    results = {"scratchlm": spawn(args, "scratchlm")}
+    try:
+        import importlib.util
+        has_torch = importlib.util.find_spec("torch") is not None
+    except ValueError:
+        has_torch = False
+    if has_torch and not args.no_torch:
+        results["torch"] = spawn(args, "torch")
+    report(args, results)
+
+
+def report(args, results) -> None:
+    ours, theirs = results.get("scratchlm"), results.get("torch")
+    label = f"scratchlm ({args.backend}, kernels {args.kernels})"
+    rows = [(label, ours)] + ([(f"PyTorch {theirs['torch']} eager", theirs)] if theirs else [])
+    print(f"\n{args.preset}: B={ours['B'] if ours else '?'}, T={ours['T'] if ours else '?'}, device {args.device}"
+          + (f", {args.threads} threads" if args.device == "cpu" else "") + f", median of {args.iters} iterations "
+          f"after {args.warmup} warm-up")
+    header = f"{'':34} {'ms/iter':>9} {'tokens/s':>10} {'peak MB':>9} {'MFU':>7} {'loss':>7}"
+    print(header)
+    print("-" * len(header))
+    for name, r in rows:
+        if r is None:
+            print(f"{name:34} failed")
+            continue
+        mfu = ""
+        if ours and ours.get("peak_flops"):
+            r["mfu"] = ours["flops_per_token"] * r["tokens_per_s"] / ours["peak_flops"]
+            mfu = f"{100 * r['mfu']:.1f}%"
+        print(f"{name:34} {r['ms_per_iter']:9.1f} {r['tokens_per_s']:10,.0f} {r['peak_memory_mb']:9.0f} {mfu:>7} "
+              f"{r['loss']:7.3f}")
+    if ours and theirs:
+        ratio = theirs["ms_per_iter"] / ours["ms_per_iter"]
+        print(f"scratchlm speed / PyTorch speed = {ratio:.2f}x  (>= 1.0 means scratchlm is as fast or faster)")
+        results["ratio_scratchlm_over_torch"] = ratio
+    print(f"peak memory: {(ours or theirs or {}).get('memory_kind', '')}")
+    for r in (ours, theirs):
+        if r:
+            r.pop("times", None)
+    record = {"preset": args.preset, "device": args.device, "backend": args.backend, "kernels": args.kernels,
+              "threads": args.threads, "iters": args.iters, "warmup": args.warmup, "set": args.set,
+              "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+              "cupy_tf32": os.environ.get("CUPY_TF32") == "1", **results}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(out.read_text()) if out.exists() else {}
+    key = f"{args.preset}/{args.device}/{args.backend}/kernels-{args.kernels}"
+    existing[key] = record
+    out.write_text(json.dumps(existing, indent=2) + "\n")
+    print(f"wrote {out} [{key}]")
+
+
+if __name__ == "__main__":
+    main()
