@@ -90,6 +90,10 @@ class TiedLMHead(nn.Module):
         B, T, C = x.shape
         return (x.reshape(B * T, C) @ self.weight.T).reshape(B, T, -1)   # (B, T, V)
 
+    def extra_repr(self):
+        V, C = self.weight.shape
+        return f"{C}, {V}, weight tied to transformer.wte"
+
 
 class GPT(nn.Module):
     """GPT-2: embeddings, a stack of pre-LayerNorm Blocks, a final LayerNorm, the tied head."""
