@@ -425,3 +425,25 @@ def test_matches_a_plain_pytorch_gpt(float64):
     assert loss.item() == pytest.approx(torch_loss.item(), rel=1e-12)
     for name, param in model.named_parameters():
         np.testing.assert_allclose(param.grad, weights[name].grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_loads_a_hugging_face_gpt2_and_gives_its_logits(float64):
+    """The real GPT2LMHeadModel (random weights, no download): same keys and shapes, and its
+    weights loaded into ours give its logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=2, n_head=2,
+                                        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+                                        attn_pdrop=0.0, layer_norm_epsilon=1e-5)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(hf_config).double().eval()
+    hf_sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    ours = tiny(seed=3)
+    weights = {k: v for k, v in hf_sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    assert list(weights) == list(ours.state_dict())
+    assert all(weights[k].shape == tuple(v.shape) for k, v in ours.state_dict().items())
+    assert ours.load_state_dict(hf_sd) == ([], [])
+    idx, _ = batch(B=2, T=8)
+    with torch.no_grad():
+        expected = hf(torch.tensor(idx)).logits.numpy()
+    np.testing.assert_allclose(ours(idx)[0].numpy(), expected, rtol=1e-9, atol=1e-12)
