@@ -27,6 +27,7 @@ what commands print goes to stderr, so stdout holds only replies:
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from scratchlm import backend
@@ -211,7 +212,34 @@ def run_chat(args) -> int:
             except CommandError as exc:
                 print(exc, file=notes, flush=True)
             continue
-        _print_reply(session, line, notes)
+        try:
+            _print_reply(session, line, notes)
+        except KeyboardInterrupt:                # Ctrl-C just before or after the reply streamed
+            print(" [stopped]", flush=True)
+
+
+class _CtrlCStopsReply:
+    """While a reply streams, Ctrl-C sets ``requested`` instead of raising KeyboardInterrupt.
+
+    Why not just catch KeyboardInterrupt: the interrupt can land while a Numba kernel runs, and
+    then it surfaces as a SystemError from the kernel's dispatcher instead. So the reply loop
+    reads the flag between pieces (a piece comes every token or so). Every Ctrl-C only sets it."""
+
+    def __enter__(self):
+        self.requested = False
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:          # not the main thread: Ctrl-C stays a plain KeyboardInterrupt
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 def _print_reply(session: ChatSession, line: str, notes) -> None:
@@ -222,14 +250,16 @@ def _print_reply(session: ChatSession, line: str, notes) -> None:
     except UserError as exc:
         print(" ".join(str(exc).split()), file=notes, flush=True)
         return
-    try:
-        for piece in pieces:
-            out.write(piece)
-            out.flush()
-        out.write("\n")
-    except KeyboardInterrupt:
-        pieces.close()
-        out.write(" [stopped]\n")
+    with _CtrlCStopsReply() as ctrl_c:
+        try:
+            for piece in pieces:
+                out.write(piece)
+                out.flush()
+                if ctrl_c.requested:
+                    break
+        finally:
+            pieces.close()           # ends generation; the conversation keeps what was shown
+    out.write(" [stopped]\n" if ctrl_c.requested else "\n")
     out.flush()
 
 

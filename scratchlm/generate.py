@@ -258,7 +258,8 @@ def _token_loop(model, ids, max_new_tokens, temperature, top_k, top_p, repetitio
                 keep):
     block_size = model.config.block_size
     rng = np.random.default_rng(seed)
-    cache = KVCache(model.config, ids.shape[0]) if use_cache else None
+    dtype = model.transformer.wte.weight.dtype                      # the cache holds what the model computes
+    cache = KVCache(model.config, ids.shape[0], dtype) if use_cache else None
     start = max(0, ids.shape[1] - block_size)
 
     def full_window():
