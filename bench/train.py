@@ -138,12 +138,16 @@ def run_torch(args, config, vocab_size) -> dict:
                                   lr=config.learning_rate, betas=(config.beta1, config.beta2), eps=1e-8)
     data = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
             for x, y in batches(vocab_size, config.batch_size, T, 8)]
+    from scratchlm.optim import cosine_with_warmup
+    schedule = cosine_with_warmup(config.learning_rate, config.warmup_iters, config.lr_decay_iters, config.min_lr)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
     for it in range(args.warmup + args.iters):
         x, y = data[it % len(data)]
         sync()
         t0 = time.perf_counter()
+        for group in optimizer.param_groups:          # the trainer's schedule, set the same way
+            group["lr"] = schedule(it)
         loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
