@@ -1,4 +1,4 @@
-"""The ``scratchlm`` command: train, sample, summary, demo.
+"""The ``scratchlm`` command: train, sample, chat, summary, demo.
 
     scratchlm demo
     scratchlm train --corpus tinyshakespeare --tokenizer char --preset nano-cpu --out runs/nano
@@ -77,25 +77,16 @@ def cmd_train(args) -> int:
 
 # ================================================================ sample
 
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
-                  top_k: int | None = 200, top_p: float | None = None, seed: int = 1337, note=None) -> str:
-    """The text ``model`` writes after ``prompt`` (the prompt itself not included)."""
-    import numpy as np
-    from scratchlm import backend
-    ids = tokenizer.encode(prompt) if prompt else []
-    if not ids:      # an empty prompt: start from a newline (or token 0 if the vocabulary has none)
-        ids = tokenizer.encode("\n") or [0]
-    block_size = model.config.block_size
+def prompt_ids(tokenizer, prompt: str, block_size: int, note=None) -> list[int]:
+    """The prompt's token ids, cropped to the model's window (its last ``block_size`` tokens) with a note."""
+    from scratchlm.generate import encode_prompt
+    ids = encode_prompt(tokenizer, prompt)
     if len(ids) > block_size:
         if note is not None:
             note(f"note: the prompt is {len(ids)} tokens, longer than block_size {block_size}; "
                  f"using its last {block_size} tokens")
         ids = ids[-block_size:]
-    idx = backend.to_device(np.asarray([ids], dtype=np.int64))                  # (1, T)
-    out = model.generate(idx, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, seed=seed)                                 # (1, T + new)
-    out = backend.to_numpy(getattr(out, "data", out))
-    return tokenizer.decode([int(t) for t in out[0, len(ids):]])
+    return ids
 
 
 def _stderr_note(message: str) -> None:
@@ -103,13 +94,26 @@ def _stderr_note(message: str) -> None:
 
 
 def cmd_sample(args) -> int:
+    """Stream the continuation of --prompt to stdout (KV-cached decoding); Ctrl-C stops it (exit 130)."""
+    from scratchlm.generate import stream_text, until_interrupted
     from scratchlm.train import load_model
     _use_backend(args.backend)
     model, tokenizer, _ = load_model(args.run)
-    completion = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
-                               args.top_k, args.top_p, args.seed, note=_stderr_note)
-    print(args.prompt + completion)
+    ids = prompt_ids(tokenizer, args.prompt, model.config.block_size, note=_stderr_note)
+    pieces = stream_text(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                         seed=args.seed)
+    sys.stdout.write(args.prompt)
+    for piece in until_interrupted(pieces):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     return 0
+
+
+def cmd_chat(args) -> int:
+    from scratchlm.chat import run_chat
+    return run_chat(args)
 
 
 # ================================================================ summary
@@ -145,6 +149,7 @@ DEMO_PROMPT = "The "
 def cmd_demo(args) -> int:
     import time
     from scratchlm.data import load_corpus, prepare
+    from scratchlm.generate import generate_text
     from scratchlm.tokenizers import make_tokenizer
     from scratchlm.train import Trainer, load_preset
     config = load_preset("demo")
@@ -169,10 +174,8 @@ def cmd_demo(args) -> int:
           f"on {config.backend}.")
 
     def show(title: str) -> None:
-        trainer.model.eval()
         text = generate_text(trainer.model, tokenizer, DEMO_PROMPT, max_new_tokens=args.sample_tokens,
                              temperature=0.8, top_k=None, seed=0)
-        trainer.model.train()
         print(f"\n--- {title} ---\n{DEMO_PROMPT}{text}\n---\n", flush=True)
 
     show("sample before training (random weights)")
@@ -183,6 +186,7 @@ def cmd_demo(args) -> int:
     show("sample after training")
     print(f"The run is in {out}/ (weights, optimizer, metrics.jsonl, loss.png). Next:")
     print(f"  scratchlm sample --run {out} --prompt \"The \" --max-new-tokens 300")
+    print(f"  scratchlm chat --run {out}")
     print(f"  scratchlm summary --run {out}")
     print(f"  scratchlm train --resume --out {out} --iters {2 * result.iteration}     # train longer")
     print("  scratchlm train --corpus tinyshakespeare --tokenizer char --preset nano-cpu --out runs/nano")
@@ -234,9 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="default 0.8; lower is more conservative")
     p.add_argument("--top-k", type=int, default=200, metavar="K", help="keep the K likeliest tokens (0 = off; default 200)")
     p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling: keep tokens up to mass P")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="> 1 discourages tokens already in the context (default 1 = off)")
     p.add_argument("--seed", type=int, default=1337, metavar="S", help="default 1337")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="default numpy")
     p.set_defaults(func=cmd_sample)
+
+    from scratchlm.chat import add_chat_arguments
+    p = commands.add_parser("chat", help="talk to a trained run, one line at a time",
+                            description="Talk to a run's model: each line you type is continued, the reply "
+                                        "streamed; /help lists the commands.")
+    add_chat_arguments(p)
+    p.set_defaults(func=cmd_chat)
 
     p = commands.add_parser("summary", help="print a model's layers, output shapes and parameter counts",
                             description="Per-layer table of a preset's or a run's model.")
@@ -265,7 +278,7 @@ def main(argv=None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
-            raise UserError("choose a command: train, sample, summary or demo (see 'scratchlm --help'; "
+            raise UserError("choose a command: train, sample, chat, summary or demo (see 'scratchlm --help'; "
                             "start with 'scratchlm demo')")
         return args.func(args) or 0
     except (UserError, backend.BackendUnavailable) as exc:

@@ -60,7 +60,7 @@ def copy_run(workspace, tmp_path):
 
 # ---------------------------------------------------------------- happy paths
 
-@pytest.mark.parametrize("command", [[], ["train"], ["sample"], ["summary"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["sample"], ["chat"], ["summary"], ["demo"]])
 def test_help_works_on_every_subcommand(command):
     result = cli(*command, "--help")
     assert result.returncode == 0, result.stderr
