@@ -82,17 +82,12 @@ def run_scratchlm(args, config, vocab_size) -> dict:
 
 # ================================================================ PyTorch side: the same GPT, written plainly
 
-def run_torch(args, config, vocab_size) -> dict:
+def torch_gpt(config, vocab_size):
+    """scratchlm's GPT, written in plain PyTorch: same layers, same order, same init scale."""
     import math
     import torch
     import torch.nn as tnn
     import torch.nn.functional as TF
-    torch.set_num_threads(args.threads)
-    device = "cuda" if args.device == "gpu" else "cpu"
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = os.environ.get("CUPY_TF32") == "1"
-        torch.backends.cudnn.allow_tf32 = os.environ.get("CUPY_TF32") == "1"
-    torch.manual_seed(0)
     C, H, L, T = config.n_embd, config.n_head, config.n_layer, config.block_size
 
     class Block(tnn.Module):
@@ -130,12 +125,30 @@ def run_torch(args, config, vocab_size) -> dict:
             logits = self.ln_f(x) @ self.wte.weight.T                     # tied head: (B, T, V)
             return TF.cross_entropy(logits.view(-1, vocab_size), targets.view(-1))
 
-    model = TorchGPT().to(device)
+    return TorchGPT()
+
+
+def torch_adamw(model, config):
+    """AdamW with scratchlm's groups: decay the Linear weights only (not embeddings, biases, norms)."""
+    import torch
     decay = [p for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("wte", "wpe"))]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() == 2 and not n.startswith(("wte", "wpe")))]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=config.learning_rate, betas=(config.beta1, config.beta2), eps=1e-8)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=config.learning_rate, betas=(config.beta1, config.beta2), eps=1e-8)
+
+
+def run_torch(args, config, vocab_size) -> dict:
+    import torch
+    torch.set_num_threads(args.threads)
+    device = "cuda" if args.device == "gpu" else "cpu"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = os.environ.get("CUPY_TF32") == "1"
+        torch.backends.cudnn.allow_tf32 = os.environ.get("CUPY_TF32") == "1"
+    torch.manual_seed(0)
+    T = config.block_size
+    model = torch_gpt(config, vocab_size).to(device)
+    optimizer = torch_adamw(model, config)
     data = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
             for x, y in batches(vocab_size, config.batch_size, T, 8)]
     from scratchlm.optim import cosine_with_warmup
@@ -171,6 +184,76 @@ def _peak_memory(args, framework) -> dict:
             "memory_kind": "CPU, peak RSS (ru_maxrss)"}
 
 
+# ================================================================ quality: the PyTorch twin on real text
+
+def torch_name(key: str) -> str | None:
+    """scratchlm (Hugging Face GPT-2) parameter name -> the twin's; None for the tied lm_head."""
+    if key == "lm_head.weight":
+        return None
+    key = key.removeprefix("transformer.")
+    return key.replace("attn.c_proj", "attn_proj").replace("attn.c_attn", "c_attn").replace("mlp.", "")
+
+
+def torch_layout(name: str, array):
+    """Linear weights are (n_in, n_out) in scratchlm (y = x @ W), (n_out, n_in) in torch; embeddings agree."""
+    is_linear_weight = array.ndim == 2 and not name.startswith(("wte", "wpe"))
+    return array.T.copy() if is_linear_weight else array
+
+
+def run_torch_quality(args, config) -> dict:
+    """Train the PyTorch twin on ``args.quality`` with scratchlm's own initial weights, batches,
+    schedule and eval batches: an oracle for the val loss scratchlm's trainer reaches."""
+    import math
+    import numpy as np
+    import torch
+    from scratchlm.data import BatchSampler, load_corpus, prepare
+    from scratchlm.models import GPT
+    from scratchlm.optim import cosine_with_warmup
+    from scratchlm.tokenizers import make_tokenizer
+    torch.set_num_threads(args.threads)
+    corpus = load_corpus(args.quality)
+    tokenizer = make_tokenizer("char", corpus.text)
+    prepared = prepare(corpus, tokenizer)
+    V = tokenizer.vocab_size
+    model = torch_gpt(config, V)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in GPT(config.model_config(V), seed=config.seed).state_dict().items():
+            name = torch_name(key)
+            if name is not None:
+                params[name].copy_(torch.from_numpy(torch_layout(name, np.asarray(value))))
+    optimizer = torch_adamw(model, config)
+    schedule = cosine_with_warmup(config.learning_rate, config.warmup_iters, config.lr_decay_iters, config.min_lr)
+    B, T = config.batch_size, config.block_size
+    sampler = BatchSampler(prepared.train, B, T, seed=config.seed)
+    eval_samplers = {split: BatchSampler(tokens, B, T, seed=config.seed + 1_000_000 + k)
+                     for k, (split, tokens) in enumerate((("train", prepared.train), ("val", prepared.val)))}
+    as_torch = lambda xy: (torch.from_numpy(np.asarray(xy[0])), torch.from_numpy(np.asarray(xy[1])))
+    evals, start = [], time.perf_counter()
+    for it in range(config.max_iters + 1):
+        if it % config.eval_interval == 0 or it == config.max_iters:
+            model.eval()
+            with torch.no_grad():
+                losses = {split: float(np.mean([model(*as_torch(s.batch(k))).item() for k in range(config.eval_iters)]))
+                          for split, s in eval_samplers.items()}
+            model.train()
+            evals.append({"iter": it, **losses})
+            print(f"torch twin iter {it:>5}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
+        if it == config.max_iters:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = schedule(it)
+        loss = model(*as_torch(sampler.batch(it)))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"torch twin diverged at iteration {it}")
+    return {"evals": evals, "val_loss": evals[-1]["val"], "wall_s": time.perf_counter() - start,
+            "torch": torch.__version__, "times": [0.0]}
+
+
 # ================================================================ driver
 
 def child(args) -> None:
@@ -178,6 +261,9 @@ def child(args) -> None:
     from scratchlm.train import apply_overrides, load_preset, read_preset
     config = apply_overrides(load_preset(args.preset), args.set)
     vocab_size = read_preset(args.preset).get("vocab_size", 65)
+    if args.quality:
+        print("RESULT " + json.dumps(run_torch_quality(args, config)))
+        return
     runner = run_scratchlm if args.side == "scratchlm" else run_torch
     result = runner(args, config, vocab_size)
     ms = sorted(1000 * t for t in result["times"])
@@ -217,12 +303,15 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
+    parser.add_argument("--quality", metavar="CORPUS", help="instead of timing: train the PyTorch twin on CORPUS "
+                        "(char-level) with scratchlm's initial weights, batches and eval batches; print its val losses "
+                        "(compare with `scratchlm train` of the same preset)")
     parser.add_argument("--side", choices=["scratchlm", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.backend = args.backend or ("cupy" if args.device == "gpu" else "numpy")
     args.preset = args.preset or ("gpt2-124m" if args.device == "gpu" else "nano-cpu")
     args.iters = args.iters or (20 if args.device == "gpu" else 50)
-    if args.side:
+    if args.side or args.quality:
         child(args)
         return
 
