@@ -393,9 +393,10 @@ def clip_grad_norm_(params: Iterable, max_norm: float) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    # one device->host sync in total: per-grad sums of squares (accumulated in float64) are
-    # combined on the device and only the final scalar comes back
-    squares = xp.stack([xp.sum(g * g, dtype=xp.float64) for g in grads])
+    # One device->host sync in total: per-grad sums of squares are combined on the device and
+    # only the final scalar comes back. vdot is one BLAS call per grad (no g*g temporary, and on
+    # a GPU one launch instead of two, which matters at ~150 parameters per step).
+    squares = xp.stack([xp.vdot(g.ravel(), g.ravel()) for g in grads]).astype(xp.float64)
     total_norm = float(xp.sqrt(xp.sum(squares)))
     if not math.isfinite(total_norm):
         return total_norm
