@@ -27,12 +27,11 @@ what commands print goes to stderr, so stdout holds only replies:
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
 from scratchlm import backend
 from scratchlm.errors import UserError
-from scratchlm.generate import SamplingArgumentError, check_sampling_args, stream_text
+from scratchlm.generate import SamplingArgumentError, check_sampling_args, stream_text, until_interrupted
 
 REPLY_STOPS = ["\n\n", "<|endoftext|>"]
 TURN_END = "\n\n"          # after a reply, before the next line of the user
@@ -218,30 +217,6 @@ def run_chat(args) -> int:
             print(" [stopped]", flush=True)
 
 
-class _CtrlCStopsReply:
-    """While a reply streams, Ctrl-C sets ``requested`` instead of raising KeyboardInterrupt.
-
-    Why not just catch KeyboardInterrupt: the interrupt can land while a Numba kernel runs, and
-    then it surfaces as a SystemError from the kernel's dispatcher instead. So the reply loop
-    reads the flag between pieces (a piece comes every token or so). Every Ctrl-C only sets it."""
-
-    def __enter__(self):
-        self.requested = False
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:          # not the main thread: Ctrl-C stays a plain KeyboardInterrupt
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
-
-
 def _print_reply(session: ChatSession, line: str, notes) -> None:
     """Stream one reply to stdout; Ctrl-C stops it, a prompt the tokenizer refuses is a note."""
     out = sys.stdout
@@ -250,16 +225,13 @@ def _print_reply(session: ChatSession, line: str, notes) -> None:
     except UserError as exc:
         print(" ".join(str(exc).split()), file=notes, flush=True)
         return
-    with _CtrlCStopsReply() as ctrl_c:
-        try:
-            for piece in pieces:
-                out.write(piece)
-                out.flush()
-                if ctrl_c.requested:
-                    break
-        finally:
-            pieces.close()           # ends generation; the conversation keeps what was shown
-    out.write(" [stopped]\n" if ctrl_c.requested else "\n")
+    try:
+        for piece in until_interrupted(pieces):   # Ctrl-C: raised between pieces, stream closed
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+    except KeyboardInterrupt:                      # the conversation keeps what was shown
+        out.write(" [stopped]\n")
     out.flush()
 
 

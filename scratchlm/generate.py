@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import codecs
 import math
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -408,3 +409,35 @@ def _first_stop(text: str, stops: list[str]) -> int | None:
 def generate_text(model, tokenizer, prompt, **controls) -> str:
     """The whole continuation of ``prompt`` as one string (``stream_text`` joined)."""
     return "".join(stream_text(model, tokenizer, prompt, **controls))
+
+
+def until_interrupted(pieces: Iterator[str]) -> Iterator[str]:
+    """Iterate ``pieces`` (a ``stream_text``) so that Ctrl-C stops it cleanly: the interrupt is
+    turned into a flag, read between pieces; then the stream is closed (generation ends, the
+    model's mode is restored) and KeyboardInterrupt is raised here, outside any kernel.
+
+    Why not let KeyboardInterrupt fly: it can land while a Numba kernel runs, and then surfaces as
+    a SystemError from the kernel's dispatcher. A piece comes every token or so, so the stop is
+    prompt. Outside the main thread signals cannot be caught, and this is a plain iteration.
+    """
+    requested = False
+
+    def handle(signum, frame):
+        nonlocal requested
+        requested = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, handle)
+    except ValueError:                                   # not the main thread
+        previous = None
+    try:
+        for piece in pieces:
+            yield piece
+            if requested:
+                break
+    finally:
+        pieces.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if requested:
+        raise KeyboardInterrupt("stopped by Ctrl-C")

@@ -347,3 +347,20 @@ def test_cupy_cache_matches_numpy():
         sl.use_backend(previous)
     np.testing.assert_array_equal(cached, uncached)
     np.testing.assert_array_equal(cached, expected)
+
+
+def test_ctrl_c_stops_a_stream_between_pieces_and_restores_everything():
+    import os
+    import signal
+    model, tok = char_model(seed=2)
+    model.train()
+    before = signal.getsignal(signal.SIGINT)
+    shown = []
+    with pytest.raises(KeyboardInterrupt):
+        for piece in G.until_interrupted(G.stream_text(model, tok, "ab", max_new_tokens=500, temperature=1.0)):
+            shown.append(piece)
+            if len(shown) == 3:
+                os.kill(os.getpid(), signal.SIGINT)       # as if Ctrl-C were pressed now
+    assert len(shown) == 3                                # no piece after the interrupt
+    assert model.training                                 # the stream was closed: mode restored
+    assert signal.getsignal(signal.SIGINT) is before
