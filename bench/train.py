@@ -20,6 +20,7 @@ PyTorch runs eager (no compile), float32; on the GPU TF32 is allowed on both sid
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -82,7 +83,7 @@ def run_scratchlm(args, config, vocab_size) -> dict:
 
 # ================================================================ PyTorch side: the same GPT, written plainly
 
-def torch_gpt(config, vocab_size):
+def torch_gpt(config, vocab_size, gelu: str = "tanh"):
     """scratchlm's GPT, written in plain PyTorch: same layers, same order, same init scale."""
     import math
     import torch
@@ -103,7 +104,7 @@ def torch_gpt(config, vocab_size):
             q, k, v = (t.view(B_, T_, H, C // H).transpose(1, 2) for t in (q, k, v))   # (B, H, T, D)
             y = TF.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = x + self.attn_proj(y.transpose(1, 2).reshape(B_, T_, C))
-            return x + self.c_proj(TF.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+            return x + self.c_proj(TF.gelu(self.c_fc(self.ln_2(x)), approximate=gelu))
 
     class TorchGPT(tnn.Module):
         def __init__(self):
@@ -128,11 +129,13 @@ def torch_gpt(config, vocab_size):
     return TorchGPT()
 
 
-def torch_adamw(model, config):
-    """AdamW with scratchlm's groups: decay the Linear weights only (not embeddings, biases, norms)."""
+def torch_adamw(model, config, decay_embeddings: bool = False):
+    """AdamW with scratchlm's groups: decay the Linear weights only (not embeddings, biases, norms).
+    ``decay_embeddings``: nanoGPT's groups instead, which decay every 2-D parameter, wte and wpe too."""
     import torch
-    decay = [p for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("wte", "wpe"))]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() == 2 and not n.startswith(("wte", "wpe")))]
+    decayed = lambda n, p: p.dim() == 2 and (decay_embeddings or not n.startswith(("wte", "wpe")))
+    decay = [p for n, p in model.named_parameters() if decayed(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if not decayed(n, p)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
                              lr=config.learning_rate, betas=(config.beta1, config.beta2), eps=1e-8)
@@ -215,14 +218,17 @@ def run_torch_quality(args, config) -> dict:
     tokenizer = make_tokenizer("char", corpus.text)
     prepared = prepare(corpus, tokenizer)
     V = tokenizer.vocab_size
-    model = torch_gpt(config, V)
+    nanogpt = args.twin == "nanogpt"
+    if nanogpt:                                        # nanoGPT's defaults where the recipe is silent
+        config = dataclasses.replace(config, bias=False)
+    model = torch_gpt(config, V, gelu="none" if nanogpt else "tanh")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, value in GPT(config.model_config(V), seed=config.seed).state_dict().items():
             name = torch_name(key)
             if name is not None:
                 params[name].copy_(torch.from_numpy(torch_layout(name, np.asarray(value))))
-    optimizer = torch_adamw(model, config)
+    optimizer = torch_adamw(model, config, decay_embeddings=nanogpt)
     schedule = cosine_with_warmup(config.learning_rate, config.warmup_iters, config.lr_decay_iters, config.min_lr)
     B, T = config.batch_size, config.block_size
     sampler = BatchSampler(prepared.train, B, T, seed=config.seed)
@@ -238,7 +244,7 @@ def run_torch_quality(args, config) -> dict:
                           for split, s in eval_samplers.items()}
             model.train()
             evals.append({"iter": it, **losses})
-            print(f"torch twin iter {it:>5}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
+            print(f"torch twin ({args.twin}) iter {it:>5}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
         if it == config.max_iters:
             break
         for group in optimizer.param_groups:
@@ -306,6 +312,9 @@ def main() -> None:
     parser.add_argument("--quality", metavar="CORPUS", help="instead of timing: train the PyTorch twin on CORPUS "
                         "(char-level) with scratchlm's initial weights, batches and eval batches; print its val losses "
                         "(compare with `scratchlm train` of the same preset)")
+    parser.add_argument("--twin", choices=["scratchlm", "nanogpt"], default="scratchlm",
+                        help="with --quality: the twin as scratchlm builds it (default), or with nanoGPT's defaults "
+                             "where the recipe is silent (no biases, exact GELU, weight decay on the embeddings too)")
     parser.add_argument("--side", choices=["scratchlm", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.backend = args.backend or ("cupy" if args.device == "gpu" else "numpy")

@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 
+from scratchlm import backend
 from scratchlm.errors import UserError
 from scratchlm.train import (RUN_FILES, TrainConfig, TrainingDiverged, apply_overrides, load_checkpoint,
                              load_model, load_preset, parse_overrides, preset_names, read_metrics, train)
@@ -69,10 +70,29 @@ def test_training_writes_every_run_file_and_parsable_metrics(tmp_path, corpus_fi
     assert state["best_val_loss"] == min(m["val_loss"] for m in eval_lines)
 
 
-@pytest.mark.parametrize("split_at", [4, 3])
-def test_resume_continues_bit_identically(tmp_path, corpus_file, split_at):
+@pytest.fixture(autouse=True)
+def numpy_backend_after():
+    yield
+    backend.use_backend("numpy")      # a cupy run must not leave the other tests on the GPU
+
+
+def gpu_available() -> bool:
+    try:
+        backend.use_backend("cupy")
+    except backend.BackendUnavailable:
+        return False
+    finally:
+        backend.use_backend("numpy")
+    return True
+
+
+@pytest.mark.parametrize("split_at, backend_name", [(4, "numpy"), (3, "numpy"), (3, "cupy")])
+def test_resume_continues_bit_identically(tmp_path, corpus_file, split_at, backend_name):
+    if backend_name == "cupy" and not gpu_available():
+        pytest.skip("no CuPy/GPU here")
     # dropout and gradient accumulation on, so the per-step randomness and the sampler both matter
-    config = tiny_config(max_iters=8, eval_interval=4, dropout=0.1, gradient_accumulation_steps=2)
+    config = tiny_config(max_iters=8, eval_interval=4, dropout=0.1, gradient_accumulation_steps=2,
+                         backend=backend_name)
     train(config, tmp_path / "whole", corpus=str(corpus_file), progress=False)
 
     first = apply_overrides(config, [f"max_iters={split_at}"])
@@ -88,7 +108,7 @@ def test_resume_continues_bit_identically(tmp_path, corpus_file, split_at):
     model_a, _, _ = load_model(tmp_path / "whole")
     model_b, _, _ = load_model(tmp_path / "split")
     for key, value in model_a.state_dict().items():
-        np.testing.assert_array_equal(value, model_b.state_dict()[key], err_msg=key)
+        np.testing.assert_array_equal(backend.to_numpy(value), backend.to_numpy(model_b.state_dict()[key]), err_msg=key)
 
 
 def test_nan_loss_stops_and_names_the_iteration(tmp_path, corpus_file, monkeypatch):
