@@ -327,10 +327,24 @@ def load_model(run_dir, seed: int = 0):
 # ================================================================ metrics and plots
 
 def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl. A cut-off last line (the process died mid-write) is dropped;
+    a bad line elsewhere means the file was edited or damaged: a UserError naming the line."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise UserError(f"{path} line {number} is not JSON; repair or delete that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("iter"), int):
+            raise UserError(f"{path} line {number} is not a metrics record (no integer 'iter'); repair or delete it")
+        records.append(record)
+    return records
 
 
 def _keep_metrics_before(path: Path, iteration: int) -> list[dict]:
@@ -653,6 +667,7 @@ def train(config: TrainConfig, out_dir, corpus=None, tokenizer: str = "char", re
             raise UserError(f"--resume cannot change the architecture ({changed[0]}: {getattr(saved, changed[0])!r} "
                             f"in the run, {getattr(config, changed[0])!r} now); start a new run instead")
         corpus = corpus if corpus is not None else header["data"].get("corpus")
+        tokenizer = header["data"].get("tokenizer", tokenizer)         # the run's spec, not the default
         tok = load_tokenizer(run_dir / "tokenizer.json")
     else:
         if (run_dir / "trainer.json").exists() and not overwrite:

@@ -230,3 +230,13 @@ def test_presets_load_and_nano_cpu_is_the_issue_recipe():
     assert (gpt2.n_layer, gpt2.n_head, gpt2.n_embd, gpt2.block_size) == (12, 12, 768, 1024)
     with pytest.raises(UserError, match="unknown preset 'nano-gpu'.*did you mean 'nano-cpu'"):
         load_preset("nano-gpu")
+
+
+def test_resume_drops_a_metrics_line_cut_off_mid_write(tmp_path, corpus_file):
+    config = tiny_config(max_iters=4, eval_interval=2)
+    train(apply_overrides(config, ["max_iters=2"]), tmp_path / "run", corpus=str(corpus_file), progress=False)
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "iter": 2, "train_lo')              # a crash in the middle of a line
+    train(config, tmp_path / "run", resume=True, progress=False)
+    iters = [m["iter"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if m["kind"] == "train"]
+    assert iters == [0, 1, 2, 3]
