@@ -26,7 +26,8 @@ def tiny(seed=0, **overrides):
 
 
 def host(array):
-    return backend.to_numpy(getattr(array, "data", array))
+    """A Tensor's or a backend array's values on the host (NumPy)."""
+    return backend.to_numpy(array.data if isinstance(array, sl.Tensor) else array)
 
 
 def naive_greedy(model, prompt, steps, keep=None):
