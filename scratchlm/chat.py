@@ -5,10 +5,11 @@ dialogue format. So the conversation is kept as plain text that such a model can
 
     <your line>\\n<its reply>\\n\\n<your next line>\\n<its next reply>\\n\\n ...
 
-Each reply is generated after ``<your line>\\n`` until it writes a blank line (the stop string
-``"\\n\\n"``; ``"<|endoftext|>"`` also stops it) or reaches ``max_new_tokens``; the stop string is
-not shown. The whole conversation is the context of the next reply, trimmed oldest token first so
-that it leaves room for a reply in the model's window: it keeps at most
+Each reply is generated after ``<your line>\\n`` until its own text contains a blank line (the
+stop string ``"\\n\\n"``; a single leading newline does not count, since the stop string is
+looked for in the reply only; ``"<|endoftext|>"`` also stops it) or reaches ``max_new_tokens``;
+the stop string is not shown. The whole conversation is the context of the next reply, trimmed
+oldest token first so that it leaves room for a reply in the model's window: it keeps at most
 block_size - min(max_new_tokens, block_size // 2) tokens (``/context`` shows how many). Reply
 number n (counting from 0 since the start, ``/reset`` or ``/seed``) is sampled with seed
 ``seed + n``, so a scripted session is reproducible.
