@@ -89,52 +89,74 @@ def backward_reference(dy, x, approximate: str = "none"):
 # ============================================================== 2. Numba (CPU)
 
 def forward_numba(x, approximate: str = "none"):
-    """Elementwise kernel, parallel over chunks; same contract as ``forward_reference``."""
+    """Same contract as ``forward_reference``.
+
+    The tanh form stays on NumPy: its tanh is SIMD-vectorised, while a Numba loop calls libm's
+    tanh one element at a time (measured: ~1 ms against ~4 ms for (768, 512) float32). The exact
+    form needs erf, which NumPy lacks, so it runs in the Numba loop.
+    """
     _check_approximate(approximate)
-    if _gelu_forward_kernel is None or x.dtype not in (np.float32, np.float64):
+    if approximate == "tanh" or _gelu_erf_forward_kernel is None or x.dtype not in (np.float32, np.float64):
         return forward_reference(x, approximate)
     flat = np.ascontiguousarray(x).reshape(-1)
-    return _gelu_forward_kernel(flat, approximate == "tanh").reshape(x.shape)
+    return _gelu_erf_forward_kernel(flat).reshape(x.shape)
 
 
 def backward_numba(dy, x, approximate: str = "none"):
-    """Elementwise kernel for dx = dy * gelu'(x); same contract as ``backward_reference``."""
+    """Same contract as ``backward_reference``: one fused pass instead of NumPy's ~10 temporaries.
+
+    For the tanh form the one transcendental, exp(-2u), comes from NumPy's vectorised exp and
+    the rest of dx = dy * gelu'(x) is fused into one loop (libm calls per element are slow).
+    """
     _check_approximate(approximate)
-    if _gelu_backward_kernel is None or x.dtype not in (np.float32, np.float64) or dy.dtype != x.dtype:
+    if _gelu_tanh_backward_kernel is None or x.dtype not in (np.float32, np.float64) or dy.dtype != x.dtype:
         return backward_reference(dy, x, approximate)
     flat_x = np.ascontiguousarray(x).reshape(-1)
     flat_dy = np.ascontiguousarray(dy).reshape(-1)
-    return _gelu_backward_kernel(flat_dy, flat_x, approximate == "tanh").reshape(x.shape)
+    if approximate == "tanh":
+        # e = exp(-2u) from NumPy's vectorised exp; u is clamped to [-40, 40] so e stays finite
+        # (gelu' there is 0 or 1 to float precision anyway)
+        u = SQRT_2_OVER_PI * (flat_x + TANH_CUBIC * flat_x * flat_x * flat_x)
+        e = np.exp(-2.0 * np.clip(u, -40.0, 40.0))
+        return _gelu_tanh_backward_kernel(flat_dy, flat_x, e).reshape(x.shape)
+    return _gelu_erf_backward_kernel(flat_dy, flat_x).reshape(x.shape)
 
 
 @_njit(parallel=True, cache=True)
-def _gelu_forward_kernel(x, tanh_approximation):
-    """x flat (M,) -> y (M,), elementwise, in parallel."""
+def _gelu_erf_forward_kernel(x):
+    """x flat (M,) -> y = x Phi(x) (M,), elementwise, in parallel."""
     y = np.empty_like(x)
     for n in prange(x.size):
         value = x[n]
-        if tanh_approximation:
-            t = math.tanh(SQRT_2_OVER_PI * (value + TANH_CUBIC * value * value * value))
-            y[n] = 0.5 * value * (1.0 + t)
-        else:
-            y[n] = 0.5 * value * (1.0 + math.erf(value * INV_SQRT_2))
+        y[n] = 0.5 * value * (1.0 + math.erf(value * INV_SQRT_2))
     return y
 
 
 @_njit(parallel=True, cache=True)
-def _gelu_backward_kernel(dy, x, tanh_approximation):
-    """dy, x flat (M,) -> dx = dy * gelu'(x) (M,), elementwise, in parallel."""
+def _gelu_tanh_backward_kernel(dy, x, e):
+    """dy, x, e = exp(-2u(x)) flat (M,) -> dx = dy * gelu'(x) (M,).
+
+    With s = 1 / (1 + e) = sigmoid(2u): 0.5 (1 + t) = s and 0.5 (1 - t^2) = 2 s (1 - s) = 2 s^2 e,
+    so gelu'(x) = s + 2 x s^2 e du/dx. Unlike 1 - t^2 with t ~ -1 in float32, nothing here
+    cancels, so the float32 result keeps its relative precision in the tails.
+    """
     dx = np.empty_like(x)
     for n in prange(x.size):
         value = x[n]
-        if tanh_approximation:
-            t = math.tanh(SQRT_2_OVER_PI * (value + TANH_CUBIC * value * value * value))
-            du_dx = SQRT_2_OVER_PI * (1.0 + 3.0 * TANH_CUBIC * value * value)
-            slope = 0.5 * (1.0 + t) + 0.5 * value * (1.0 - t * t) * du_dx
-        else:
-            cdf = 0.5 * (1.0 + math.erf(value * INV_SQRT_2))
-            slope = cdf + value * INV_SQRT_2PI * math.exp(-0.5 * value * value)
-        dx[n] = dy[n] * slope
+        s = 1.0 / (1.0 + e[n])
+        du_dx = SQRT_2_OVER_PI * (1.0 + 3.0 * TANH_CUBIC * value * value)
+        dx[n] = dy[n] * (s + 2.0 * value * s * s * e[n] * du_dx)
+    return dx
+
+
+@_njit(parallel=True, cache=True)
+def _gelu_erf_backward_kernel(dy, x):
+    """dy, x flat (M,) -> dx = dy * (Phi(x) + x phi(x)) (M,), elementwise, in parallel."""
+    dx = np.empty_like(x)
+    for n in prange(x.size):
+        value = x[n]
+        cdf = 0.5 * (1.0 + math.erf(value * INV_SQRT_2))
+        dx[n] = dy[n] * (cdf + value * INV_SQRT_2PI * math.exp(-0.5 * value * value))
     return dx
 
 
