@@ -103,8 +103,10 @@ def cmd_sample(args) -> int:
     pieces = stream_text(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                          seed=args.seed)
+    if not args.stream:
+        pieces = ["".join(until_interrupted(pieces))]
     sys.stdout.write(args.prompt)
-    for piece in until_interrupted(pieces):
+    for piece in until_interrupted(pieces) if args.stream else pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -241,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
                    help="> 1 discourages tokens already in the context (default 1 = off)")
     p.add_argument("--seed", type=int, default=1337, metavar="S", help="default 1337")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="print each piece of text as soon as it is decoded (default); --no-stream prints "
+                        "the whole text at the end")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="default numpy")
     p.set_defaults(func=cmd_sample)
 
