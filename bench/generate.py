@@ -76,8 +76,8 @@ def parse_args():
 
 
 def model_config(name: str):
+    from scratchlm.config import read_preset
     from scratchlm.models import GPTConfig
-    from scratchlm.train import read_preset
     preset_name, block_size = SHAPES[name]
     preset = read_preset(preset_name)
     keys = ("n_layer", "n_head", "n_embd", "bias")

@@ -264,7 +264,7 @@ def run_torch_quality(args, config) -> dict:
 
 def child(args) -> None:
     """Run one side and print its measurements as one JSON line."""
-    from scratchlm.train import apply_overrides, load_preset, read_preset
+    from scratchlm.config import apply_overrides, load_preset, read_preset
     config = apply_overrides(load_preset(args.preset), args.set)
     vocab_size = read_preset(args.preset).get("vocab_size", 65)
     if args.quality:

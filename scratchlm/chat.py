@@ -169,7 +169,7 @@ class CommandError(Exception):
 
 def run_chat(args) -> int:
     """The chat loop on stdin/stdout for parsed ``args`` (see ``add_chat_arguments``); exit code."""
-    from scratchlm.train import load_model
+    from scratchlm.runs import load_model
     try:
         backend.use_backend(args.backend)
     except backend.BackendUnavailable as exc:

@@ -39,7 +39,7 @@ def _use_backend(name: str) -> None:
 
 
 def _config_from(args):
-    from scratchlm.train import apply_overrides, load_preset
+    from scratchlm.config import apply_overrides, load_preset
     config = load_preset(args.preset)
     config = apply_overrides(config, args.set)
     if getattr(args, "iters", None) is not None:
@@ -52,7 +52,9 @@ def _config_from(args):
 # ================================================================ train
 
 def cmd_train(args) -> int:
-    from scratchlm.train import TrainConfig, apply_overrides, read_run_config, train
+    from scratchlm.config import TrainConfig, apply_overrides
+    from scratchlm.runs import read_run_config
+    from scratchlm.train import train
     if args.resume:
         # a resumed run keeps its saved config; --set, --iters and --backend may still change the
         # non-architecture keys (e.g. train longer)
@@ -96,7 +98,7 @@ def _stderr_note(message: str) -> None:
 def cmd_sample(args) -> int:
     """Stream the continuation of --prompt to stdout (KV-cached decoding); Ctrl-C stops it (exit 130)."""
     from scratchlm.generate import stream_text, until_interrupted
-    from scratchlm.train import load_model
+    from scratchlm.runs import load_model
     _use_backend(args.backend)
     model, tokenizer, _ = load_model(args.run)
     ids = prompt_ids(tokenizer, args.prompt, model.config.block_size, note=_stderr_note)
@@ -122,7 +124,8 @@ def cmd_chat(args) -> int:
 
 def cmd_summary(args) -> int:
     from scratchlm.models import GPT, GPTConfig
-    from scratchlm.train import apply_overrides, read_preset, read_run_config
+    from scratchlm.config import apply_overrides, read_preset
+    from scratchlm.runs import read_run_config
     if (args.preset is None) == (args.run is None):
         raise UserError("summary needs exactly one of --preset NAME or --run DIR")
     if args.run is not None:
@@ -153,7 +156,8 @@ def cmd_demo(args) -> int:
     from scratchlm.data import load_corpus, prepare
     from scratchlm.generate import generate_text
     from scratchlm.tokenizers import make_tokenizer
-    from scratchlm.train import Trainer, load_preset
+    from scratchlm.config import load_preset
+    from scratchlm.train import Trainer
     config = load_preset("demo")
     if args.iters is not None:
         # a shorter (or longer) demo keeps the schedule's shape: warmup, then decay to the end
@@ -203,7 +207,7 @@ def _log_vocab(vocab_size: int) -> float:
 # ================================================================ the parser
 
 def build_parser() -> argparse.ArgumentParser:
-    from scratchlm.train import preset_names
+    from scratchlm.config import preset_names
     presets = ", ".join(preset_names())
     parser = _Parser(prog="scratchlm", description="GPT language models from scratch on NumPy/CuPy: "
                      "train on a text corpus, sample from the result.",

@@ -1,19 +1,13 @@
 """The training loop: batches in, loss down, checkpoints out -- and a run that can be resumed exactly.
 
-    from scratchlm.train import TrainConfig, load_preset, train
+    from scratchlm.config import load_preset
+    from scratchlm.train import train
     config = load_preset("nano-cpu")                      # a TrainConfig
     result = train(config, out_dir="runs/nano", corpus="tinyshakespeare", tokenizer="char")
 
-A run folder holds everything needed to continue it or sample from it, and nothing is pickled:
-
-    config.json            {"model": GPTConfig, "train": TrainConfig, "data": corpus + tokenizer spec}
-    tokenizer.json         the tokenizer, as JSON
-    model.safetensors      the weights (Hugging Face GPT-2 names); metadata: iteration
-    optimizer.safetensors  AdamW moments (exp_avg, exp_avg_sq) per parameter; metadata: iteration
-    trainer.json           iteration, best val loss, seed, sampler, optimizer scalars (lr, step counts)
-    metrics.jsonl          one JSON object per line: {"kind": "train", "iter", "train_loss", "lr", ...}
-                           and, at each eval, {"kind": "eval", "iter", "train_loss", "val_loss", "perplexity"}
-    loss.png               the loss curves (when matplotlib is installed)
+The loop lives here; its neighbours hold the rest of a run: ``scratchlm.config`` the knobs
+(``TrainConfig``, ``--set`` overrides, presets) and ``scratchlm.runs`` the run folder it writes
+(config.json, tokenizer.json, model/optimizer safetensors, trainer.json, metrics.jsonl, loss.png).
 
 Why resuming is exact. Everything random in iteration ``it`` is derived from ``(seed, it)``: the
 batches come from ``BatchSampler.batch(it * accum + micro)`` (its generator is seeded with the pair)
@@ -31,8 +25,6 @@ A checkpoint taken "at iteration k" holds the state after k completed iterations
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import json
 import math
 import os
@@ -40,346 +32,15 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from scratchlm import backend
+from scratchlm.config import TrainConfig
 from scratchlm.errors import UserError
-
-RUN_FORMAT = "scratchlm.run/1"
-TRAINER_FORMAT = "scratchlm.trainer/1"
-PRESET_DIR = Path(__file__).parent / "presets"
-RUN_FILES = ("config.json", "tokenizer.json", "model.safetensors", "optimizer.safetensors", "trainer.json")
+from scratchlm.runs import (TRAINER_FORMAT, keep_metrics_before, load_checkpoint, plot_losses, read_run_config,
+                            save_checkpoint, write_run_header)
 
 
-# ================================================================ configuration
-
-@dataclass
-class TrainConfig:
-    """Every knob of a run. Keys are nanoGPT's, so ``--set learning_rate=3e-4`` means what it says there."""
-    # data
-    batch_size: int = 12
-    block_size: int = 64
-    # model (GPTConfig; vocab_size comes from the tokenizer)
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = True
-    positional: str = "learned"           # "learned" | "sinusoidal"
-    # AdamW and the learning-rate schedule (linear warmup, cosine decay to min_lr)
-    learning_rate: float = 1e-3
-    max_iters: int = 2000
-    decay_lr: bool = True                 # False: constant learning_rate
-    lr_decay_iters: int = 2000
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0                # 0 turns clipping off
-    gradient_accumulation_steps: int = 1
-    # evaluation, logging, reproducibility, hardware
-    eval_interval: int = 250
-    eval_iters: int = 200
-    log_interval: int = 10
-    seed: int = 1337
-    backend: str = "numpy"                # "numpy" | "cupy"
-
-    MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "positional")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "TrainConfig":
-        """A TrainConfig from a dict of (possibly partial) overrides; unknown keys are refused by name."""
-        config = cls()
-        for key, value in d.items():
-            config = config.with_value(key, value, where)
-        config.validate()
-        return config
-
-    def with_value(self, key: str, value: Any, where: str = "--set") -> "TrainConfig":
-        """A copy with ``key`` set to ``value`` (a string is parsed into the field's type)."""
-        types = field_types()
-        if key not in types:
-            raise UserError(f"{where}: unknown config key {key!r}{_did_you_mean(key, types)}; "
-                            f"known keys: {', '.join(types)}")
-        return dataclasses.replace(self, **{key: _convert(key, value, types[key], where)})
-
-    def validate(self) -> "TrainConfig":
-        """Refuse values no run can use, with the key and the fix in one line."""
-        positive = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
-                    "eval_interval", "eval_iters", "log_interval")
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise UserError(f"config key {key} must be >= 1, got {getattr(self, key)}")
-        for key in ("max_iters", "warmup_iters", "lr_decay_iters", "seed"):
-            if getattr(self, key) < 0:
-                raise UserError(f"config key {key} must be >= 0, got {getattr(self, key)}")
-        for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
-            value = getattr(self, key)
-            if not (math.isfinite(value) and value >= 0):
-                raise UserError(f"config key {key} must be a finite number >= 0, got {value}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"config key dropout must be in [0, 1), got {self.dropout}")
-        for key in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise UserError(f"config key {key} must be in [0, 1), got {getattr(self, key)}")
-        if self.n_embd % self.n_head:
-            raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
-                            f"each head gets n_embd / n_head channels; e.g. --set n_head=4")
-        if self.decay_lr and self.lr_decay_iters < self.warmup_iters:
-            raise UserError(f"lr_decay_iters ({self.lr_decay_iters}) must be >= warmup_iters "
-                            f"({self.warmup_iters}); raise lr_decay_iters")
-        if self.positional not in ("learned", "sinusoidal"):
-            raise UserError(f"config key positional must be 'learned' or 'sinusoidal', got {self.positional!r}")
-        if self.backend not in ("numpy", "cupy"):
-            raise UserError(f"config key backend must be 'numpy' or 'cupy', got {self.backend!r}")
-        return self
-
-    def model_config(self, vocab_size: int):
-        """The GPTConfig this run trains (vocab_size from its tokenizer)."""
-        from scratchlm.models import GPTConfig
-        return GPTConfig(vocab_size=vocab_size, **{k: getattr(self, k) for k in self.MODEL_KEYS})
-
-
-def field_types() -> dict[str, type]:
-    hints = {"int": int, "float": float, "bool": bool, "str": str}
-    return {f.name: hints[f.type] if isinstance(f.type, str) else f.type for f in dataclasses.fields(TrainConfig)}
-
-
-def _did_you_mean(key: str, choices) -> str:
-    close = difflib.get_close_matches(key, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _convert(key: str, value: Any, kind: type, where: str):
-    """``value`` (a string from the command line, or a JSON value from a preset) as a ``kind``."""
-    problem = f"{where}: {key}={value!r} is not a valid {kind.__name__}"
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off"):
-            return False
-        raise UserError(f"{problem}; write true or false")
-    if kind is int:
-        if isinstance(value, bool):
-            raise UserError(f"{problem}; write a whole number such as 2000")
-        if isinstance(value, int):
-            return value
-        try:
-            number = float(str(value).strip().replace("_", ""))     # accepts "2000", "2e3", "2_000"
-        except ValueError:
-            raise UserError(f"{problem}; write a whole number such as 2000") from None
-        if not number.is_integer():
-            raise UserError(f"{problem}; write a whole number such as 2000")
-        return int(number)
-    if kind is float:
-        if isinstance(value, bool):
-            raise UserError(f"{problem}; write a number such as 3e-4")
-        try:
-            number = float(str(value).strip()) if isinstance(value, str) else float(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{problem}; write a number such as 3e-4") from None
-        if not math.isfinite(number):
-            raise UserError(f"{problem}; write a finite number")
-        return number
-    if not isinstance(value, str):
-        raise UserError(f"{problem}; write a word such as {getattr(TrainConfig, key)!r}")
-    return value.strip()
-
-
-def parse_overrides(pairs) -> list[tuple[str, str]]:
-    """``["lr=1", "a=b=c"]`` -> ``[("lr", "1"), ("a", "b=c")]``; a pair without ``=`` is refused."""
-    out = []
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set {pair!r} is not key=value; write e.g. --set learning_rate=3e-4")
-        out.append((key.strip(), value))
-    return out
-
-
-def apply_overrides(config: TrainConfig, pairs) -> TrainConfig:
-    for key, value in parse_overrides(pairs):
-        config = config.with_value(key, value, where="--set")
-    return config.validate()
-
-
-# ---------------------------------------------------------------- presets
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
-
-
-def read_preset(name: str) -> dict:
-    """The preset file: {"description": ..., "vocab_size": typical vocab (for summaries), "config": {...}}."""
-    path = PRESET_DIR / f"{name}.json"
-    if not name or "/" in name or not path.is_file():
-        raise UserError(f"unknown preset {name!r}{_did_you_mean(name, preset_names())}; "
-                        f"presets: {', '.join(preset_names())}")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def load_preset(name: str) -> TrainConfig:
-    """The preset's TrainConfig (preset values are overrides of TrainConfig's defaults)."""
-    return TrainConfig.from_dict(read_preset(name)["config"], where=f"preset {name}")
-
-
-# ================================================================ the run folder
-
-def write_run_header(run_dir: Path, config: TrainConfig, model_config, tokenizer, data: dict) -> None:
-    """config.json and tokenizer.json, when a run starts (config.json again on resume: new max_iters...)."""
-    from scratchlm.checkpoint import write_json_atomic
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if tokenizer is not None:
-        tokenizer.save(run_dir / "tokenizer.json")
-    write_json_atomic(run_dir / "config.json", {"format": RUN_FORMAT, "model": model_config.to_dict(),
-                                                "train": config.to_dict(), "data": data})
-
-
-def read_run_config(run_dir) -> dict:
-    from scratchlm.checkpoint import read_json
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} does not exist; train one with scratchlm train --out {run_dir}")
-    header = read_json(run_dir / "config.json")
-    if not isinstance(header, dict) or header.get("format") != RUN_FORMAT:
-        raise UserError(f"{run_dir}/config.json is not a scratchlm run config (format "
-                        f"{header.get('format') if isinstance(header, dict) else None!r}, expected {RUN_FORMAT!r})")
-    for key in ("model", "train", "data"):
-        if not isinstance(header.get(key), dict):
-            raise UserError(f"{run_dir}/config.json lacks its {key!r} section; the file is damaged")
-    return header
-
-
-def save_checkpoint(run_dir: Path, model, optimizer, state: dict) -> None:
-    """Weights, optimizer moments, then trainer.json -- each file atomic, trainer.json last.
-
-    Every file carries the iteration; ``load_checkpoint`` refuses a set whose iterations differ (a
-    save that died half-way), so a folder is either the old checkpoint or the new one in effect.
-    """
-    from scratchlm.checkpoint import save_safetensors, write_json_atomic
-    tag = {"iteration": str(state["iteration"])}
-    save_safetensors(run_dir / "model.safetensors", model.state_dict(), metadata=tag)
-    scalars, arrays = optimizer.state_dict()
-    save_safetensors(run_dir / "optimizer.safetensors", arrays, metadata=tag)
-    write_json_atomic(run_dir / "trainer.json", {**state, "optimizer": scalars})
-
-
-def load_weights(run_dir: Path, model) -> int:
-    """Load model.safetensors into ``model``; returns the iteration it was saved at."""
-    from scratchlm.checkpoint import load_safetensors
-    tensors, metadata = load_safetensors(run_dir / "model.safetensors")
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except UserError as exc:
-        raise UserError(f"{run_dir}/model.safetensors does not fit this model: {exc}") from None
-    return _iteration_tag(metadata, run_dir / "model.safetensors")
-
-
-def _iteration_tag(metadata: dict, where) -> int:
-    try:
-        return int(metadata["iteration"])
-    except (KeyError, ValueError):
-        raise UserError(f"{where} has no iteration in its metadata; it was not saved by scratchlm train") from None
-
-
-def load_checkpoint(run_dir: Path, model, optimizer) -> dict:
-    """Restore model and optimizer from ``run_dir``; returns trainer.json's state."""
-    from scratchlm.checkpoint import load_safetensors, read_json
-    state = read_json(run_dir / "trainer.json")
-    if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
-        raise UserError(f"{run_dir}/trainer.json is not a scratchlm trainer state; the run folder is damaged")
-    iteration = state.get("iteration")
-    if not isinstance(iteration, int) or not isinstance(state.get("optimizer"), dict):
-        raise UserError(f"{run_dir}/trainer.json lacks its iteration or optimizer state; the file is damaged")
-    model_iteration = load_weights(run_dir, model)
-    arrays, metadata = load_safetensors(run_dir / "optimizer.safetensors")
-    optimizer_iteration = _iteration_tag(metadata, run_dir / "optimizer.safetensors")
-    if not model_iteration == optimizer_iteration == iteration:
-        raise UserError(f"{run_dir} holds files of different iterations (model {model_iteration}, optimizer "
-                        f"{optimizer_iteration}, trainer {iteration}): a save was cut short; start a new run")
-    optimizer.load_state_dict(state["optimizer"], arrays)
-    return state
-
-
-def load_model(run_dir, seed: int = 0):
-    """(model, tokenizer, run config) of a saved run, weights loaded, in eval mode -- for sampling."""
-    from scratchlm.models import GPT, GPTConfig
-    from scratchlm.tokenizers import load as load_tokenizer
-    run_dir = Path(run_dir)
-    header = read_run_config(run_dir)
-    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    model = GPT(GPTConfig.from_dict(header["model"]), seed=seed)
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise UserError(f"{run_dir}: the model has {model.config.vocab_size} tokens but tokenizer.json has "
-                        f"{tokenizer.vocab_size}; the files come from different runs")
-    load_weights(run_dir, model)
-    model.eval()
-    return model, tokenizer, header
-
-
-# ================================================================ metrics and plots
-
-def read_metrics(path) -> list[dict]:
-    """The records of a metrics.jsonl. A cut-off last line (the process died mid-write) is dropped;
-    a bad line elsewhere means the file was edited or damaged: a UserError naming the line."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise UserError(f"{path} line {number} is not JSON; repair or delete that line") from None
-        if not isinstance(record, dict) or not isinstance(record.get("iter"), int):
-            raise UserError(f"{path} line {number} is not a metrics record (no integer 'iter'); repair or delete it")
-        records.append(record)
-    return records
-
-
-def _keep_metrics_before(path: Path, iteration: int) -> list[dict]:
-    """On resume: drop lines logged after the checkpoint (they will be logged again, identically)."""
-    kept = [m for m in read_metrics(path)
-            if m["iter"] < iteration or (m["iter"] == iteration and m.get("kind") == "eval")]
-    from scratchlm.checkpoint import atomic_write_bytes
-    atomic_write_bytes(path, "".join(json.dumps(m) + "\n" for m in kept).encode("utf-8"))
-    return kept
-
-
-def plot_losses(run_dir: Path) -> str:
-    """Write loss.png (train loss per iteration, eval train/val losses); returns a one-line note."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "loss.png skipped: matplotlib is not installed (pip install 'scratchlm[plot]')"
-    metrics = read_metrics(run_dir / "metrics.jsonl")
-    train = [m for m in metrics if m.get("kind") == "train"]
-    evals = [m for m in metrics if m.get("kind") == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([m["iter"] for m in train], [m["train_loss"] for m in train], lw=0.8, alpha=0.5, label="train (batch)")
-    if evals:
-        ax.plot([m["iter"] for m in evals], [m["train_loss"] for m in evals], "o-", label="train (eval)")
-        ax.plot([m["iter"] for m in evals], [m["val_loss"] for m in evals], "o-", label="val")
-    ax.set(xlabel="iteration", ylabel="cross-entropy loss (nats/token)", title=run_dir.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run_dir / "loss.png", dpi=110)
-    plt.close(fig)
-    return f"wrote {run_dir / 'loss.png'}"
-
+# ================================================================ throughput
 
 def peak_flops() -> float | None:
     """Peak FLOP/s of the device, for MFU: $SCRATCHLM_PEAK_FLOPS, else a table of NVIDIA GPUs, else None.
@@ -488,7 +149,7 @@ class Trainer:
             write_run_header(self.run_dir, config, self.model.config, None, data_info or {})   # new max_iters etc.
             self.iteration, self.best_val_loss = state["iteration"], state.get("best_val_loss")
             self.last_val_loss, self.last_saved = state.get("last_val_loss"), state["iteration"]
-            kept = _keep_metrics_before(self.metrics_path, self.iteration)
+            kept = keep_metrics_before(self.metrics_path, self.iteration)
             self.evaluated_at = {m["iter"] for m in kept if m.get("kind") == "eval"}
         else:
             write_run_header(self.run_dir, config, self.model.config, tokenizer, data_info or {})

@@ -22,7 +22,8 @@ from scratchlm.checkpoint import save_safetensors
 from scratchlm.generate import stream_text
 from scratchlm.models import GPT
 from scratchlm.tokenizers import CharTokenizer
-from scratchlm.train import TrainConfig, load_model, write_run_header
+from scratchlm.config import TrainConfig
+from scratchlm.runs import load_model, write_run_header
 
 REPO = Path(__file__).resolve().parents[1]
 ALPHABET = list("\n !.?abcdefghijklmnopqrstuvwxyz")

@@ -12,8 +12,9 @@ import pytest
 
 from scratchlm import backend
 from scratchlm.errors import UserError
-from scratchlm.train import (RUN_FILES, TrainConfig, TrainingDiverged, apply_overrides, load_checkpoint,
-                             load_model, load_preset, parse_overrides, preset_names, read_metrics, train)
+from scratchlm.config import TrainConfig, apply_overrides, load_preset, parse_overrides, preset_names
+from scratchlm.runs import RUN_FILES, load_checkpoint, load_model, read_metrics
+from scratchlm.train import TrainingDiverged, train
 
 TIMING_KEYS = {"ms_per_iter", "tokens_per_s", "mfu"}
 

@@ -1,0 +1,179 @@
+"""The run folder: what ``scratchlm train`` writes, and reading it back to resume or to sample.
+
+A run folder holds everything needed to continue it or sample from it, and nothing is pickled:
+
+    config.json            {"model": GPTConfig, "train": TrainConfig, "data": corpus + tokenizer spec}
+    tokenizer.json         the tokenizer, as JSON
+    model.safetensors      the weights (Hugging Face GPT-2 names); metadata: iteration
+    optimizer.safetensors  AdamW moments (exp_avg, exp_avg_sq) per parameter; metadata: iteration
+    trainer.json           iteration, best val loss, seed, sampler, optimizer scalars (lr, step counts)
+    metrics.jsonl          one JSON object per line: {"kind": "train", "iter", "train_loss", "lr", ...}
+                           and, at each eval, {"kind": "eval", "iter", "train_loss", "val_loss", "perplexity"}
+    loss.png               the loss curves (when matplotlib is installed)
+
+    from scratchlm.runs import load_model
+    model, tokenizer, header = load_model("runs/nano")    # weights loaded, eval mode
+
+The byte formats (safetensors, atomic JSON) live in ``scratchlm.checkpoint``; this module knows
+which file holds what, and refuses a folder whose files disagree.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from scratchlm.config import TrainConfig
+from scratchlm.errors import UserError
+
+RUN_FORMAT = "scratchlm.run/1"
+TRAINER_FORMAT = "scratchlm.trainer/1"
+RUN_FILES = ("config.json", "tokenizer.json", "model.safetensors", "optimizer.safetensors", "trainer.json")
+
+
+def write_run_header(run_dir: Path, config: TrainConfig, model_config, tokenizer, data: dict) -> None:
+    """config.json and tokenizer.json, when a run starts (config.json again on resume: new max_iters...)."""
+    from scratchlm.checkpoint import write_json_atomic
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        tokenizer.save(run_dir / "tokenizer.json")
+    write_json_atomic(run_dir / "config.json", {"format": RUN_FORMAT, "model": model_config.to_dict(),
+                                                "train": config.to_dict(), "data": data})
+
+
+def read_run_config(run_dir) -> dict:
+    from scratchlm.checkpoint import read_json
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist; train one with scratchlm train --out {run_dir}")
+    header = read_json(run_dir / "config.json")
+    if not isinstance(header, dict) or header.get("format") != RUN_FORMAT:
+        raise UserError(f"{run_dir}/config.json is not a scratchlm run config (format "
+                        f"{header.get('format') if isinstance(header, dict) else None!r}, expected {RUN_FORMAT!r})")
+    for key in ("model", "train", "data"):
+        if not isinstance(header.get(key), dict):
+            raise UserError(f"{run_dir}/config.json lacks its {key!r} section; the file is damaged")
+    return header
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, state: dict) -> None:
+    """Weights, optimizer moments, then trainer.json -- each file atomic, trainer.json last.
+
+    Every file carries the iteration; ``load_checkpoint`` refuses a set whose iterations differ (a
+    save that died half-way), so a folder is either the old checkpoint or the new one in effect.
+    """
+    from scratchlm.checkpoint import save_safetensors, write_json_atomic
+    tag = {"iteration": str(state["iteration"])}
+    save_safetensors(run_dir / "model.safetensors", model.state_dict(), metadata=tag)
+    scalars, arrays = optimizer.state_dict()
+    save_safetensors(run_dir / "optimizer.safetensors", arrays, metadata=tag)
+    write_json_atomic(run_dir / "trainer.json", {**state, "optimizer": scalars})
+
+
+def load_weights(run_dir: Path, model) -> int:
+    """Load model.safetensors into ``model``; returns the iteration it was saved at."""
+    from scratchlm.checkpoint import load_safetensors
+    tensors, metadata = load_safetensors(run_dir / "model.safetensors")
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except UserError as exc:
+        raise UserError(f"{run_dir}/model.safetensors does not fit this model: {exc}") from None
+    return _iteration_tag(metadata, run_dir / "model.safetensors")
+
+
+def _iteration_tag(metadata: dict, where) -> int:
+    try:
+        return int(metadata["iteration"])
+    except (KeyError, ValueError):
+        raise UserError(f"{where} has no iteration in its metadata; it was not saved by scratchlm train") from None
+
+
+def load_checkpoint(run_dir: Path, model, optimizer) -> dict:
+    """Restore model and optimizer from ``run_dir``; returns trainer.json's state."""
+    from scratchlm.checkpoint import load_safetensors, read_json
+    state = read_json(run_dir / "trainer.json")
+    if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
+        raise UserError(f"{run_dir}/trainer.json is not a scratchlm trainer state; the run folder is damaged")
+    iteration = state.get("iteration")
+    if not isinstance(iteration, int) or not isinstance(state.get("optimizer"), dict):
+        raise UserError(f"{run_dir}/trainer.json lacks its iteration or optimizer state; the file is damaged")
+    model_iteration = load_weights(run_dir, model)
+    arrays, metadata = load_safetensors(run_dir / "optimizer.safetensors")
+    optimizer_iteration = _iteration_tag(metadata, run_dir / "optimizer.safetensors")
+    if not model_iteration == optimizer_iteration == iteration:
+        raise UserError(f"{run_dir} holds files of different iterations (model {model_iteration}, optimizer "
+                        f"{optimizer_iteration}, trainer {iteration}): a save was cut short; start a new run")
+    optimizer.load_state_dict(state["optimizer"], arrays)
+    return state
+
+
+def load_model(run_dir, seed: int = 0):
+    """(model, tokenizer, run config) of a saved run, weights loaded, in eval mode -- for sampling."""
+    from scratchlm.models import GPT, GPTConfig
+    from scratchlm.tokenizers import load as load_tokenizer
+    run_dir = Path(run_dir)
+    header = read_run_config(run_dir)
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    model = GPT(GPTConfig.from_dict(header["model"]), seed=seed)
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise UserError(f"{run_dir}: the model has {model.config.vocab_size} tokens but tokenizer.json has "
+                        f"{tokenizer.vocab_size}; the files come from different runs")
+    load_weights(run_dir, model)
+    model.eval()
+    return model, tokenizer, header
+
+
+# ================================================================ metrics and the loss plot
+
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl. A cut-off last line (the process died mid-write) is dropped;
+    a bad line elsewhere means the file was edited or damaged: a UserError naming the line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise UserError(f"{path} line {number} is not JSON; repair or delete that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("iter"), int):
+            raise UserError(f"{path} line {number} is not a metrics record (no integer 'iter'); repair or delete it")
+        records.append(record)
+    return records
+
+
+def keep_metrics_before(path: Path, iteration: int) -> list[dict]:
+    """On resume: drop lines logged after the checkpoint (they will be logged again, identically)."""
+    kept = [m for m in read_metrics(path)
+            if m["iter"] < iteration or (m["iter"] == iteration and m.get("kind") == "eval")]
+    from scratchlm.checkpoint import atomic_write_bytes
+    atomic_write_bytes(path, "".join(json.dumps(m) + "\n" for m in kept).encode("utf-8"))
+    return kept
+
+
+def plot_losses(run_dir: Path) -> str:
+    """Write loss.png (train loss per iteration, eval train/val losses); returns a one-line note."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "loss.png skipped: matplotlib is not installed (pip install 'scratchlm[plot]')"
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    train = [m for m in metrics if m.get("kind") == "train"]
+    evals = [m for m in metrics if m.get("kind") == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([m["iter"] for m in train], [m["train_loss"] for m in train], lw=0.8, alpha=0.5, label="train (batch)")
+    if evals:
+        ax.plot([m["iter"] for m in evals], [m["train_loss"] for m in evals], "o-", label="train (eval)")
+        ax.plot([m["iter"] for m in evals], [m["val_loss"] for m in evals], "o-", label="val")
+    ax.set(xlabel="iteration", ylabel="cross-entropy loss (nats/token)", title=run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss.png", dpi=110)
+    plt.close(fig)
+    return f"wrote {run_dir / 'loss.png'}"
