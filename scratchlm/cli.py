@@ -124,7 +124,7 @@ def cmd_chat(args) -> int:
 
 def cmd_summary(args) -> int:
     from scratchlm.models import GPT, GPTConfig
-    from scratchlm.config import apply_overrides, read_preset
+    from scratchlm.config import read_preset
     from scratchlm.runs import read_run_config
     if (args.preset is None) == (args.run is None):
         raise UserError("summary needs exactly one of --preset NAME or --run DIR")

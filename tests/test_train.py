@@ -3,6 +3,7 @@
 Every run here is tiny (1 layer, 16 channels, 16-token context, a few iterations) on a small text
 written into tmp_path, so the whole file takes seconds.
 """
+import importlib.util
 import json
 import math
 import random
@@ -47,7 +48,8 @@ def test_training_writes_every_run_file_and_parsable_metrics(tmp_path, corpus_fi
     run = tmp_path / "run"
     for name in RUN_FILES + ("metrics.jsonl",):
         assert (run / name).is_file(), name
-    assert (run / "loss.png").is_file()            # matplotlib is installed in the dev environment
+    # the loss curve is drawn exactly when matplotlib (the [plot] extra) is importable
+    assert (run / "loss.png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
     assert result.iteration == config.max_iters
 
     lines = (run / "metrics.jsonl").read_text().splitlines()

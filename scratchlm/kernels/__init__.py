@@ -30,6 +30,18 @@ adamw.step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay
 """
 import os
 
+try:  # Numba is optional: without it the package imports and every NumPy array takes the reference.
+    import numba
+    njit = numba.njit
+    prange = numba.prange
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    numba = None
+    prange = range
+
+    def njit(*args, **kwargs):
+        """Stand-in decorator: the function stays plain Python (never called: pick() says reference)."""
+        return lambda function: function
+
 _force_reference = os.environ.get("SCRATCHLM_KERNELS", "").lower() in ("reference", "0", "off", "none")
 
 
@@ -51,24 +63,29 @@ def _prefer_workqueue_threads() -> None:
     (measured here: a nano-cpu training step went from ~100 ms to ~370 ms). Workqueue threads
     sleep when idle, so the Numba kernels and the BLAS matmuls share the cores politely.
     """
-    if "NUMBA_THREADING_LAYER" in os.environ:
-        return
-    try:
-        import numba
-    except ImportError:
-        return
-    numba.config.THREADING_LAYER = "workqueue"
+    if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "workqueue"
 
 
 _prefer_workqueue_threads()
 
 
 def numba_available() -> bool:
+    return numba is not None
+
+
+def num_threads() -> int:
+    """Threads a Numba parallel loop may use (1 without Numba): kernels size their chunks by it."""
+    return numba.get_num_threads() if numba is not None else 1
+
+
+def cuda_kernel(name: str):
+    """The CUDA rung ``kernels.cuda.<name>``, or None where CuPy or the CUDA module is absent."""
     try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        from scratchlm.kernels import cuda as cuda_module
+    except Exception:   # no CuPy, no GPU: the dispatcher falls back to the reference
+        return None
+    return getattr(cuda_module, name, None)
 
 
 def pick(array) -> str:

@@ -28,16 +28,7 @@ import math
 import numpy as np
 
 from scratchlm import backend
-from scratchlm.kernels import pick
-
-try:  # Numba is optional: without it the package imports and the reference runs.
-    import numba
-    _njit = numba.njit
-except ImportError:  # pragma: no cover
-    numba = None
-
-    def _njit(*args, **kwargs):
-        return lambda function: function
+from scratchlm.kernels import njit, numba_available, pick
 
 
 def _scalars(lr, beta1, beta2, eps, weight_decay, step):
@@ -71,7 +62,7 @@ def step_reference(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weig
 
 # ============================================================== 2. Numba (CPU)
 
-@_njit(cache=True)
+@njit(cache=True)
 def _adamw_kernel(param, grad, exp_avg, exp_avg_sq, decay, beta1, one_minus_beta1, beta2,
                   one_minus_beta2, step_size, bc2_sqrt, eps):
     """One pass over flat (N,) arrays; the scalars arrive already in the arrays' dtype, so every
@@ -90,7 +81,7 @@ def _adamw_kernel(param, grad, exp_avg, exp_avg_sq, decay, beta1, one_minus_beta
 def _numba_can_run(param, grad, exp_avg, exp_avg_sq) -> bool:
     """The kernel writes through flat views, so the three updated arrays must be C-contiguous
     (reshape(-1) of anything else would be a copy and the update would be lost)."""
-    return (numba is not None and param.dtype in (np.float32, np.float64)
+    return (numba_available() and param.dtype in (np.float32, np.float64)
             and exp_avg.dtype == param.dtype and exp_avg_sq.dtype == param.dtype
             and all(a.flags.c_contiguous for a in (param, exp_avg, exp_avg_sq))
             and grad.shape == param.shape)

@@ -45,18 +45,7 @@ import math
 import numpy as np
 
 from scratchlm import backend
-from scratchlm.kernels import pick
-
-try:  # Numba is optional: without it the package imports and the reference runs.
-    import numba
-    from numba import prange
-    _njit = numba.njit
-except ImportError:  # pragma: no cover - exercised only where numba is missing
-    numba = None
-    prange = range
-
-    def _njit(*args, **kwargs):
-        return lambda function: function
+from scratchlm.kernels import cuda_kernel, njit, num_threads, pick, prange
 
 
 def _default_scale(q, scale):
@@ -144,7 +133,7 @@ def _as_heads(array):
 
 def _group_count(n_heads: int, t_key: int) -> int:
     """Key-block groups per head in the backward: enough (head, group) tasks to feed every thread."""
-    threads = numba.get_num_threads()
+    threads = num_threads()
     n_key_blocks = -(-t_key // BLOCK_K)
     return max(1, min(n_key_blocks, -(-threads // max(n_heads, 1))))
 
@@ -155,7 +144,7 @@ BLOCK_Q = 64
 BLOCK_K = 64
 
 
-@_njit(inline="always")
+@njit(inline="always")
 def _exp_shifted(values, count, shift, fast, bits):
     """values[j] = exp(values[j] - shift) for j < count; values is one row (1-D).
 
@@ -193,7 +182,7 @@ def _exp_shifted(values, count, shift, fast, bits):
             values[j] = math.exp(values[j] - shift)
 
 
-@_njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True)
 def _attention_forward_kernel(q, k, v, causal, scale, fast):
     """q (N, Tq, D), k and v (N, Tk, D) with N = B*H -> o (N, Tq, D), lse (N, Tq).
 
@@ -292,7 +281,7 @@ def _attention_forward_kernel(q, k, v, causal, scale, fast):
     return out, lse
 
 
-@_njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True)
 def _attention_backward_kernel(do, q, k, v, o, lse, causal, scale, n_groups, fast):
     """do, q, o (N, Tq, D); k, v (N, Tk, D); lse (N, Tq) -> dq (N, Tq, D), dk, dv (N, Tk, D).
 
@@ -413,19 +402,11 @@ def _attention_backward_kernel(do, q, k, v, o, lse, causal, scale, n_groups, fas
 
 # ============================================================== dispatch
 
-def _cuda_kernel(name: str):
-    try:
-        from scratchlm.kernels import cuda as cuda_module
-    except Exception:   # no CuPy, no GPU, or the CUDA half is absent: use the reference
-        return None
-    return getattr(cuda_module, name, None)
-
-
 def forward(q, k, v, causal: bool, scale: float | None = None):
     """(o, lse) on the fastest rung for ``q``: CUDA for CuPy, Numba for NumPy, else the reference."""
     rung = pick(q)
     if rung == "cuda":
-        kernel = _cuda_kernel("attention_forward")
+        kernel = cuda_kernel("attention_forward")
         if kernel is not None:
             return kernel(q, k, v, causal, scale)
     elif rung == "numba":
@@ -437,7 +418,7 @@ def backward(do, q, k, v, o, lse, causal: bool, scale: float | None = None):
     """(dq, dk, dv) on the fastest rung for ``q`` (see ``forward``)."""
     rung = pick(q)
     if rung == "cuda":
-        kernel = _cuda_kernel("attention_backward")
+        kernel = cuda_kernel("attention_backward")
         if kernel is not None:
             return kernel(do, q, k, v, o, lse, causal, scale)
     elif rung == "numba":

@@ -22,18 +22,7 @@ import math
 import numpy as np
 
 from scratchlm import backend
-from scratchlm.kernels import pick
-
-try:  # Numba is optional: without it the package imports and the reference runs.
-    import numba
-    from numba import prange
-    _njit = numba.njit
-except ImportError:  # pragma: no cover
-    numba = None
-    prange = range
-
-    def _njit(*args, **kwargs):
-        return lambda function: function
+from scratchlm.kernels import cuda_kernel, njit, pick, prange
 
 
 # ============================================================== 1. reference (the truth)
@@ -97,7 +86,7 @@ def _checked_targets(targets, vocab_size: int, ignore_index: int):
     return targets
 
 
-@_njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True)
 def _cross_entropy_forward_kernel(logits, targets, ignore_index):
     """logits (N, V), targets (N,) -> (sum of lse_r - logits_r,t over counted rows, count, lse (N,)).
 
@@ -123,7 +112,7 @@ def _cross_entropy_forward_kernel(logits, targets, ignore_index):
     return total, counted, lse
 
 
-@_njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True)
 def _cross_entropy_backward_kernel(dloss, logits, lse, targets, ignore_index):
     """dlogits (N, V) = dloss / n (exp(logits - lse) - onehot), zero rows where ignored."""
     rows, vocab = logits.shape
@@ -147,19 +136,11 @@ def _cross_entropy_backward_kernel(dloss, logits, lse, targets, ignore_index):
 
 # ============================================================== dispatch
 
-def _cuda_kernel(name: str):
-    try:
-        from scratchlm.kernels import cuda as cuda_module
-    except Exception:   # no CuPy, no GPU, or the CUDA half is absent: use the reference
-        return None
-    return getattr(cuda_module, name, None)
-
-
 def forward(logits, targets, ignore_index: int = -100):
     """(loss, lse) on the fastest rung for ``logits``: CUDA for CuPy, Numba for NumPy, else reference."""
     rung = pick(logits)
     if rung == "cuda":
-        kernel = _cuda_kernel("cross_entropy_forward")
+        kernel = cuda_kernel("cross_entropy_forward")
         if kernel is not None:
             return kernel(logits, targets, ignore_index)
     elif rung == "numba":
@@ -171,7 +152,7 @@ def backward(dloss, logits, lse, targets, ignore_index: int = -100):
     """dlogits on the fastest rung for ``logits`` (see ``forward``)."""
     rung = pick(logits)
     if rung == "cuda":
-        kernel = _cuda_kernel("cross_entropy_backward")
+        kernel = cuda_kernel("cross_entropy_backward")
         if kernel is not None:
             return kernel(dloss, logits, lse, targets, ignore_index)
     elif rung == "numba":

@@ -16,18 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from scratchlm import backend
-from scratchlm.kernels import pick
-
-try:  # Numba is optional: without it the package imports and the reference runs.
-    import numba
-    from numba import prange
-    _njit = numba.njit
-except ImportError:  # pragma: no cover
-    numba = None
-    prange = range
-
-    def _njit(*args, **kwargs):
-        return lambda function: function
+from scratchlm.kernels import cuda_kernel, njit, pick, prange
 
 
 # ============================================================== 1. reference (the truth)
@@ -54,7 +43,7 @@ def backward_numba(dout, idx, vocab_size: int):
     return _embedding_backward_kernel(dout, idx, vocab_size)
 
 
-@_njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True)
 def _embedding_backward_kernel(dout, idx, vocab_size):
     """dout (N, C), idx (N,) -> dweight (V, C). Parallel over column stripes, serial over n."""
     rows, channels = dout.shape
@@ -73,19 +62,11 @@ def _embedding_backward_kernel(dout, idx, vocab_size):
 
 # ============================================================== dispatch
 
-def _cuda_kernel(name: str):
-    try:
-        from scratchlm.kernels import cuda as cuda_module
-    except Exception:   # no CuPy, no GPU, or the CUDA half is absent: use the reference
-        return None
-    return getattr(cuda_module, name, None)
-
-
 def backward(dout, idx, vocab_size: int):
     """dweight on the fastest rung for ``dout``: CUDA for CuPy, Numba for NumPy, else the reference."""
     rung = pick(dout)
     if rung == "cuda":
-        kernel = _cuda_kernel("embedding_backward")
+        kernel = cuda_kernel("embedding_backward")
         if kernel is not None:
             return kernel(dout, idx, vocab_size)
     elif rung == "numba":

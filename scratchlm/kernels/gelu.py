@@ -21,18 +21,8 @@ import math
 import numpy as np
 
 from scratchlm import backend
-from scratchlm.kernels import pick
+from scratchlm.kernels import cuda_kernel, njit, pick, prange
 
-try:  # Numba is optional: without it the package imports and the reference runs.
-    import numba
-    from numba import prange
-    _njit = numba.njit
-except ImportError:  # pragma: no cover
-    numba = None
-    prange = range
-
-    def _njit(*args, **kwargs):
-        return lambda function: function
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -122,7 +112,7 @@ def backward_numba(dy, x, approximate: str = "none"):
     return _gelu_erf_backward_kernel(flat_dy, flat_x).reshape(x.shape)
 
 
-@_njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True)
 def _gelu_erf_forward_kernel(x):
     """x flat (M,) -> y = x Phi(x) (M,), elementwise, in parallel."""
     y = np.empty_like(x)
@@ -132,7 +122,7 @@ def _gelu_erf_forward_kernel(x):
     return y
 
 
-@_njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True)
 def _gelu_tanh_backward_kernel(dy, x, e):
     """dy, x, e = exp(-2u(x)) flat (M,) -> dx = dy * gelu'(x) (M,).
 
@@ -149,7 +139,7 @@ def _gelu_tanh_backward_kernel(dy, x, e):
     return dx
 
 
-@_njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True)
 def _gelu_erf_backward_kernel(dy, x):
     """dy, x flat (M,) -> dx = dy * (Phi(x) + x phi(x)) (M,), elementwise, in parallel."""
     dx = np.empty_like(x)
@@ -162,19 +152,11 @@ def _gelu_erf_backward_kernel(dy, x):
 
 # ============================================================== dispatch
 
-def _cuda_kernel(name: str):
-    try:
-        from scratchlm.kernels import cuda as cuda_module
-    except Exception:   # no CuPy, no GPU, or the CUDA half is absent: use the reference
-        return None
-    return getattr(cuda_module, name, None)
-
-
 def forward(x, approximate: str = "none"):
     """y = gelu(x) on the fastest rung for ``x``: CUDA for CuPy, Numba for NumPy, else reference."""
     rung = pick(x)
     if rung == "cuda":
-        kernel = _cuda_kernel("gelu_forward")
+        kernel = cuda_kernel("gelu_forward")
         if kernel is not None:
             return kernel(x, approximate)
     elif rung == "numba":
@@ -186,7 +168,7 @@ def backward(dy, x, approximate: str = "none"):
     """dx on the fastest rung for ``x`` (see ``forward``)."""
     rung = pick(x)
     if rung == "cuda":
-        kernel = _cuda_kernel("gelu_backward")
+        kernel = cuda_kernel("gelu_backward")
         if kernel is not None:
             return kernel(dy, x, approximate)
     elif rung == "numba":

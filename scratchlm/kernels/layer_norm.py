@@ -25,18 +25,7 @@ import math
 import numpy as np
 
 from scratchlm import backend
-from scratchlm.kernels import pick
-
-try:  # Numba is optional: without it the package imports and the reference runs.
-    import numba
-    from numba import prange
-    _njit = numba.njit
-except ImportError:  # pragma: no cover
-    numba = None
-    prange = range
-
-    def _njit(*args, **kwargs):
-        return lambda function: function
+from scratchlm.kernels import cuda_kernel, njit, num_threads, pick, prange
 
 
 # ============================================================== 1. reference (the truth)
@@ -84,7 +73,7 @@ def backward_numba(dy, x, weight, mean, rstd):
             or x.ndim != 2 or dy.dtype != x.dtype):
         return backward_reference(dy, x, weight, mean, rstd)
     w, _ = _affine(weight, None, x)
-    n_chunks = max(1, min(x.shape[0], 4 * numba.get_num_threads()))
+    n_chunks = max(1, min(x.shape[0], 4 * num_threads()))
     dx, dweight_parts, dbias_parts = _layer_norm_backward_kernel(
         np.ascontiguousarray(dy), np.ascontiguousarray(x), w,
         np.ascontiguousarray(mean, dtype=x.dtype), np.ascontiguousarray(rstd, dtype=x.dtype), n_chunks)
@@ -101,7 +90,7 @@ def _affine(weight, bias, x):
     return w, b
 
 
-@_njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True)
 def _layer_norm_forward_kernel(x, weight, bias, eps):
     """x (N, C), weight and bias (C,) -> y (N, C), mean (N,), rstd (N,); rows in parallel.
 
@@ -129,7 +118,7 @@ def _layer_norm_forward_kernel(x, weight, bias, eps):
     return y, mean, rstd
 
 
-@_njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True)
 def _layer_norm_backward_kernel(dy, x, weight, mean, rstd, n_chunks):
     """dy, x (N, C), weight (C,), mean and rstd (N,) -> dx (N, C) and per-chunk partial sums
     dweight_parts, dbias_parts (n_chunks, C).
@@ -166,19 +155,11 @@ def _layer_norm_backward_kernel(dy, x, weight, mean, rstd, n_chunks):
 
 # ============================================================== dispatch
 
-def _cuda_kernel(name: str):
-    try:
-        from scratchlm.kernels import cuda as cuda_module
-    except Exception:   # no CuPy, no GPU, or the CUDA half is absent: use the reference
-        return None
-    return getattr(cuda_module, name, None)
-
-
 def forward(x, weight, bias, eps: float):
     """(y, mean, rstd) on the fastest rung for ``x``: CUDA for CuPy, Numba for NumPy, else reference."""
     rung = pick(x)
     if rung == "cuda":
-        kernel = _cuda_kernel("layer_norm_forward")
+        kernel = cuda_kernel("layer_norm_forward")
         if kernel is not None:
             return kernel(x, weight, bias, eps)
     elif rung == "numba":
@@ -190,7 +171,7 @@ def backward(dy, x, weight, mean, rstd):
     """(dx, dweight, dbias) on the fastest rung for ``x`` (see ``forward``)."""
     rung = pick(x)
     if rung == "cuda":
-        kernel = _cuda_kernel("layer_norm_backward")
+        kernel = cuda_kernel("layer_norm_backward")
         if kernel is not None:
             return kernel(dy, x, weight, mean, rstd)
     elif rung == "numba":
