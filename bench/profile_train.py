@@ -3,6 +3,7 @@
     python bench/profile_train.py                    # kernels as dispatched (Numba when importable)
     python bench/profile_train.py --kernels off      # the plain NumPy references
     python bench/profile_train.py --backend cupy     # on a GPU (host-side view: launch overhead)
+    python bench/profile_train.py --ops              # per-op forward/backward table (sl.profile_ops)
 
 Prints ms/iter and the functions with the most time of their own. This is the profile that
 decided which ops got fused kernels (kernels/); rerun it after changing one.
@@ -31,6 +32,7 @@ def main():
     parser.add_argument("--backend", default="numpy")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--ops", action="store_true", help="a per-op forward/backward table instead of cProfile")
     args = parser.parse_args()
     sl.use_backend(args.backend)
     kernels.use_reference(args.kernels == "off")
@@ -53,14 +55,23 @@ def main():
         step(x, y)
     profiler = cProfile.Profile()
     start = time.perf_counter()
-    profiler.enable()
-    for x, y in batches[3:]:
-        step(x, y)
-    profiler.disable()
+    if args.ops:
+        with sl.profile_ops() as table:
+            for x, y in batches[3:]:
+                step(x, y)
+    else:
+        profiler.enable()
+        for x, y in batches[3:]:
+            step(x, y)
+        profiler.disable()
     ms = (time.perf_counter() - start) / args.iters * 1e3
     print(f"nano-cpu recipe step, backend {args.backend}, kernels {args.kernels}: {ms:.1f} ms/iter "
           f"(under the profiler), {12 * 64 / ms * 1e3:,.0f} tokens/s")
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(args.top)
+    if args.ops:
+        print(f"per-op time over {args.iters} iterations (optimizer and clipping are not ops):")
+        print(table)
+    else:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.top)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from .backend import get_backend, manual_seed, set_default_dtype, use_backend
 from .tensor import Tensor, no_grad, tensor
 from . import ops  # noqa: F401  (registers every op on Tensor)
 from .ops.shape import concatenate, split, stack
+from .profiling import profile_ops
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,4 @@ def __getattr__(name):
 
 
 __all__ = ["Tensor", "tensor", "no_grad", "use_backend", "get_backend", "set_default_dtype", "manual_seed",
-           "concatenate", "stack", "split", "backend"]
+           "concatenate", "stack", "split", "backend", "profile_ops"]

@@ -123,6 +123,37 @@ def synchronize() -> None:
         xp.cuda.get_current_stream().synchronize()
 
 
+# ---------------------------------------------------------------- host memory
+
+_allocator_tuned = False
+
+
+def keep_freed_host_memory() -> bool:
+    """Ask glibc's malloc to keep freed blocks for reuse rather than give them back to the OS.
+
+    Every NumPy op allocates its output, and a training step frees and allocates the same
+    megabyte-sized temporaries again and again. By default glibc serves blocks over 128 KiB with
+    a fresh mmap and unmaps them on free, so each temporary's first write page-faults every
+    4 KiB page (measured on the nano-cpu step: 99 -> 67 ms per iteration with this set). With a
+    32 MiB mmap threshold and no trimming, freed blocks stay in the heap and are reused warm.
+    The cost: the process keeps its peak memory. Called by the trainer; a no-op (False) where
+    the C library is not glibc.
+    """
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    _allocator_tuned = bool(mallopt(M_MMAP_THRESHOLD, 32 * 2**20) and mallopt(M_TRIM_THRESHOLD, 2**30)
+                            and mallopt(M_TOP_PAD, 64 * 2**20))
+    return _allocator_tuned
+
+
 # ---------------------------------------------------------------- randomness
 
 def random_generator(seed: int):

@@ -28,6 +28,14 @@ import numpy as np
 from . import backend
 
 _grad_enabled = True
+op_timer = None   # set by scratchlm.profiling.profile_ops(): times every forward and backward
+
+
+def set_op_timer(timer):
+    """Route every op's forward and backward through ``timer`` (None: call them directly)."""
+    global op_timer
+    previous, op_timer = op_timer, timer
+    return previous
 
 
 @contextlib.contextmanager
@@ -88,7 +96,11 @@ class Function:
     @classmethod
     def apply(cls, *inputs, **params) -> "Tensor":
         tensors = _as_tensors(inputs)
-        out, saved = cls.forward(*(None if t is None else t.data for t in tensors), **params)
+        arrays = (None if t is None else t.data for t in tensors)
+        if op_timer is None:
+            out, saved = cls.forward(*arrays, **params)
+        else:
+            out, saved = op_timer(cls, "forward", cls.forward, *arrays, **params)
         needs_grad = _grad_enabled and any(t is not None and t.requires_grad for t in tensors)
         result = Tensor(out, requires_grad=needs_grad)
         if needs_grad:
@@ -208,7 +220,10 @@ class Tensor:
             if node.saved is _Freed:
                 raise RuntimeError("backward() through a graph that was already freed by an earlier "
                                    "backward(); pass retain_graph=True to the first call to keep it")
-            input_grads = node.fn.backward(grad, node.saved)
+            if op_timer is None:
+                input_grads = node.fn.backward(grad, node.saved)
+            else:
+                input_grads = op_timer(node.fn, "backward", node.fn.backward, grad, node.saved)
             for inp, g in zip(node.inputs, input_grads):
                 if g is None or inp is None or not inp.requires_grad:
                     continue

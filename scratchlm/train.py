@@ -127,6 +127,7 @@ class Trainer:
         self.config, self.tokenizer, self.run_dir = config, tokenizer, Path(run_dir)
         self.progress, self.log = progress, log
         c = config
+        backend.keep_freed_host_memory()        # NumPy temporaries reuse warm pages (see backend)
         self.model = GPT(c.model_config(tokenizer.vocab_size), seed=c.seed)
         self.params = list(self.model.parameters())
         self.optimizer = AdamW(self.model.configure_optimizer_groups(c.weight_decay), lr=c.learning_rate,

@@ -234,3 +234,16 @@ def test_unknown_backend_and_missing_cupy_are_one_line_errors():
         with pytest.raises(backend.BackendUnavailable, match="pip install"):
             sl.use_backend("cupy")
     assert sl.get_backend() == "numpy"
+
+
+def test_profile_ops_counts_each_forward_and_backward():
+    x = sl.tensor(np.ones((3, 4)), requires_grad=True)
+    with sl.profile_ops() as table:
+        y = ((x @ sl.tensor(np.ones((4, 2)))) * 2.0).sum()
+        y.backward()
+    assert table.calls["MatMul", "forward"] == 1 and table.calls["MatMul", "backward"] == 1
+    assert table.calls["Mul", "forward"] == 1 and table.calls["Sum", "backward"] == 1
+    assert all(seconds >= 0 for seconds in table.seconds.values())
+    assert "MatMul" in str(table)
+    z = (x * 3.0).sum()          # outside the block nothing is recorded
+    assert table.calls["Mul", "forward"] == 1 and z.shape == ()
