@@ -190,7 +190,8 @@ def cmd_demo(args) -> int:
     print(f"trained {result.iteration} iterations in {time.perf_counter() - start:.0f} s: "
           f"val loss {result.last_val_loss:.3f} (it was ~{_log_vocab(tokenizer.vocab_size):.2f} = ln(vocab) at the start)")
     show("sample after training")
-    print(f"The run is in {out}/ (weights, optimizer, metrics.jsonl, loss.png). Next:")
+    curve = ", loss.png" if (Path(out) / "loss.png").is_file() else ""
+    print(f"The run is in {out}/ (weights, optimizer, metrics.jsonl{curve}). Next:")
     print(f"  scratchlm sample --run {out} --prompt \"The \" --max-new-tokens 300")
     print(f"  scratchlm chat --run {out}")
     print(f"  scratchlm summary --run {out}")
