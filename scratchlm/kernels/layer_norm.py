@@ -90,7 +90,13 @@ def _affine(weight, bias, x):
     return w, b
 
 
-@njit(parallel=True, cache=True)
+# Sums over a row may be reassociated ("reassoc") so LLVM can vectorise them, and a*b+c may be
+# fused ("contract"). Deliberately not the rest of fastmath: no-NaN/no-inf assumptions would let
+# LLVM delete NaN checks, and a NaN in the input must come out as a NaN in the output.
+_ROW_MATH = {"reassoc", "contract"}
+
+
+@njit(parallel=True, cache=True, fastmath=_ROW_MATH)
 def _layer_norm_forward_kernel(x, weight, bias, eps):
     """x (N, C), weight and bias (C,) -> y (N, C), mean (N,), rstd (N,); rows in parallel.
 
@@ -118,7 +124,7 @@ def _layer_norm_forward_kernel(x, weight, bias, eps):
     return y, mean, rstd
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=_ROW_MATH)
 def _layer_norm_backward_kernel(dy, x, weight, mean, rstd, n_chunks):
     """dy, x (N, C), weight (C,), mean and rstd (N,) -> dx (N, C) and per-chunk partial sums
     dweight_parts, dbias_parts (n_chunks, C).
