@@ -39,6 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scratchlm import kernels  # noqa: E402
 from scratchlm.kernels import attention  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "attention.json"
@@ -161,7 +162,7 @@ def run_cpu(args, torch):
             else:
                 row["numpy_reference"] = {"skipped": f"one (B,H,T,T) score matrix is {score_mib:.0f} MiB "
                                                      f"> --reference-max-mib {args.reference_max_mib}"}
-            if attention.numba is not None:
+            if kernels.numba is not None:
                 row["numba"] = measure_scratchlm(attention.forward_numba, attention.backward_numba,
                                                  q, k, v, do, args.repeats, args.warmup)
             if torch is not None:
@@ -281,12 +282,12 @@ def main(argv=None):
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if torch is not None:
         torch.set_num_threads(threads)
-    if attention.numba is not None:
-        attention.numba.set_num_threads(min(threads, attention.numba.config.NUMBA_NUM_THREADS))
+    if kernels.numba is not None:
+        kernels.numba.set_num_threads(min(threads, kernels.numba.config.NUMBA_NUM_THREADS))
 
     info = {"machine": platform.machine(), "processor": platform.processor() or platform.platform(),
             "threads": threads, "numpy": np.__version__,
-            "numba": getattr(attention.numba, "__version__", None),
+            "numba": getattr(kernels.numba, "__version__", None),
             "torch": getattr(torch, "__version__", None), "dtype": "float32", "causal": True,
             "memory_method": "peak RSS growth during one call (Linux clear_refs + VmHWM)"}
     print(f"attention bench: B={args.batch} D={args.head_dim} causal float32, {threads} threads, "
