@@ -48,16 +48,9 @@ HELP = """commands:
 
 
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``scratchlm chat``, added to ``parser`` (a subcommand parser)."""
-    parser.add_argument("--run", required=True, metavar="DIR", help="a run folder written by scratchlm train")
-    parser.add_argument("--temperature", type=float, default=0.8, metavar="T", help="default 0.8; 0 = greedy")
-    parser.add_argument("--top-k", type=int, default=200, metavar="K", help="keep the K likeliest tokens (0 = off; default 200)")
-    parser.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling: keep tokens up to mass P")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
-                        help="> 1 discourages tokens already in the context (default 1 = off)")
-    parser.add_argument("--seed", type=int, default=1337, metavar="S", help="default 1337")
-    parser.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="longest reply (default 200)")
-    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="default numpy")
+    """The options of ``scratchlm chat`` (those of ``sample`` less the prompt), added to ``parser``."""
+    from scratchlm.cli import add_sampling_arguments
+    add_sampling_arguments(parser)
 
 
 class ChatSession:

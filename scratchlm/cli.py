@@ -91,6 +91,22 @@ def prompt_ids(tokenizer, prompt: str, block_size: int, note=None) -> list[int]:
     return ids
 
 
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options shared by ``sample`` and ``chat``: which run, the sampling controls, the backend."""
+    parser.add_argument("--run", required=True, metavar="DIR", help="a run folder written by scratchlm train")
+    parser.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="default 200")
+    parser.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                        help="default 0.8; lower is more conservative, 0 = greedy")
+    parser.add_argument("--top-k", type=int, default=200, metavar="K",
+                        help="keep the K likeliest tokens (0 = off; default 200)")
+    parser.add_argument("--top-p", type=float, default=None, metavar="P",
+                        help="nucleus sampling: keep tokens up to mass P")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                        help="> 1 discourages tokens already in the context (default 1 = off)")
+    parser.add_argument("--seed", type=int, default=1337, metavar="S", help="default 1337")
+    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="default numpy")
+
+
 def _stderr_note(message: str) -> None:
     print(message, file=sys.stderr)
 
@@ -239,19 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("sample", help="generate text from a trained run",
                             description="Generate text from a run folder's model, continuing --prompt.")
-    p.add_argument("--run", required=True, metavar="DIR", help="a run folder written by scratchlm train")
+    add_sampling_arguments(p)
     p.add_argument("--prompt", default="", help="the text to continue (default: empty)")
-    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="default 200")
-    p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="default 0.8; lower is more conservative")
-    p.add_argument("--top-k", type=int, default=200, metavar="K", help="keep the K likeliest tokens (0 = off; default 200)")
-    p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling: keep tokens up to mass P")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
-                   help="> 1 discourages tokens already in the context (default 1 = off)")
-    p.add_argument("--seed", type=int, default=1337, metavar="S", help="default 1337")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print each piece of text as soon as it is decoded (default); --no-stream prints "
                         "the whole text at the end")
-    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="default numpy")
     p.set_defaults(func=cmd_sample)
 
     from scratchlm.chat import add_chat_arguments
