@@ -136,6 +136,46 @@ def cmd_chat(args) -> int:
     return run_chat(args)
 
 
+# ================================================================ bench
+
+def cmd_bench(args) -> int:
+    """Time training steps of a preset's model on random tokens (the shapes are what matter)."""
+    import statistics
+    import time
+    import numpy as np
+    from scratchlm import backend, kernels, optim
+    from scratchlm.config import read_preset
+    from scratchlm.models import GPT
+    _use_backend(args.backend)
+    kernels.use_reference(args.kernels == "off")
+    backend.keep_freed_host_memory()
+    config = _config_from(args)
+    vocab_size = args.vocab_size or read_preset(args.preset).get("vocab_size", 65)
+    model = GPT(config.model_config(vocab_size), seed=config.seed)
+    optimizer = optim.AdamW(model.configure_optimizer_groups(config.weight_decay), lr=config.learning_rate,
+                            betas=(config.beta1, config.beta2), weight_decay=config.weight_decay)
+    B, T = config.batch_size, config.block_size
+    rng = np.random.default_rng(0)
+    seconds = []
+    for step in range(args.warmup + args.iters):      # warm-up: Numba compiles, caches fill
+        tokens = backend.to_device(rng.integers(0, vocab_size, size=(B, T + 1)))
+        start = time.perf_counter()
+        _, loss = model(tokens[:, :-1], tokens[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optim.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        backend.synchronize()
+        if step >= args.warmup:
+            seconds.append(time.perf_counter() - start)
+    ms = statistics.median(seconds) * 1e3
+    print(f"preset {args.preset}: {model.num_parameters(non_embedding=False):,} parameters, B={B} T={T}, "
+          f"backend {backend.get_backend()}, kernels {args.kernels}")
+    print(f"{ms:.1f} ms/iter, {B * T / ms * 1e3:,.0f} tokens/s (median of {args.iters} steps after "
+          f"{args.warmup} warm-up; bench/train.py puts PyTorch beside it)")
+    return 0
+
+
 # ================================================================ summary
 
 def cmd_summary(args) -> int:
@@ -276,6 +316,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, metavar="V", help="vocabulary size for --preset (default: the preset's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.set_defaults(func=cmd_summary)
+
+    p = commands.add_parser("bench", help="time training steps of a preset on this machine",
+                            description="Forward, backward, clipping and AdamW on random tokens at a preset's "
+                                        "shapes; prints ms/iter and tokens/s.")
+    p.add_argument("--preset", default="nano-cpu", metavar="NAME", help=f"one of: {presets} (default nano-cpu)")
+    p.add_argument("--vocab-size", type=int, metavar="V", help="vocabulary size (default: the preset's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--iters", type=int, default=20, metavar="N", help="timed steps (default 20)")
+    p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed steps first (default 3)")
+    p.add_argument("--kernels", choices=["on", "off"], default="on", help="off: the NumPy references")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="default numpy")
+    p.set_defaults(func=cmd_bench)
 
     p = commands.add_parser("demo", help="train a small GPT on Python's docs in a couple of minutes",
                             description="Train the `demo` preset on the pydoc corpus (ships with Python, no "

@@ -60,7 +60,7 @@ def copy_run(workspace, tmp_path):
 
 # ---------------------------------------------------------------- happy paths
 
-@pytest.mark.parametrize("command", [[], ["train"], ["sample"], ["chat"], ["summary"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["sample"], ["chat"], ["summary"], ["demo"], ["bench"]])
 def test_help_works_on_every_subcommand(command):
     result = cli(*command, "--help")
     assert result.returncode == 0, result.stderr
@@ -80,6 +80,14 @@ def test_train_then_sample_and_summary(workspace):
     assert again.stdout == result.stdout                                          # seeded
     summary = cli("summary", "--run", run)
     assert summary.returncode == 0 and "Total params" in summary.stdout
+
+
+def test_bench_times_a_preset_and_counts_its_parameters():
+    result = cli("bench", "--preset", "nano-cpu", "--iters", 1, "--warmup", 1, "--kernels", "off")
+    assert result.returncode == 0, result.stderr
+    C = 128   # the same parameter count as the summary below: the model is the preset's
+    assert f"{4 * (12 * C * C + 13 * C) + 65 * C + 64 * C + 2 * C:,} parameters, B=12 T=64" in result.stdout
+    assert "tokens/s" in result.stdout
 
 
 def test_summary_of_a_preset_counts_gpt2_small():
