@@ -111,47 +111,57 @@ def test_attention_reference_backward_matches_finite_differences(case, seed):
 
 # ============================================================== attention: the Numba kernel
 
+# The two CPU paths: the tiled kernel, and the batched-BLAS path the dispatcher takes at small T.
+NUMBA_PATHS = {"tiled": (attention.forward_numba, attention.backward_numba),
+               "batched": (attention.forward_batched_numba, attention.backward_batched_numba)}
+
+
 @needs_numba
+@pytest.mark.parametrize("path", sorted(NUMBA_PATHS))
 @SETTINGS
 @given(attention_case(same_length=False))
-def test_attention_numba_matches_reference_float64(case):
+def test_attention_numba_matches_reference_float64(path, case):
+    forward_fast, backward_fast = NUMBA_PATHS[path]
     q, k, v, do, causal = case
     out, lse = attention.forward_reference(q, k, v, causal)
-    fast_out, fast_lse = attention.forward_numba(q, k, v, causal)
+    fast_out, fast_lse = forward_fast(q, k, v, causal)
     np.testing.assert_allclose(fast_out, out, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(fast_lse, lse, rtol=1e-10, atol=1e-12)
     expected = attention.backward_reference(do, q, k, v, out, lse, causal)
-    actual = attention.backward_numba(do, q, k, v, out, lse, causal)
+    actual = backward_fast(do, q, k, v, out, lse, causal)
     for name, fast, slow in zip(("dq", "dk", "dv"), actual, expected):
         assert fast.shape == slow.shape and fast.dtype == np.float64, name
         np.testing.assert_allclose(fast, slow, rtol=1e-9, atol=1e-11, err_msg=name)
 
 
 @needs_numba
+@pytest.mark.parametrize("path", sorted(NUMBA_PATHS))
 @SETTINGS
 @given(attention_case())
-def test_attention_numba_matches_reference_float32(case):
+def test_attention_numba_matches_reference_float32(path, case):
+    forward_fast, backward_fast = NUMBA_PATHS[path]
     q, k, v, do, causal = (a.astype(np.float32) if isinstance(a, np.ndarray) else a for a in case)
     wide = [a.astype(np.float64) for a in (q, k, v, do)]
     out, lse = attention.forward_reference(*wide[:3], causal)
-    fast_out, fast_lse = attention.forward_numba(q, k, v, causal)
+    fast_out, fast_lse = forward_fast(q, k, v, causal)
     assert fast_out.dtype == np.float32 and fast_lse.dtype == np.float32
     assert np.all(np.abs(fast_out - out) <= 2e-5 * (1 + np.abs(out)))
     assert np.all(np.abs(fast_lse - lse) <= 2e-5 * (1 + np.abs(lse)))
     expected = attention.backward_reference(wide[3], *wide[:3], out, lse, causal)
-    actual = attention.backward_numba(do, q, k, v, fast_out, fast_lse, causal)
+    actual = backward_fast(do, q, k, v, fast_out, fast_lse, causal)
     for fast, slow in zip(actual, expected):
         assert fast.dtype == np.float32
         assert_close_float32(fast, slow, rtol=1e-4)
 
 
-@pytest.mark.parametrize("rung", ["reference", "numba"])
+@pytest.mark.parametrize("rung", ["reference", "numba", "batched"])
 @pytest.mark.parametrize("t_cut", [0, 37, 63, 64, 98])
 def test_attention_is_causal(rung, t_cut):
     """Changing q, k, v at positions after t_cut leaves outputs and lse at positions <= t_cut."""
-    if rung == "numba" and not kernels.numba_available():
+    if rung != "reference" and not kernels.numba_available():
         pytest.skip("numba is not installed")
-    run = attention.forward_numba if rung == "numba" else attention.forward_reference
+    run = {"reference": attention.forward_reference, "numba": attention.forward_numba,
+           "batched": attention.forward_batched_numba}[rung]
     q, k, v = (uniform(seed, (2, 3, 100, 32)) for seed in (1, 2, 3))
     out, lse = run(q, k, v, True, 0.3)
     changed = [x.copy() for x in (q, k, v)]
@@ -168,8 +178,26 @@ def test_attention_numba_accepts_non_contiguous_views():
     """q, k, v sliced out of one (B, T, 3, H, D) projection, as a model produces them."""
     qkv = uniform(4, (2, 67, 3, 4, 16))
     q, k, v = (qkv[:, :, n].transpose(0, 2, 1, 3) for n in range(3))     # (B, H, T, D) views
-    np.testing.assert_allclose(attention.forward_numba(q, k, v, True)[0],
-                               attention.forward_reference(q, k, v, True)[0], rtol=1e-10, atol=1e-12)
+    for forward_fast, _ in NUMBA_PATHS.values():
+        np.testing.assert_allclose(forward_fast(q, k, v, True)[0],
+                                   attention.forward_reference(q, k, v, True)[0], rtol=1e-10, atol=1e-12)
+
+
+@needs_numba
+def test_attention_dispatch_takes_the_batched_path_only_at_small_t(monkeypatch):
+    calls = []
+    monkeypatch.setattr(attention, "forward_batched_numba", lambda *a: calls.append("batched"))
+    monkeypatch.setattr(attention, "forward_numba", lambda *a: calls.append("tiled"))
+    was_forced = kernels.reference_forced()
+    kernels.use_reference(False)
+    try:
+        small, large = np.zeros((1, 1, 64, 8)), np.zeros((1, 1, 200, 8))
+        assert 64 * 64 <= attention.BATCHED_MAX_SCORES < 200 * 200
+        attention.forward(small, small, small, True, None)
+        attention.forward(large, large, large, True, None)
+    finally:
+        kernels.use_reference(was_forced)
+    assert calls == ["batched", "tiled"]
 
 
 # ============================================================== dispatch

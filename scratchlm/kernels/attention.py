@@ -1,4 +1,6 @@
-"""Scaled dot-product attention: the reference, a FlashAttention-style Numba kernel, and dispatch.
+"""Scaled dot-product attention: the reference, a FlashAttention-style Numba kernel, a batched-BLAS
+path for short sequences (``forward_batched_numba``: materialises the (T, T) scores, which is
+cheap there), and dispatch (batched BLAS up to ``BATCHED_MAX_SCORES`` scores per head, else tiled).
 
 Shapes: q (B, H, Tq, D); k, v (B, H, Tk, D); o (B, H, Tq, D); lse (B, H, Tq). Usually Tq == Tk == T.
 
@@ -400,6 +402,133 @@ def _attention_backward_kernel(do, q, k, v, o, lse, causal, scale, n_groups, fas
     return dq, dk, dv
 
 
+# ============================================================== 2b. Numba + batched BLAS (small T)
+
+# At short sequences the tiled kernel's row-at-a-time loops run at ~16 GFLOP/s while a batched
+# BLAS matmul over the (B*H) stack of (T x T) score matrices runs several times faster, and the
+# materialised scores are small: (B, H, T, T) float32 is 0.8 MB at B*H = 48, T = 64. Up to this
+# many score entries per head the dispatcher takes the batched path. Measured at B*H = 48,
+# T = 64, D = 32 float32 on 2 cores: forward 0.85 -> 0.67 ms, backward 1.3-2.1 -> 1.06 ms
+# standalone; in the nano-cpu training step (q, k, v are strided views of one qkv projection,
+# which the BLAS path reads in place) attention went from ~20 to ~13 ms per step.
+# The Numba passes are serial: parallel versions were no faster on the 2-core machine.
+BATCHED_MAX_SCORES = 128 * 128
+
+
+def forward_batched_numba(q, k, v, causal: bool, scale: float | None = None):
+    """Same contract as ``forward_reference``, for short T: BLAS matmuls around a Numba softmax.
+
+        S = Q K^T (batched BLAS),  P, lse = masked softmax of scale * S (Numba, in place),
+        O = P V (batched BLAS).
+    """
+    scale = _default_scale(q, scale)
+    if q.dtype not in (np.float32, np.float64) or not (q.dtype == k.dtype == v.dtype):
+        return forward_reference(q, k, v, causal, scale)
+    t_query, t_key = q.shape[-2], k.shape[-2]
+    scores = np.matmul(q, np.swapaxes(k, -1, -2))                       # (B, H, Tq, Tk)
+    lse = _softmax_rows_kernel(scores.reshape(-1, t_query, t_key), bool(causal),
+                               q.dtype.type(scale), q.dtype == np.float32)   # scores -> P
+    out = np.matmul(scores, v)                                           # (B, H, Tq, D)
+    return out, lse.reshape(q.shape[:-1])
+
+
+def backward_batched_numba(do, q, k, v, o, lse, causal: bool, scale: float | None = None):
+    """Same contract as ``backward_reference``, for short T: five BLAS matmuls and one Numba pass.
+
+        S = Q K^T, dP = dO V^T (batched BLAS);  P = exp(scale S - lse) and
+        dS' = scale P (dP - delta), delta_i = dO_i . o_i (Numba, in place);
+        dV = P^T dO, dQ = dS' K, dK = dS'^T Q (batched BLAS).
+    """
+    scale = _default_scale(q, scale)
+    if len({a.dtype for a in (do, q, k, v, o)}) != 1 or q.dtype not in (np.float32, np.float64):
+        return backward_reference(do, q, k, v, o, lse, causal, scale)
+    t_query, t_key = q.shape[-2], k.shape[-2]
+    scores = np.matmul(q, np.swapaxes(k, -1, -2))                       # S   (B, H, Tq, Tk)
+    dscores = np.matmul(do, np.swapaxes(v, -1, -2))                     # dP  (B, H, Tq, Tk)
+    lse3 = np.ascontiguousarray(lse, dtype=q.dtype).reshape(-1, t_query)
+    _softmax_backward_rows_kernel(scores.reshape(-1, t_query, t_key), dscores.reshape(-1, t_query, t_key),
+                                  _as_heads(do), _as_heads(o), lse3, bool(causal), q.dtype.type(scale),
+                                  q.dtype == np.float32)                 # S -> P, dP -> scale dS
+    dv = np.matmul(np.swapaxes(scores, -1, -2), do)                     # P^T dO      (B, H, Tk, D)
+    dq = np.matmul(dscores, k)                                           # scale dS K  (B, H, Tq, D)
+    dk = np.matmul(np.swapaxes(dscores, -1, -2), q)                     # scale dS^T Q (B, H, Tk, D)
+    return dq, dk, dv
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_rows_kernel(scores, causal, scale, fast):
+    """scores (N, Tq, Tk) = Q K^T, in place -> P = softmax(scale S + mask) row by row; returns lse (N, Tq).
+
+    Row i keeps its visible keys j <= i + (Tk - Tq) when causal; the rest of the row becomes 0
+    (exactly the -inf score's weight). A row with no visible key gets P = 0 and lse = -inf.
+    """
+    n_heads, t_query, t_key = scores.shape
+    offset = t_key - t_query
+    lse = np.empty((n_heads, t_query), dtype=scores.dtype)
+    bits = np.empty(t_key, dtype=np.int32)                           # scratch for the fast exp
+    for head in range(n_heads):
+        for i in range(t_query):
+            row = scores[head, i]
+            visible = t_key
+            if causal:
+                visible = max(0, min(t_key, i + offset + 1))
+            for j in range(visible, t_key):
+                row[j] = 0
+            lse[head, i] = -np.inf
+            if visible == 0:
+                continue
+            for j in range(visible):
+                row[j] *= scale
+            row_max = row[0]                                         # in the scores' dtype, so
+            for j in range(1, visible):                              # the fast exp stays float32
+                row_max = max(row_max, row[j])
+            _exp_shifted(row, visible, row_max, fast, bits)         # exp(s_ij - m_i)
+            row_sum = 0.0
+            for j in range(visible):
+                row_sum += row[j]
+            if row_sum > 0.0:
+                inverse = 1.0 / row_sum
+                for j in range(visible):
+                    row[j] *= inverse
+                lse[head, i] = row_max + math.log(row_sum)
+    return lse
+
+
+@njit(cache=True, error_model="numpy")
+def _softmax_backward_rows_kernel(scores, dprobs, do, o, lse, causal, scale, fast):
+    """In place: scores (N, Tq, Tk) = Q K^T -> P;  dprobs (N, Tq, Tk) = dO V^T -> scale * dS.
+
+    P = exp(scale s_ij - lse_i) on visible keys and 0 elsewhere;
+    dS = P * (dP - delta_i) with delta_i = dO_i . o_i  (do, o: (N, Tq, D); lse: (N, Tq)).
+    The scale of dQ = scale dS K and dK = scale dS^T Q is folded into dS here.
+    """
+    n_heads, t_query, t_key = scores.shape
+    head_dim = do.shape[2]
+    offset = t_key - t_query
+    bits = np.empty(t_key, dtype=np.int32)
+    row_delta = np.empty(1, dtype=scores.dtype)                      # delta_i in the scores' dtype
+    for head in range(n_heads):
+        for i in range(t_query):
+            probs = scores[head, i]
+            dscores = dprobs[head, i]
+            visible = t_key
+            if causal:
+                visible = max(0, min(t_key, i + offset + 1))
+            total = 0.0
+            for d in range(head_dim):
+                total += do[head, i, d] * o[head, i, d]
+            row_delta[0] = total
+            for j in range(visible):
+                probs[j] *= scale
+            _exp_shifted(probs, visible, lse[head, i], fast, bits)  # P from lse
+            for j in range(visible):
+                dscores[j] = scale * probs[j] * (dscores[j] - row_delta[0])
+            for j in range(visible, t_key):
+                probs[j] = 0
+                dscores[j] = 0
+    return 0
+
+
 # ============================================================== dispatch
 
 def forward(q, k, v, causal: bool, scale: float | None = None):
@@ -410,6 +539,8 @@ def forward(q, k, v, causal: bool, scale: float | None = None):
         if kernel is not None:
             return kernel(q, k, v, causal, scale)
     elif rung == "numba":
+        if q.shape[-2] * k.shape[-2] <= BATCHED_MAX_SCORES:
+            return forward_batched_numba(q, k, v, causal, scale)
         return forward_numba(q, k, v, causal, scale)
     return forward_reference(q, k, v, causal, scale)
 
@@ -422,5 +553,7 @@ def backward(do, q, k, v, o, lse, causal: bool, scale: float | None = None):
         if kernel is not None:
             return kernel(do, q, k, v, o, lse, causal, scale)
     elif rung == "numba":
+        if q.shape[-2] * k.shape[-2] <= BATCHED_MAX_SCORES:
+            return backward_batched_numba(do, q, k, v, o, lse, causal, scale)
         return backward_numba(do, q, k, v, o, lse, causal, scale)
     return backward_reference(do, q, k, v, o, lse, causal, scale)
