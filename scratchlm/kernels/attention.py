@@ -455,6 +455,27 @@ def backward_batched_numba(do, q, k, v, o, lse, causal: bool, scale: float | Non
     return dq, dk, dv
 
 
+# The row reductions of the two passes below may be reassociated ("reassoc") so LLVM vectorises
+# them; nothing else in those passes gets fast-math flags (the exp's Cody-Waite split
+# x - n ln2_hi - n ln2_lo must not be regrouped). Flags are per instruction, so they stay here.
+@njit(cache=True, fastmath={"reassoc"})
+def _row_sum(row, count):
+    """sum_{j < count} row[j], accumulated in float64."""
+    total = 0.0
+    for j in range(count):
+        total += row[j]
+    return total
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _row_dot(a, b):
+    """sum_d a[d] b[d] over two rows of equal length, accumulated in float64."""
+    total = 0.0
+    for d in range(a.shape[0]):
+        total += a[d] * b[d]
+    return total
+
+
 @njit(cache=True, error_model="numpy")
 def _softmax_rows_kernel(scores, causal, scale, fast):
     """scores (N, Tq, Tk) = Q K^T, in place -> P = softmax(scale S + mask) row by row; returns lse (N, Tq).
@@ -483,9 +504,7 @@ def _softmax_rows_kernel(scores, causal, scale, fast):
             for j in range(1, visible):                              # the fast exp stays float32
                 row_max = max(row_max, row[j])
             _exp_shifted(row, visible, row_max, fast, bits)         # exp(s_ij - m_i)
-            row_sum = 0.0
-            for j in range(visible):
-                row_sum += row[j]
+            row_sum = _row_sum(row, visible)
             if row_sum > 0.0:
                 inverse = 1.0 / row_sum
                 for j in range(visible):
@@ -503,7 +522,6 @@ def _softmax_backward_rows_kernel(scores, dprobs, do, o, lse, causal, scale, fas
     The scale of dQ = scale dS K and dK = scale dS^T Q is folded into dS here.
     """
     n_heads, t_query, t_key = scores.shape
-    head_dim = do.shape[2]
     offset = t_key - t_query
     bits = np.empty(t_key, dtype=np.int32)
     row_delta = np.empty(1, dtype=scores.dtype)                      # delta_i in the scores' dtype
@@ -514,10 +532,7 @@ def _softmax_backward_rows_kernel(scores, dprobs, do, o, lse, causal, scale, fas
             visible = t_key
             if causal:
                 visible = max(0, min(t_key, i + offset + 1))
-            total = 0.0
-            for d in range(head_dim):
-                total += do[head, i, d] * o[head, i, d]
-            row_delta[0] = total
+            row_delta[0] = _row_dot(do[head, i], o[head, i])
             for j in range(visible):
                 probs[j] *= scale
             _exp_shifted(probs, visible, lse[head, i], fast, bits)  # P from lse
