@@ -154,6 +154,30 @@ def test_attention_numba_matches_reference_float32(path, case):
         assert_close_float32(fast, slow, rtol=1e-4)
 
 
+@needs_numba
+@SETTINGS
+@given(attention_case(same_length=False))
+def test_attention_backward_from_kept_probs_matches_reference(case):
+    """The training pair: P kept by the forward and reused by the backward gives the reference's
+    gradients (and the kept P is left as it was)."""
+    q, k, v, do, causal = case
+    was_forced = kernels.reference_forced()
+    kernels.use_reference(False)
+    try:
+        out, lse, probs = attention.forward_keeping_probs(q, k, v, causal)
+        kept = None if probs is None else probs.copy()
+        actual = attention.backward_from_probs(do, q, k, v, out, lse, probs, causal)
+    finally:
+        kernels.use_reference(was_forced)
+    assert probs is not None                       # T <= 80 here: the batched path keeps P
+    np.testing.assert_array_equal(probs, kept)
+    ref_out, ref_lse = attention.forward_reference(q, k, v, causal)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-10, atol=1e-12)
+    expected = attention.backward_reference(do, q, k, v, ref_out, ref_lse, causal)
+    for name, fast, slow in zip(("dq", "dk", "dv"), actual, expected):
+        np.testing.assert_allclose(fast, slow, rtol=1e-9, atol=1e-11, err_msg=name)
+
+
 @pytest.mark.parametrize("rung", ["reference", "numba", "batched"])
 @pytest.mark.parametrize("t_cut", [0, 37, 63, 64, 98])
 def test_attention_is_causal(rung, t_cut):

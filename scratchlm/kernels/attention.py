@@ -415,11 +415,14 @@ def _attention_backward_kernel(do, q, k, v, o, lse, causal, scale, n_groups, fas
 BATCHED_MAX_SCORES = 128 * 128
 
 
-def forward_batched_numba(q, k, v, causal: bool, scale: float | None = None):
+def forward_batched_numba(q, k, v, causal: bool, scale: float | None = None, keep_probs: bool = False):
     """Same contract as ``forward_reference``, for short T: BLAS matmuls around a Numba softmax.
 
         S = Q K^T (batched BLAS),  P, lse = masked softmax of scale * S (Numba, in place),
         O = P V (batched BLAS).
+
+    ``keep_probs=True`` also returns P (B, H, Tq, Tk), so a training step can hand it to
+    ``backward_batched_numba`` instead of recomputing it (it is small at these T).
     """
     scale = _default_scale(q, scale)
     if q.dtype not in (np.float32, np.float64) or not (q.dtype == k.dtype == v.dtype):
@@ -429,26 +432,34 @@ def forward_batched_numba(q, k, v, causal: bool, scale: float | None = None):
     lse = _softmax_rows_kernel(scores.reshape(-1, t_query, t_key), bool(causal),
                                q.dtype.type(scale), q.dtype == np.float32)   # scores -> P
     out = np.matmul(scores, v)                                           # (B, H, Tq, D)
+    if keep_probs:
+        return out, lse.reshape(q.shape[:-1]), scores
     return out, lse.reshape(q.shape[:-1])
 
 
-def backward_batched_numba(do, q, k, v, o, lse, causal: bool, scale: float | None = None):
+def backward_batched_numba(do, q, k, v, o, lse, causal: bool, scale: float | None = None, probs=None):
     """Same contract as ``backward_reference``, for short T: five BLAS matmuls and one Numba pass.
 
         S = Q K^T, dP = dO V^T (batched BLAS);  P = exp(scale S - lse) and
         dS' = scale P (dP - delta), delta_i = dO_i . o_i (Numba, in place);
         dV = P^T dO, dQ = dS' K, dK = dS'^T Q (batched BLAS).
+    ``probs``: P as ``forward_batched_numba(..., keep_probs=True)`` returned it; then S and P
+    are not recomputed (one matmul and the exps fewer). It is only read.
     """
     scale = _default_scale(q, scale)
     if len({a.dtype for a in (do, q, k, v, o)}) != 1 or q.dtype not in (np.float32, np.float64):
         return backward_reference(do, q, k, v, o, lse, causal, scale)
     t_query, t_key = q.shape[-2], k.shape[-2]
-    scores = np.matmul(q, np.swapaxes(k, -1, -2))                       # S   (B, H, Tq, Tk)
+    recompute = probs is None or probs.dtype != q.dtype or not probs.flags.c_contiguous
+    if recompute:
+        scores = np.matmul(q, np.swapaxes(k, -1, -2))                   # S   (B, H, Tq, Tk)
+    else:
+        scores = probs                                                   # P   (B, H, Tq, Tk)
     dscores = np.matmul(do, np.swapaxes(v, -1, -2))                     # dP  (B, H, Tq, Tk)
     lse3 = np.ascontiguousarray(lse, dtype=q.dtype).reshape(-1, t_query)
     _softmax_backward_rows_kernel(scores.reshape(-1, t_query, t_key), dscores.reshape(-1, t_query, t_key),
                                   _as_heads(do), _as_heads(o), lse3, bool(causal), q.dtype.type(scale),
-                                  q.dtype == np.float32)                 # S -> P, dP -> scale dS
+                                  q.dtype == np.float32, recompute)      # (S -> P), dP -> scale dS
     dv = np.matmul(np.swapaxes(scores, -1, -2), do)                     # P^T dO      (B, H, Tk, D)
     dq = np.matmul(dscores, k)                                           # scale dS K  (B, H, Tq, D)
     dk = np.matmul(np.swapaxes(dscores, -1, -2), q)                     # scale dS^T Q (B, H, Tk, D)
@@ -514,8 +525,9 @@ def _softmax_rows_kernel(scores, causal, scale, fast):
 
 
 @njit(cache=True, error_model="numpy")
-def _softmax_backward_rows_kernel(scores, dprobs, do, o, lse, causal, scale, fast):
+def _softmax_backward_rows_kernel(scores, dprobs, do, o, lse, causal, scale, fast, recompute):
     """In place: scores (N, Tq, Tk) = Q K^T -> P;  dprobs (N, Tq, Tk) = dO V^T -> scale * dS.
+    With ``recompute=False`` scores already holds P (zeros where masked) and is only read.
 
     P = exp(scale s_ij - lse_i) on visible keys and 0 elsewhere;
     dS = P * (dP - delta_i) with delta_i = dO_i . o_i  (do, o: (N, Tq, D); lse: (N, Tq)).
@@ -533,13 +545,15 @@ def _softmax_backward_rows_kernel(scores, dprobs, do, o, lse, causal, scale, fas
             if causal:
                 visible = max(0, min(t_key, i + offset + 1))
             row_delta[0] = _row_dot(do[head, i], o[head, i])
-            for j in range(visible):
-                probs[j] *= scale
-            _exp_shifted(probs, visible, lse[head, i], fast, bits)  # P from lse
+            if recompute:
+                for j in range(visible):
+                    probs[j] *= scale
+                _exp_shifted(probs, visible, lse[head, i], fast, bits)  # P from lse
+                for j in range(visible, t_key):
+                    probs[j] = 0
             for j in range(visible):
                 dscores[j] = scale * probs[j] * (dscores[j] - row_delta[0])
             for j in range(visible, t_key):
-                probs[j] = 0
                 dscores[j] = 0
     return 0
 
@@ -558,6 +572,23 @@ def forward(q, k, v, causal: bool, scale: float | None = None):
             return forward_batched_numba(q, k, v, causal, scale)
         return forward_numba(q, k, v, causal, scale)
     return forward_reference(q, k, v, causal, scale)
+
+
+def forward_keeping_probs(q, k, v, causal: bool, scale: float | None = None):
+    """(o, lse, probs) for a training step: as ``forward``, plus P (B, H, Tq, Tk) where the
+    batched path made it anyway (short T on the Numba rung), else None. Hand ``probs`` to
+    ``backward_from_probs``."""
+    if pick(q) == "numba" and q.shape[-2] * k.shape[-2] <= BATCHED_MAX_SCORES:
+        return forward_batched_numba(q, k, v, causal, scale, keep_probs=True)
+    o, lse = forward(q, k, v, causal, scale)
+    return o, lse, None
+
+
+def backward_from_probs(do, q, k, v, o, lse, probs, causal: bool, scale: float | None = None):
+    """(dq, dk, dv) as ``backward``, reusing P from ``forward_keeping_probs`` when it kept one."""
+    if probs is not None and pick(q) == "numba":
+        return backward_batched_numba(do, q, k, v, o, lse, causal, scale, probs=probs)
+    return backward(do, q, k, v, o, lse, causal, scale)
 
 
 def backward(do, q, k, v, o, lse, causal: bool, scale: float | None = None):
