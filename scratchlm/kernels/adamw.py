@@ -62,7 +62,8 @@ def step_reference(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weig
 
 # ============================================================== 2. Numba (CPU)
 
-@njit(cache=True)
+# error_model="numpy": IEEE division without a per-element zero check, so the loop vectorises
+@njit(cache=True, error_model="numpy")
 def _adamw_kernel(param, grad, exp_avg, exp_avg_sq, decay, beta1, one_minus_beta1, beta2,
                   one_minus_beta2, step_size, bc2_sqrt, eps):
     """One pass over flat (N,) arrays; the scalars arrive already in the arrays' dtype, so every

@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from scratchlm import backend
-from scratchlm.kernels import cuda_kernel, njit, pick, prange
+from scratchlm.kernels import cuda_kernel, njit, pick
 
 
 # ============================================================== 1. reference (the truth)
@@ -86,18 +86,19 @@ def _checked_targets(targets, vocab_size: int, ignore_index: int):
     return targets
 
 
-@njit(parallel=True, cache=True)
+# Serial with IEEE division (error_model="numpy"): on 2 cores threads cost more than they
+# save at these sizes (N=768, V=65: forward 0.32 -> 0.19 ms, backward 0.26 -> 0.12 ms).
+@njit(cache=True, error_model="numpy")
 def _cross_entropy_forward_kernel(logits, targets, ignore_index):
     """logits (N, V), targets (N,) -> (sum of lse_r - logits_r,t over counted rows, count, lse (N,)).
 
-    Rows in parallel; per row one pass for the max and one for sum exp(logit - max) (float64
-    accumulation). The scalar sums are prange reductions.
+    Per row one pass for the max and one for sum exp(logit - max) (float64 accumulation).
     """
     rows, vocab = logits.shape
     lse = np.empty(rows, dtype=logits.dtype)
     total = 0.0
     counted = 0
-    for r in prange(rows):
+    for r in range(rows):
         row_max = logits[r, 0]
         for c in range(1, vocab):
             row_max = max(row_max, logits[r, c])
@@ -112,7 +113,7 @@ def _cross_entropy_forward_kernel(logits, targets, ignore_index):
     return total, counted, lse
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, error_model="numpy")
 def _cross_entropy_backward_kernel(dloss, logits, lse, targets, ignore_index):
     """dlogits (N, V) = dloss / n (exp(logits - lse) - onehot), zero rows where ignored."""
     rows, vocab = logits.shape
@@ -122,7 +123,7 @@ def _cross_entropy_backward_kernel(dloss, logits, lse, targets, ignore_index):
             counted += 1
     dlogits = np.empty_like(logits)
     row_scale = dloss / max(counted, 1)
-    for r in prange(rows):
+    for r in range(rows):
         if targets[r] == ignore_index:
             for c in range(vocab):
                 dlogits[r, c] = 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from scratchlm import backend
-from scratchlm.kernels import cuda_kernel, njit, pick, prange
+from scratchlm.kernels import cuda_kernel, njit, pick
 
 
 # ============================================================== 1. reference (the truth)
@@ -43,14 +43,19 @@ def backward_numba(dout, idx, vocab_size: int):
     return _embedding_backward_kernel(dout, idx, vocab_size)
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _embedding_backward_kernel(dout, idx, vocab_size):
-    """dout (N, C), idx (N,) -> dweight (V, C). Parallel over column stripes, serial over n."""
+    """dout (N, C), idx (N,) -> dweight (V, C), column stripes in turn, serial over n.
+
+    Serial: on 2 cores the parallel version was ~4x slower at GPT sizes (0.25 vs 0.055 ms for
+    N=768, C=128) -- the work per call is too small to pay for waking threads. The stripes keep
+    each pass over n inside a few cache lines of dweight's rows.
+    """
     rows, channels = dout.shape
     dweight = np.zeros((vocab_size, channels), dtype=dout.dtype)
     stripe = 16                                  # 64 bytes of float32: one cache line per row
     n_stripes = (channels + stripe - 1) // stripe
-    for s in prange(n_stripes):
+    for s in range(n_stripes):
         c_start = s * stripe
         c_stop = min(channels, c_start + stripe)
         for n in range(rows):
