@@ -314,3 +314,20 @@ def qkv(draw, max_t=6):
 @given(qkv(), st.booleans())
 def test_scaled_dot_product_attention(qkv_arrays, causal):
     check_gradients(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal), *qkv_arrays)
+
+
+@given(st.integers(1, 4), st.integers(1, 4), hnp.array_shapes(min_dims=0, max_dims=2, max_side=3), st.booleans(),
+       st.data())
+def test_linear(n_in, n_out, lead, with_bias, data):
+    x = data.draw(arrays(lead + (n_in,)))
+    w = data.draw(arrays((n_in, n_out)))
+    b = data.draw(arrays((n_out,)))
+    if with_bias:
+        grads = check_gradients(lambda x_, w_, b_: F.linear(x_, w_, b_), x, w, b)
+    else:
+        grads = check_gradients(lambda x_, w_: F.linear(x_, w_), x, w)
+    # and it is the composition it fuses
+    expected = x @ w + (b if with_bias else 0.0)
+    got = F.linear(sl.tensor(x), sl.tensor(w), sl.tensor(b) if with_bias else None)
+    np.testing.assert_allclose(sl.backend.to_numpy(got.data), expected, rtol=1e-12, atol=1e-12)
+    assert len(grads) == (3 if with_bias else 2)

@@ -5,7 +5,7 @@ Each function is a thin call of one op in ``scratchlm/ops``, where its forward a
 from __future__ import annotations
 
 from .. import backend
-from ..ops import attention, elementwise, nn, reduce  # noqa: F401  (registers the ops)
+from ..ops import attention, elementwise, linalg, nn, reduce  # noqa: F401  (registers the ops)
 from ..ops.shape import concatenate, split, stack  # noqa: F401
 from ..tensor import Tensor, tensor
 
@@ -88,6 +88,12 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     return a @ b
 
 
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight + bias with weight of shape (n_in, n_out) -- GPT-2's layout, the transpose of
+    PyTorch's F.linear -- fused into one op."""
+    return linalg.Linear.apply(x, weight, bias)
+
+
 __all__ = ["softmax", "log_softmax", "gelu", "relu", "tanh", "sigmoid", "layer_norm", "cross_entropy",
            "embedding", "dropout", "where", "masked_fill", "mse_loss", "binary_cross_entropy_with_logits",
-           "scaled_dot_product_attention", "matmul", "concatenate", "stack", "split", "tensor"]
+           "scaled_dot_product_attention", "matmul", "linear", "concatenate", "stack", "split", "tensor"]

@@ -282,11 +282,7 @@ class Linear(Module):
         self.bias = _draw((n_out,), bound=bound, rng=rng) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        y = x.reshape(-1, self.n_in) @ self.weight          # (N, n_in) @ (n_in, n_out) -> (N, n_out)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.n_out)                 # (..., n_out)
+        return F.linear(x, self.weight, self.bias)          # (..., n_in) @ (n_in, n_out) + (n_out,)
 
     def extra_repr(self):
         return f"{self.n_in}, {self.n_out}, bias={self.bias is not None}"

@@ -52,3 +52,32 @@ class MatMul(Function):
         if b.ndim == 1:
             grad_b = grad_b[..., 0]
         return grad_a, grad_b
+
+
+class Linear(Function):
+    """Y = X W + b, fused: the layer of every projection in a GPT.
+
+    X (..., n_in), W (n_in, n_out) -- GPT-2's orientation, so no transpose -- and b (n_out,) or
+    None. With the batch axes folded into rows, X (N, n_in) and G = dL/dY (N, n_out):
+        dL/dX = G W^T,    dL/dW = X^T G,    dL/db = sum over rows of G.
+    Fused rather than MatMul + Add: the bias is added in place into the product's fresh output
+    (no second (N, n_out) array) and its gradient is one row sum (no broadcast bookkeeping).
+    """
+
+    @staticmethod
+    def forward(x, weight, bias):
+        if x.shape[-1] != weight.shape[0]:
+            raise ValueError(f"linear: input {tuple(x.shape)} does not fit weight {tuple(weight.shape)} "
+                             f"(the input's last axis must equal the weight's first)")
+        rows = x.reshape(-1, x.shape[-1])                  # (N, n_in)
+        y = rows @ weight                                  # (N, n_out), a new array
+        if bias is not None:
+            y += bias
+        return y.reshape(x.shape[:-1] + weight.shape[1:]), (rows, weight, x.shape, bias is not None)
+
+    @staticmethod
+    def backward(g, saved):
+        rows, weight, x_shape, has_bias = saved
+        g_rows = g.reshape(-1, g.shape[-1])                # (N, n_out)
+        grad_bias = g_rows.sum(axis=0) if has_bias else None
+        return (g_rows @ weight.T).reshape(x_shape), rows.T @ g_rows, grad_bias
