@@ -36,6 +36,7 @@ def main():
     args = parser.parse_args()
     sl.use_backend(args.backend)
     kernels.use_reference(args.kernels == "off")
+    backend.keep_freed_host_memory()     # as the trainer does
     config = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0)
     model = GPT(config, seed=0)
     opt = optim.AdamW(model.configure_optimizer_groups(0.1), lr=1e-3, betas=(0.9, 0.99))
