@@ -77,7 +77,7 @@ def run_scratchlm(args, config, vocab_size) -> dict:
         flops_per_token = trainer.model.flops_per_token()
         n_params = trainer.model.num_parameters(non_embedding=False)
     memory = _peak_memory(args, "cupy")
-    return {"times": times[args.warmup:], "loss": loss, "flops_per_token": flops_per_token, "params": n_params,
+    return {"times": times[args.warmup:], "loss": float(backend.to_numpy(loss)), "flops_per_token": flops_per_token, "params": n_params,
             "peak_flops": peak_flops(), **memory}
 
 

@@ -379,29 +379,29 @@ def cosine_with_warmup(max_lr: float, warmup_iters: int, decay_iters: int,
 
 # ================================================================ gradient clipping
 
-def clip_grad_norm_(params: Iterable, max_norm: float) -> float:
+def clip_grad_norm_(params: Iterable, max_norm: float, as_array: bool = False):
     """Scale all gradients in place so their global L2 norm is at most ``max_norm``.
 
         norm = sqrt(sum over every grad g of sum(g * g))
         if norm > max_norm:  g <- g * max_norm / (norm + 1e-6)   for every g
 
-    Returns the norm before clipping as a Python float (for logging). A NaN or infinite norm is
-    returned as it is and nothing is scaled: the caller decides whether to skip the step.
-    Parameters whose grad is None are ignored.
+    Returns the norm before clipping as a Python float (for logging), or with ``as_array=True``
+    as a 0-d backend array: then nothing leaves the device (no host sync), which is what a GPU
+    training step wants. A NaN or infinite norm is returned as it is and nothing is scaled: the
+    caller decides whether to skip the step. Parameters whose grad is None are ignored.
     """
     xp = backend.xp
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
-    # One device->host sync in total: per-grad sums of squares are combined on the device and
-    # only the final scalar comes back. vdot is one BLAS call per grad (no g*g temporary, and on
-    # a GPU one launch instead of two, which matters at ~150 parameters per step).
+        return xp.zeros((), dtype=xp.float64) if as_array else 0.0
+    # Per-grad sums of squares are combined on the device. vdot is one BLAS call per grad (no g*g
+    # temporary; on a GPU one launch instead of two, which matters at ~150 parameters per step).
     squares = xp.stack([xp.vdot(g.ravel(), g.ravel()) for g in grads]).astype(xp.float64)
-    total_norm = float(xp.sqrt(xp.sum(squares)))
-    if not math.isfinite(total_norm):
-        return total_norm
-    if total_norm > max_norm:
-        scale = max_norm / (total_norm + 1e-6)
-        for g in grads:
-            g *= scale
-    return total_norm
+    total_norm = xp.sqrt(xp.sum(squares))
+    # The decision "clip or not" is made on the device too: the factor is 1 (an exact no-op)
+    # below max_norm and for a non-finite norm.
+    clips = xp.isfinite(total_norm) & (total_norm > max_norm)
+    factor = xp.where(clips, max_norm / (total_norm + 1e-6), 1.0)
+    for g in grads:
+        g *= factor.astype(g.dtype)
+    return total_norm if as_array else float(total_norm)

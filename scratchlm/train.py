@@ -21,7 +21,9 @@ Iteration ``it`` (nanoGPT's order):
     2. lr <- schedule(it); for each of ``gradient_accumulation_steps`` micro-batches:
        loss = model(x, y) / accum; loss.backward()          (gradients add up: the mean)
     3. clip the global gradient norm to ``grad_clip``; AdamW step; zero the gradients.
-A checkpoint taken "at iteration k" holds the state after k completed iterations.
+A checkpoint taken "at iteration k" holds the state after k completed iterations. Losses stay on
+the device until ``log_interval`` iterations have queued (or an eval or save comes): then one
+transfer brings them back, and a NaN/inf among them stops the run, naming its iteration.
 """
 from __future__ import annotations
 
@@ -158,8 +160,10 @@ class Trainer:
 
     # ------------------------------------------------------------ one iteration (the profiled part)
 
-    def train_step(self, it: int) -> tuple[float, float | None, float]:
-        """One optimizer step: (mean loss over the micro-batches, gradient norm before clipping, lr)."""
+    def train_step(self, it: int):
+        """One optimizer step: (mean loss over the micro-batches, gradient norm before clipping or
+        None, lr). Loss and norm stay 0-d backend arrays: nothing here waits for the device, so a
+        GPU queues step after step; ``_flush`` reads them back in one transfer every few steps."""
         c, accum = self.config, self.config.gradient_accumulation_steps
         backend.manual_seed(backend.step_seed(c.seed, it))          # dropout's draws for this step
         lr = self.schedule(it)
@@ -170,17 +174,14 @@ class Trainer:
             x, y = self.sampler.batch(it * accum + micro)           # (B, T), (B, T)
             _, loss = self.model(x, y)
             (loss / accum).backward()                               # grads add up to the mean's
-            loss_sum = loss_sum + loss.data                         # stays on the device: no sync
-        loss_value = float(loss_sum) / accum                        # the one host sync of the step
+            loss_sum = loss_sum + loss.data                         # stays on the device
         grad_norm = None
         if c.grad_clip > 0:
             from scratchlm.optim import clip_grad_norm_
-            grad_norm = clip_grad_norm_(self.params, c.grad_clip)
-        if not (math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm))):
-            self._diverged(it, loss_value, grad_norm)
+            grad_norm = clip_grad_norm_(self.params, c.grad_clip, as_array=True)
         self.optimizer.step()
         self.optimizer.zero_grad()
-        return loss_value, grad_norm, lr
+        return loss_sum / accum, grad_norm, lr
 
     def evaluate(self, interrupt: _DeferredInterrupt | None = None) -> dict[str, float] | None:
         """Mean loss over the same ``eval_iters`` batches of each split; None if Ctrl-C came meanwhile."""
@@ -206,28 +207,33 @@ class Trainer:
     def fit(self) -> TrainResult:
         c, start = self.config, time.perf_counter()
         bar = self._progress_bar()
+        self._pending, self._window_start = [], time.perf_counter()
         try:
             with _DeferredInterrupt() as interrupt:
                 it = self.iteration
                 while True:
-                    if (it % c.eval_interval == 0 or it == c.max_iters) and it not in self.evaluated_at:
+                    due_eval = (it % c.eval_interval == 0 or it == c.max_iters) and it not in self.evaluated_at
+                    if due_eval or it >= c.max_iters or interrupt.requested:
+                        self._flush(bar)            # every loss checked before anything is saved
+                    if due_eval:
                         losses = self.evaluate(interrupt)
                         if losses is None:
                             break
                         self._log_eval(it, losses, bar)
                         self._save(it)
+                        self._window_start = time.perf_counter()
                     if it >= c.max_iters or interrupt.requested:
                         break
-                    t0 = time.perf_counter()
-                    # overflow shows up as an inf/NaN loss, which train_step reports with the
+                    # overflow shows up as an inf/NaN loss, which _flush reports with the
                     # iteration; NumPy's RuntimeWarnings about it would only add noise
                     with _quiet_float_errors():
-                        loss, grad_norm, lr = self.train_step(it)
-                    backend.synchronize()
-                    self._log_train(it, loss, grad_norm, lr, time.perf_counter() - t0, bar)
+                        self._pending.append((it, *self.train_step(it)))
                     it += 1
                     self.iteration = it
+                    if it % c.log_interval == 0:
+                        self._flush(bar)
                 if interrupt.requested:
+                    self._flush(bar)
                     self._save(self.iteration)
                     self._finish_plot()
                     raise TrainingInterrupted(
@@ -239,6 +245,27 @@ class Trainer:
         self._finish_plot()
         return TrainResult(self.run_dir, self.iteration, self.best_val_loss, self.last_val_loss,
                            time.perf_counter() - start)
+
+    def _flush(self, bar) -> None:
+        """Bring the pending iterations' losses and norms to the host in one transfer, stop at the
+        first non-finite one (naming its iteration), and log them all.
+
+        This is the only place the training loop waits for the device (every ``log_interval``
+        iterations and before evals and saves), so ms/iter is the mean over the window."""
+        if not self._pending:
+            return
+        xp = backend.xp
+        losses = backend.to_numpy(xp.stack([loss for _, loss, _, _ in self._pending]))
+        has_norm = self._pending[0][2] is not None
+        norms = backend.to_numpy(xp.stack([norm for _, _, norm, _ in self._pending])) if has_norm else None
+        seconds = (time.perf_counter() - self._window_start) / len(self._pending)
+        for k, (it, _, _, lr) in enumerate(self._pending):
+            loss, grad_norm = float(losses[k]), float(norms[k]) if has_norm else None
+            if not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))):
+                self._pending = []
+                self._diverged(it, loss, grad_norm)
+            self._log_train(it, loss, grad_norm, lr, seconds, bar)
+        self._pending, self._window_start = [], time.perf_counter()
 
     # ------------------------------------------------------------ bookkeeping
 

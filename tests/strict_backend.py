@@ -30,6 +30,8 @@ def _unwrap(value):
 def _wrap(value):
     if isinstance(value, np.ndarray):
         return StrictArray(value)
+    if isinstance(value, np.generic):
+        return StrictArray(np.asarray(value))   # CuPy reductions give 0-d device arrays, not scalars
     if isinstance(value, tuple):
         return tuple(_wrap(v) for v in value)
     if isinstance(value, list) and value and isinstance(value[0], np.ndarray):

@@ -243,3 +243,45 @@ def test_resume_drops_a_metrics_line_cut_off_mid_write(tmp_path, corpus_file):
     train(config, tmp_path / "run", resume=True, progress=False)
     iters = [m["iter"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if m["kind"] == "train"]
     assert iters == [0, 1, 2, 3]
+
+
+def test_a_training_step_never_waits_for_the_device(tmp_path, corpus_file, monkeypatch):
+    """On the strict (CuPy-like) backend, train_step must not read anything back to the host:
+    no float()/bool() of a device array and no .get(), .item() or .tolist() -- each of those is a
+    device->host sync on a GPU. Losses come back in one transfer per log_interval (``_flush``)."""
+    from types import SimpleNamespace
+
+    from strict_backend import StrictArray
+    from scratchlm.tokenizers import CharTokenizer
+    from scratchlm.train import Trainer
+
+    text = corpus_file.read_text(encoding="utf-8")
+    tokenizer = CharTokenizer.from_text(text)
+    ids = np.array(tokenizer.encode(text), dtype=np.uint16)
+    backend.use_backend("strict")
+    try:
+        trainer = Trainer(tiny_config(grad_clip=1.0, gradient_accumulation_steps=2),
+                          tokenizer, SimpleNamespace(train=ids, val=ids), tmp_path / "run", progress=False)
+        reads = []
+
+        def forbid(name):
+            def read(self, *args, **kwargs):
+                reads.append(name)
+                raise AssertionError(f"train_step read a device array back with {name}")
+            return read
+        for name in ("get", "__float__", "__bool__", "__int__"):
+            monkeypatch.setattr(StrictArray, name, forbid(name))
+        original_getattr = StrictArray.__getattr__
+
+        def no_item(self, name):
+            if name in ("item", "tolist"):
+                forbid(name)(self)
+            return original_getattr(self, name)
+        monkeypatch.setattr(StrictArray, "__getattr__", no_item)
+        steps = [trainer.train_step(it) for it in range(3)]
+        monkeypatch.undo()
+        assert reads == []
+        losses = [float(backend.to_numpy(loss)) for loss, _, _ in steps]
+        assert all(math.isfinite(loss) for loss in losses)
+    finally:
+        backend.use_backend("numpy")
