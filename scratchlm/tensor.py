@@ -109,7 +109,7 @@ class Function:
 
 
 def _as_tensors(inputs) -> tuple:
-    """Tensors stay; Python/NumPy numbers become constants of the first tensor's dtype.
+    """Tensors stay; Python/NumPy numbers become constant scalars of the first tensor's dtype.
 
     ``None`` stays ``None``: an optional input (a layer norm without bias) gets no gradient.
     """
@@ -121,7 +121,9 @@ def _as_tensors(inputs) -> tuple:
         elif isinstance(x, (numbers.Number, np.generic)) and like is not None:
             number_is_float = isinstance(x, (float, np.floating))
             dtype = backend.get_default_dtype() if number_is_float and like.dtype.kind != "f" else like.dtype
-            converted.append(Tensor(backend.xp.asarray(x, dtype=dtype)))
+            # a typed scalar, not a device array: NumPy and CuPy combine it with arrays directly,
+            # and on a GPU no host->device copy is queued for every "x * 0.5"
+            converted.append(Tensor(np.dtype(dtype).type(x)))
         else:
             converted.append(Tensor(backend.to_device(x)))
     return tuple(converted)
