@@ -165,9 +165,12 @@ def run_cpu(args, torch):
             if kernels.numba is not None:
                 row["numba"] = measure_scratchlm(attention.forward_numba, attention.backward_numba,
                                                  q, k, v, do, args.repeats, args.warmup)
+                row["numba_strips_blas"] = measure_scratchlm(attention.forward_strips_blas,
+                                                             attention.backward_strips_blas,
+                                                             q, k, v, do, args.repeats, args.warmup)
             if torch is not None:
                 row["torch_sdpa_cpu"] = measure_torch(torch, q, k, v, do, args.repeats, args.warmup)
-                for rung in ("numba", "numpy_reference"):
+                for rung in ("numba", "numba_strips_blas", "numpy_reference"):
                     if "fwd_ms" in row.get(rung, {}):
                         row[rung]["speed_vs_torch_fwd"] = ratio(row["torch_sdpa_cpu"]["fwd_ms"], row[rung]["fwd_ms"])
                         row[rung]["speed_vs_torch_fwd_bwd"] = ratio(row["torch_sdpa_cpu"]["fwd_bwd_ms"],
@@ -181,19 +184,19 @@ def fmt(value, digits=1):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-CPU_HEADER = (f"{'H':>3} {'T':>5} | {'rung':<16} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} "
+CPU_HEADER = (f"{'H':>3} {'T':>5} | {'rung':<17} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} "
               f"{'fwd MiB':>8} {'f+b MiB':>8} | {'x torch fwd':>11} {'x torch f+b':>11}")
 
 
 def print_cpu_row(row):
-    for rung in ("numpy_reference", "numba", "torch_sdpa_cpu"):
+    for rung in ("numpy_reference", "numba", "numba_strips_blas", "torch_sdpa_cpu"):
         cell = row.get(rung)
         if cell is None:
             continue
         if "skipped" in cell:
-            print(f"{row['H']:>3} {row['T']:>5} | {rung:<16} skipped: {cell['skipped']}")
+            print(f"{row['H']:>3} {row['T']:>5} | {rung:<17} skipped: {cell['skipped']}")
             continue
-        print(f"{row['H']:>3} {row['T']:>5} | {rung:<16} {fmt(cell['fwd_ms']):>9} {fmt(cell['bwd_ms']):>9} "
+        print(f"{row['H']:>3} {row['T']:>5} | {rung:<17} {fmt(cell['fwd_ms']):>9} {fmt(cell['bwd_ms']):>9} "
               f"{fmt(cell['fwd_bwd_ms']):>9} {fmt(cell.get('fwd_peak_mib')):>8} {fmt(cell.get('fwd_bwd_peak_mib')):>8} | "
               f"{fmt(cell.get('speed_vs_torch_fwd'), 2):>11} {fmt(cell.get('speed_vs_torch_fwd_bwd'), 2):>11}")
     sys.stdout.flush()
@@ -211,7 +214,7 @@ def run_gpu(args, torch):
             torch.cuda.synchronize()
 
     rows = []
-    print(f"{'H':>3} {'T':>5} | {'rung':<16} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'peak MiB':>9} | "
+    print(f"{'H':>3} {'T':>5} | {'rung':<17} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'peak MiB':>9} | "
           f"{'x torch fwd':>11} {'x torch f+b':>11}")
     for heads in args.heads:
         for seq_len in args.gpu_seq_lens:
@@ -243,7 +246,7 @@ def run_gpu(args, torch):
                 cell = row.get(rung)
                 if cell:
                     peak = cell.get("peak_mib", cell.get("pool_total_mib"))
-                    print(f"{heads:>3} {seq_len:>5} | {rung:<16} {fmt(cell['fwd_ms'], 2):>9} {fmt(cell['bwd_ms'], 2):>9} "
+                    print(f"{heads:>3} {seq_len:>5} | {rung:<17} {fmt(cell['fwd_ms'], 2):>9} {fmt(cell['bwd_ms'], 2):>9} "
                           f"{fmt(cell['fwd_bwd_ms'], 2):>9} {fmt(peak):>9} | {fmt(cell.get('speed_vs_torch_fwd'), 2):>11} "
                           f"{fmt(cell.get('speed_vs_torch_fwd_bwd'), 2):>11}")
             sys.stdout.flush()

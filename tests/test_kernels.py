@@ -112,6 +112,7 @@ def test_attention_reference_backward_matches_finite_differences(case, seed):
 # ============================================================== attention: the Numba kernel
 
 # The two CPU paths: the tiled kernel, and the batched-BLAS path the dispatcher takes at small T.
+# (The long-T strip path is checked further down, with strips narrower than these T.)
 NUMBA_PATHS = {"tiled": (attention.forward_numba, attention.backward_numba),
                "batched": (attention.forward_batched_numba, attention.backward_batched_numba)}
 
@@ -154,6 +155,57 @@ def test_attention_numba_matches_reference_float32(path, case):
         assert_close_float32(fast, slow, rtol=1e-4)
 
 
+def assert_strips_match_reference(q, k, v, do, causal):
+    """forward_strips_blas / backward_strips_blas against the reference: float64 tight, float32
+    (inputs rounded to float32, reference in float64) within the tolerances of the module docstring."""
+    out, lse = attention.forward_reference(q, k, v, causal)
+    expected = attention.backward_reference(do, q, k, v, out, lse, causal)
+    fast_out, fast_lse = attention.forward_strips_blas(q, k, v, causal)
+    np.testing.assert_allclose(fast_out, out, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(fast_lse, lse, rtol=1e-10, atol=1e-12)
+    actual = attention.backward_strips_blas(do, q, k, v, out, lse, causal)
+    for name, fast, slow in zip(("dq", "dk", "dv"), actual, expected):
+        assert fast.shape == slow.shape and fast.dtype == np.float64, name
+        np.testing.assert_allclose(fast, slow, rtol=1e-9, atol=1e-11, err_msg=name)
+
+    narrow = [a.astype(np.float32) for a in (q, k, v, do)]
+    wide = [a.astype(np.float64) for a in narrow]
+    out, lse = attention.forward_reference(*wide[:3], causal)
+    expected = attention.backward_reference(wide[3], *wide[:3], out, lse, causal)
+    fast_out, fast_lse = attention.forward_strips_blas(*narrow[:3], causal)
+    assert fast_out.dtype == np.float32 and fast_lse.dtype == np.float32
+    assert np.all(np.abs(fast_out - out) <= 2e-5 * (1 + np.abs(out)))
+    assert np.all(np.abs(fast_lse - lse) <= 2e-5 * (1 + np.abs(lse)))
+    actual = attention.backward_strips_blas(narrow[3], *narrow[:3], fast_out, fast_lse, causal)
+    for fast, slow in zip(actual, expected):
+        assert fast.dtype == np.float32
+        assert_close_float32(fast, slow, rtol=1e-4)
+
+
+@needs_numba
+@SETTINGS
+@given(attention_case(same_length=False), st.sampled_from([1, 7, 16, 64]))
+def test_attention_strips_match_reference_with_narrow_strips(case, strip):
+    """Strips of 1 to 64 rows over T up to 80: several strips, a ragged last one, Tq <= Tk."""
+    q, k, v, do, causal = case
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention, "STRIP_Q", strip)
+        assert_strips_match_reference(q, k, v, do, causal)
+
+
+@needs_numba
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("t_query, t_key", [(129, 129), (300, 300), (256, 256), (150, 300)])
+def test_attention_strips_match_reference_at_long_t(causal, t_query, t_key):
+    """The dispatcher's strip width, T just above the batched threshold and not a multiple of it."""
+    assert 128 * 128 <= attention.BATCHED_MAX_SCORES < 129 * 129
+    seed = t_query + t_key + causal
+    q = uniform(seed, (2, 2, t_query, 32))
+    k, v = (uniform(seed + n, (2, 2, t_key, 32)) for n in (1, 2))
+    do = uniform(seed + 3, (2, 2, t_query, 32))
+    assert_strips_match_reference(q, k, v, do, causal)
+
+
 @needs_numba
 @SETTINGS
 @given(attention_case(same_length=False))
@@ -178,14 +230,15 @@ def test_attention_backward_from_kept_probs_matches_reference(case):
         np.testing.assert_allclose(fast, slow, rtol=1e-9, atol=1e-11, err_msg=name)
 
 
-@pytest.mark.parametrize("rung", ["reference", "numba", "batched"])
+@pytest.mark.parametrize("rung", ["reference", "numba", "batched", "strips"])
 @pytest.mark.parametrize("t_cut", [0, 37, 63, 64, 98])
-def test_attention_is_causal(rung, t_cut):
+def test_attention_is_causal(rung, t_cut, monkeypatch):
     """Changing q, k, v at positions after t_cut leaves outputs and lse at positions <= t_cut."""
     if rung != "reference" and not kernels.numba_available():
         pytest.skip("numba is not installed")
+    monkeypatch.setattr(attention, "STRIP_Q", 32)           # several strips over T = 100
     run = {"reference": attention.forward_reference, "numba": attention.forward_numba,
-           "batched": attention.forward_batched_numba}[rung]
+           "batched": attention.forward_batched_numba, "strips": attention.forward_strips_blas}[rung]
     q, k, v = (uniform(seed, (2, 3, 100, 32)) for seed in (1, 2, 3))
     out, lse = run(q, k, v, True, 0.3)
     changed = [x.copy() for x in (q, k, v)]
@@ -211,7 +264,7 @@ def test_attention_numba_accepts_non_contiguous_views():
 def test_attention_dispatch_takes_the_batched_path_only_at_small_t(monkeypatch):
     calls = []
     monkeypatch.setattr(attention, "forward_batched_numba", lambda *a: calls.append("batched"))
-    monkeypatch.setattr(attention, "forward_numba", lambda *a: calls.append("tiled"))
+    monkeypatch.setattr(attention, "forward_strips_blas", lambda *a: calls.append("strips"))
     was_forced = kernels.reference_forced()
     kernels.use_reference(False)
     try:
@@ -221,7 +274,7 @@ def test_attention_dispatch_takes_the_batched_path_only_at_small_t(monkeypatch):
         attention.forward(large, large, large, True, None)
     finally:
         kernels.use_reference(was_forced)
-    assert calls == ["batched", "tiled"]
+    assert calls == ["batched", "strips"]
 
 
 # ============================================================== dispatch
