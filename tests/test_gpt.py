@@ -22,14 +22,6 @@ TINY = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
 GRAD_TOL, FD_EPS = 1e-6, 1e-6
 
 
-@pytest.fixture
-def float64():
-    previous = backend.get_default_dtype()
-    sl.set_default_dtype(np.float64)
-    yield
-    sl.set_default_dtype(previous)
-
-
 def tiny(seed=0, **overrides):
     return GPT(GPTConfig(**{**TINY, **overrides}), seed=seed)
 

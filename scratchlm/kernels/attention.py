@@ -66,6 +66,16 @@ def _default_scale(q, scale):
 
 # ============================================================== 1. reference (the truth)
 
+def _masked_scores(q, k, causal: bool, scale: float):
+    """S = scale q k^T (B, H, Tq, Tk), with exactly -inf where causality forbids a key."""
+    xp = backend.xp
+    scores = xp.matmul(q, xp.swapaxes(k, -1, -2)) * scale
+    if causal:
+        scores = xp.where(_causal_allowed(q.shape[-2], k.shape[-2]), scores,
+                          xp.asarray(-xp.inf, dtype=scores.dtype))
+    return scores
+
+
 def forward_reference(q, k, v, causal: bool, scale: float | None = None):
     """o = softmax(scale q k^T + mask) v and lse = per-row log-sum-exp; materialises (Tq, Tk).
 
@@ -73,10 +83,7 @@ def forward_reference(q, k, v, causal: bool, scale: float | None = None):
     """
     xp = backend.xp
     scale = _default_scale(q, scale)
-    scores = xp.matmul(q, xp.swapaxes(k, -1, -2)) * scale              # (B, H, Tq, Tk)
-    if causal:
-        scores = xp.where(_causal_allowed(q.shape[-2], k.shape[-2]), scores,
-                          xp.asarray(-xp.inf, dtype=scores.dtype))
+    scores = _masked_scores(q, k, causal, scale)                        # (B, H, Tq, Tk)
     row_max = xp.max(scores, axis=-1, keepdims=True)                     # (B, H, Tq, 1)
     lse = row_max[..., 0] + xp.log(xp.sum(xp.exp(scores - row_max), axis=-1))   # (B, H, Tq)
     probs = xp.exp(scores - lse[..., None])                              # (B, H, Tq, Tk)
@@ -88,10 +95,7 @@ def backward_reference(do, q, k, v, o, lse, causal: bool, scale: float | None = 
     """(dq, dk, dv) from do = dL/do, recomputing P = exp(scale q k^T + mask - lse)."""
     xp = backend.xp
     scale = _default_scale(q, scale)
-    scores = xp.matmul(q, xp.swapaxes(k, -1, -2)) * scale              # (B, H, Tq, Tk)
-    if causal:
-        scores = xp.where(_causal_allowed(q.shape[-2], k.shape[-2]), scores,
-                          xp.asarray(-xp.inf, dtype=scores.dtype))
+    scores = _masked_scores(q, k, causal, scale)                        # (B, H, Tq, Tk)
     probs = xp.exp(scores - lse[..., None])                              # P, masked -> exactly 0
     dv = xp.matmul(xp.swapaxes(probs, -1, -2), do)                      # P^T dO   (B, H, Tk, D)
     dprobs = xp.matmul(do, xp.swapaxes(v, -1, -2))                      # dO V^T   (B, H, Tq, Tk)

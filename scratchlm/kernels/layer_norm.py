@@ -100,7 +100,7 @@ _ROW_MATH = {"reassoc", "contract"}
 # as well, and one row is too little work to pay for handing it to another thread.
 
 
-@njit(cache=True, fastmath=_ROW_MATH)
+@njit(cache=True, fastmath=_ROW_MATH, error_model="numpy")
 def _layer_norm_forward_kernel(x, weight, bias, eps):
     """x (N, C), weight and bias (C,) -> y (N, C), mean (N,), rstd (N,); one row at a time.
 
@@ -128,7 +128,7 @@ def _layer_norm_forward_kernel(x, weight, bias, eps):
     return y, mean, rstd
 
 
-@njit(cache=True, fastmath=_ROW_MATH)
+@njit(cache=True, fastmath=_ROW_MATH, error_model="numpy")
 def _layer_norm_backward_kernel(dy, x, weight, mean, rstd):
     """dy, x (N, C), weight (C,), mean and rstd (N,) -> dx (N, C), dweight (C,), dbias (C,).
 
