@@ -286,3 +286,12 @@ def test_roc_auc_and_average_precision_equal_scikit_learn(data):
         else:
             with pytest.raises(UserError):
                 metrics.roc_auc(y, scores)
+
+
+def test_docstring_examples_hold():
+    import doctest
+
+    from scratchlm.metrics import classification, text
+    for module in (metrics, text, classification):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
