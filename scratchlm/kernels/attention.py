@@ -66,44 +66,110 @@ def _default_scale(q, scale):
 
 # ============================================================== 1. reference (the truth)
 
-def _masked_scores(q, k, causal: bool, scale: float):
-    """S = scale q k^T (B, H, Tq, Tk), with exactly -inf where causality forbids a key."""
+def blocked_keys(key_padding_mask=None, attn_mask=None):
+    """One boolean "blocked" mask from PyTorch's two (True = this key may not be seen), or None.
+
+    key_padding_mask (B, Tk): True marks a padded key of that batch row;
+    attn_mask (Tq, Tk): True forbids query i to see key j, for every batch row.
+    -> (B or 1, Tq or 1, Tk), broadcast over heads: (B, 1, Tk), (1, Tq, Tk) or (B, Tq, Tk).
+    """
+    if key_padding_mask is None and attn_mask is None:
+        return None
+    if attn_mask is None:
+        return key_padding_mask[:, None, :]
+    if key_padding_mask is None:
+        return attn_mask[None]
+    return key_padding_mask[:, None, :] | attn_mask[None]
+
+
+def _masked_scores(q, k, causal: bool, scale: float, blocked=None):
+    """S = scale q k^T (B, H, Tq, Tk), exactly -inf where causality or ``blocked`` forbids a key."""
     xp = backend.xp
     scores = xp.matmul(q, xp.swapaxes(k, -1, -2)) * scale
-    if causal:
-        scores = xp.where(_causal_allowed(q.shape[-2], k.shape[-2]), scores,
-                          xp.asarray(-xp.inf, dtype=scores.dtype))
+    allowed = _causal_allowed(q.shape[-2], k.shape[-2]) if causal else None     # (Tq, Tk)
+    if blocked is not None:
+        free = ~blocked[:, None]                                          # (B|1, 1, Tq|1, Tk)
+        allowed = free if allowed is None else allowed & free
+    if allowed is not None:
+        scores = xp.where(allowed, scores, xp.asarray(-xp.inf, dtype=scores.dtype))
     return scores
 
 
-def forward_reference(q, k, v, causal: bool, scale: float | None = None):
+def _row_log_sum_exp(scores):
+    """lse_i = log sum_j exp(s_ij) of each row (B, H, Tq); -inf for a row whose every score is -inf.
+
+    The row max is shifted out first; a fully masked row has max -inf, so it is shifted by 0
+    instead (exp(-inf) = 0, sum 0, lse -inf) rather than by -inf (which would give NaN).
+    """
+    xp = backend.xp
+    row_max = xp.max(scores, axis=-1, keepdims=True)                      # (B, H, Tq, 1)
+    seen = row_max > -xp.inf
+    row_max = xp.where(seen, row_max, xp.zeros_like(row_max))
+    total = xp.sum(xp.exp(scores - row_max), axis=-1, keepdims=True)      # 0 on a fully masked row
+    lse = row_max + xp.log(xp.where(seen, total, xp.ones_like(total)))
+    return xp.where(seen, lse, xp.asarray(-xp.inf, dtype=lse.dtype))[..., 0]
+
+
+def _probs_from_lse(scores, lse):
+    """P = exp(S - lse): masked keys (-inf) get exactly 0, and so does every key of a fully
+    masked row (lse = -inf is replaced by 0 there, and its scores are all -inf)."""
+    xp = backend.xp
+    lse = xp.where(lse > -xp.inf, lse, xp.zeros_like(lse))
+    return xp.exp(scores - lse[..., None])
+
+
+def forward_reference(q, k, v, causal: bool, scale: float | None = None, blocked=None,
+                      dropout_scale=None, keep_probs: bool = False):
     """o = softmax(scale q k^T + mask) v and lse = per-row log-sum-exp; materialises (Tq, Tk).
 
     q (B, H, Tq, D), k and v (B, H, Tk, D) -> o (B, H, Tq, D), lse (B, H, Tq).
+    ``blocked`` (B|1, Tq|1, Tk) bool: keys a query may not see (``blocked_keys``). A query row
+    that sees no key gets o = 0 and lse = -inf.
+    ``dropout_scale`` (B, H, Tq, Tk): m / (1 - p) with m ~ Bernoulli(1 - p), multiplied into P
+    before P V (dropout on the attention weights, as torch.nn.MultiheadAttention); only this
+    rung takes it. ``keep_probs=True`` also returns P (before dropout).
     """
     xp = backend.xp
     scale = _default_scale(q, scale)
-    scores = _masked_scores(q, k, causal, scale)                        # (B, H, Tq, Tk)
-    row_max = xp.max(scores, axis=-1, keepdims=True)                     # (B, H, Tq, 1)
-    lse = row_max[..., 0] + xp.log(xp.sum(xp.exp(scores - row_max), axis=-1))   # (B, H, Tq)
-    probs = xp.exp(scores - lse[..., None])                              # (B, H, Tq, Tk)
-    out = xp.matmul(probs, v)                                            # (B, H, Tq, D)
+    scores = _masked_scores(q, k, causal, scale, blocked)               # (B, H, Tq, Tk)
+    lse = _row_log_sum_exp(scores)                                       # (B, H, Tq)
+    probs = _probs_from_lse(scores, lse)                                 # (B, H, Tq, Tk)
+    out = xp.matmul(probs if dropout_scale is None else probs * dropout_scale, v)   # (B, H, Tq, D)
+    if keep_probs:
+        return out, lse, probs
     return out, lse
 
 
-def backward_reference(do, q, k, v, o, lse, causal: bool, scale: float | None = None):
-    """(dq, dk, dv) from do = dL/do, recomputing P = exp(scale q k^T + mask - lse)."""
+def backward_reference(do, q, k, v, o, lse, causal: bool, scale: float | None = None, blocked=None,
+                       dropout_scale=None):
+    """(dq, dk, dv) from do = dL/do, recomputing P = exp(scale q k^T + mask - lse).
+
+    With dropout, o = (P * M) V for M = ``dropout_scale``: dV = (P * M)^T dO, dP = (dO V^T) * M,
+    and delta_i = sum_j p_ij dP_ij (no longer dO_i . o_i, which holds only without dropout).
+    """
     xp = backend.xp
     scale = _default_scale(q, scale)
-    scores = _masked_scores(q, k, causal, scale)                        # (B, H, Tq, Tk)
-    probs = xp.exp(scores - lse[..., None])                              # P, masked -> exactly 0
-    dv = xp.matmul(xp.swapaxes(probs, -1, -2), do)                      # P^T dO   (B, H, Tk, D)
+    scores = _masked_scores(q, k, causal, scale, blocked)               # (B, H, Tq, Tk)
+    probs = _probs_from_lse(scores, lse)                                 # P, masked -> exactly 0
     dprobs = xp.matmul(do, xp.swapaxes(v, -1, -2))                      # dO V^T   (B, H, Tq, Tk)
-    delta = xp.sum(do * o, axis=-1, keepdims=True)                       # rowsum(dO * O) (B, H, Tq, 1)
+    if dropout_scale is None:
+        dv = xp.matmul(xp.swapaxes(probs, -1, -2), do)                  # P^T dO   (B, H, Tk, D)
+        delta = xp.sum(do * o, axis=-1, keepdims=True)                   # rowsum(dO * O) (B, H, Tq, 1)
+    else:
+        dv = xp.matmul(xp.swapaxes(probs * dropout_scale, -1, -2), do)  # (P M)^T dO
+        dprobs = dprobs * dropout_scale                                  # dL/dP through P * M
+        delta = xp.sum(dprobs * probs, axis=-1, keepdims=True)           # rowsum(dP * P)
     dscores = probs * (dprobs - delta)                                   # dS
     dq = xp.matmul(dscores, k) * scale                                   # (B, H, Tq, D)
     dk = xp.matmul(xp.swapaxes(dscores, -1, -2), q) * scale              # (B, H, Tk, D)
     return dq, dk, dv
+
+
+def probs_reference(q, k, lse, causal: bool, scale: float | None = None, blocked=None):
+    """P (B, H, Tq, Tk) = exp(scale q k^T + mask - lse): the attention weights, rebuilt from the
+    saved lse (for need_weights on a rung that never materialised them)."""
+    scale = _default_scale(q, scale)
+    return _probs_from_lse(_masked_scores(q, k, causal, scale, blocked), lse)
 
 
 def _causal_allowed(t_query: int, t_key: int):
@@ -115,23 +181,26 @@ def _causal_allowed(t_query: int, t_key: int):
 
 # ============================================================== 2. Numba (CPU)
 
-def forward_numba(q, k, v, causal: bool, scale: float | None = None):
-    """The tiled online-softmax kernel below; same contract as ``forward_reference``."""
+def forward_numba(q, k, v, causal: bool, scale: float | None = None, blocked=None):
+    """The tiled online-softmax kernel below; same contract as ``forward_reference``.
+    It has no mask but the causal one: calls with ``blocked`` run the reference."""
     scale = _default_scale(q, scale)
     q3, k3, v3 = _as_heads(q), _as_heads(k), _as_heads(v)
-    if q3 is None or k3 is None or v3 is None or not (q.dtype == k.dtype == v.dtype):
-        return forward_reference(q, k, v, causal, scale)
+    if (q3 is None or k3 is None or v3 is None or not (q.dtype == k.dtype == v.dtype)
+            or blocked is not None):
+        return forward_reference(q, k, v, causal, scale, blocked)
     out, lse = _attention_forward_kernel(q3, k3, v3, bool(causal), q.dtype.type(scale),
                                          q.dtype == np.float32)
     return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
 
-def backward_numba(do, q, k, v, o, lse, causal: bool, scale: float | None = None):
-    """dq, dk, dv by the two-level tiled kernel below; same contract as ``backward_reference``."""
+def backward_numba(do, q, k, v, o, lse, causal: bool, scale: float | None = None, blocked=None):
+    """dq, dk, dv by the two-level tiled kernel below; same contract as ``backward_reference``
+    (calls with ``blocked`` run the reference)."""
     scale = _default_scale(q, scale)
     arrays = [_as_heads(a) for a in (do, q, k, v, o)]
-    if any(a is None for a in arrays) or len({a.dtype for a in arrays}) != 1:
-        return backward_reference(do, q, k, v, o, lse, causal, scale)
+    if any(a is None for a in arrays) or len({a.dtype for a in arrays}) != 1 or blocked is not None:
+        return backward_reference(do, q, k, v, o, lse, causal, scale, blocked)
     do3, q3, k3, v3, o3 = arrays
     lse2 = np.ascontiguousarray(lse, dtype=q.dtype).reshape(q3.shape[0], q3.shape[1])
     dq, dk, dv = _attention_backward_kernel(do3, q3, k3, v3, o3, lse2, bool(causal),
@@ -429,7 +498,8 @@ def _attention_backward_kernel(do, q, k, v, o, lse, causal, scale, n_groups, fas
 BATCHED_MAX_SCORES = 128 * 128
 
 
-def forward_batched_numba(q, k, v, causal: bool, scale: float | None = None, keep_probs: bool = False):
+def forward_batched_numba(q, k, v, causal: bool, scale: float | None = None, blocked=None,
+                          keep_probs: bool = False):
     """Same contract as ``forward_reference``, for short T: BLAS matmuls around a Numba softmax.
 
         S = Q K^T (batched BLAS),  P, lse = masked softmax of scale * S (Numba, in place),
@@ -437,32 +507,35 @@ def forward_batched_numba(q, k, v, causal: bool, scale: float | None = None, kee
 
     ``keep_probs=True`` also returns P (B, H, Tq, Tk), so a training step can hand it to
     ``backward_batched_numba`` instead of recomputing it (it is small at these T).
+    ``blocked`` as in ``forward_reference``: blocked keys are skipped by the softmax pass.
     """
     scale = _default_scale(q, scale)
     if q.dtype not in (np.float32, np.float64) or not (q.dtype == k.dtype == v.dtype):
-        return forward_reference(q, k, v, causal, scale)
+        return forward_reference(q, k, v, causal, scale, blocked, keep_probs=keep_probs)
     t_query, t_key = q.shape[-2], k.shape[-2]
     scores = np.matmul(q, np.swapaxes(k, -1, -2))                       # (B, H, Tq, Tk)
     lse = _softmax_rows_kernel(scores.reshape(-1, t_query, t_key), bool(causal),
-                               q.dtype.type(scale), q.dtype == np.float32)   # scores -> P
+                               q.dtype.type(scale), q.dtype == np.float32,
+                               _blocked_rows(blocked), q.shape[1], 0)    # scores -> P
     out = np.matmul(scores, v)                                           # (B, H, Tq, D)
     if keep_probs:
         return out, lse.reshape(q.shape[:-1]), scores
     return out, lse.reshape(q.shape[:-1])
 
 
-def backward_batched_numba(do, q, k, v, o, lse, causal: bool, scale: float | None = None, probs=None):
+def backward_batched_numba(do, q, k, v, o, lse, causal: bool, scale: float | None = None, blocked=None,
+                           probs=None):
     """Same contract as ``backward_reference``, for short T: five BLAS matmuls and one Numba pass.
 
         S = Q K^T, dP = dO V^T (batched BLAS);  P = exp(scale S - lse) and
         dS' = scale P (dP - delta), delta_i = dO_i . o_i (Numba, in place);
         dV = P^T dO, dQ = dS' K, dK = dS'^T Q (batched BLAS).
     ``probs``: P as ``forward_batched_numba(..., keep_probs=True)`` returned it; then S and P
-    are not recomputed (one matmul and the exps fewer). It is only read.
+    are not recomputed (one matmul and the exps fewer). It is only read. ``blocked``: as the forward's.
     """
     scale = _default_scale(q, scale)
     if len({a.dtype for a in (do, q, k, v, o)}) != 1 or q.dtype not in (np.float32, np.float64):
-        return backward_reference(do, q, k, v, o, lse, causal, scale)
+        return backward_reference(do, q, k, v, o, lse, causal, scale, blocked)
     t_query, t_key = q.shape[-2], k.shape[-2]
     recompute = probs is None or probs.dtype != q.dtype or not probs.flags.c_contiguous
     if recompute:
@@ -473,7 +546,8 @@ def backward_batched_numba(do, q, k, v, o, lse, causal: bool, scale: float | Non
     lse3 = np.ascontiguousarray(lse, dtype=q.dtype).reshape(-1, t_query)
     _softmax_backward_rows_kernel(scores.reshape(-1, t_query, t_key), dscores.reshape(-1, t_query, t_key),
                                   _as_heads(do), _as_heads(o), lse3, bool(causal), q.dtype.type(scale),
-                                  q.dtype == np.float32, recompute)      # (S -> P), dP -> scale dS
+                                  q.dtype == np.float32, recompute, _blocked_rows(blocked), q.shape[1], 0)
+    # (S -> P), dP -> scale dS
     dv = np.matmul(np.swapaxes(scores, -1, -2), do)                     # P^T dO      (B, H, Tk, D)
     dq = np.matmul(dscores, k)                                           # scale dS K  (B, H, Tq, D)
     dk = np.matmul(np.swapaxes(dscores, -1, -2), q)                     # scale dS^T Q (B, H, Tk, D)
@@ -501,15 +575,43 @@ def _row_dot(a, b):
     return total
 
 
+# No mask but the causal one: the row kernels take this empty "blocked" array (one compiled type).
+_NOTHING_BLOCKED = np.zeros((0, 0, 0), dtype=np.bool_)
+
+
+def _blocked_rows(blocked):
+    """``blocked`` (B|1, Tq|1, Tk) as the C-contiguous bool array the row kernels read."""
+    return _NOTHING_BLOCKED if blocked is None else np.ascontiguousarray(blocked, dtype=np.bool_)
+
+
+@njit(inline="always")
+def _blocked_row(blocked, head, row, heads_per_batch):
+    """The (Tk,) blocked flags of ``row`` of stacked head ``head`` (= b * H + h), broadcasting
+    blocked's size-1 batch and query axes."""
+    b = head // heads_per_batch if blocked.shape[0] > 1 else 0
+    return blocked[b, row if blocked.shape[1] > 1 else 0]
+
+
+@njit(inline="always")
+def _set_where(row, count, flags, value):
+    """row[j] = value where flags[j], for j < count."""
+    for j in range(count):
+        if flags[j]:
+            row[j] = value
+
+
 @njit(cache=True, error_model="numpy")
-def _softmax_rows_kernel(scores, causal, scale, fast):
+def _softmax_rows_kernel(scores, causal, scale, fast, blocked, heads_per_batch, row_offset):
     """scores (N, Tq, Tk) = Q K^T, in place -> P = softmax(scale S + mask) row by row; returns lse (N, Tq).
 
     Row i keeps its visible keys j <= i + (Tk - Tq) when causal; the rest of the row becomes 0
-    (exactly the -inf score's weight). A row with no visible key gets P = 0 and lse = -inf.
+    (exactly the -inf score's weight). ``blocked`` (B|1, Tq'|1, Tk' >= Tk) bool, or empty for
+    none: key j of row i is skipped where blocked[b, row_offset + i, j] (N = B * heads_per_batch;
+    row_offset places a strip of rows). A row with no visible key gets P = 0 and lse = -inf.
     """
     n_heads, t_query, t_key = scores.shape
     offset = t_key - t_query
+    masked = blocked.shape[0] > 0
     lse = np.empty((n_heads, t_query), dtype=scores.dtype)
     bits = np.empty(t_key, dtype=np.int32)                           # scratch for the fast exp
     for head in range(n_heads):
@@ -525,10 +627,19 @@ def _softmax_rows_kernel(scores, causal, scale, fast):
                 continue
             for j in range(visible):
                 row[j] *= scale
+            if masked:                                               # blocked scores -> -inf
+                flags = _blocked_row(blocked, head, row_offset + i, heads_per_batch)
+                _set_where(row, visible, flags, -np.inf)
             row_max = row[0]                                         # in the scores' dtype, so
             for j in range(1, visible):                              # the fast exp stays float32
                 row_max = max(row_max, row[j])
+            if row_max == -np.inf:                                   # every visible key blocked
+                for j in range(visible):
+                    row[j] = 0
+                continue
             _exp_shifted(row, visible, row_max, fast, bits)         # exp(s_ij - m_i)
+            if masked:                                               # the fast exp clamps -inf to
+                _set_where(row, visible, flags, 0)                   # exp(-87); make it exactly 0
             row_sum = _row_sum(row, visible)
             if row_sum > 0.0:
                 inverse = 1.0 / row_sum
@@ -539,9 +650,11 @@ def _softmax_rows_kernel(scores, causal, scale, fast):
 
 
 @njit(cache=True, error_model="numpy")
-def _softmax_backward_rows_kernel(scores, dprobs, do, o, lse, causal, scale, fast, recompute):
+def _softmax_backward_rows_kernel(scores, dprobs, do, o, lse, causal, scale, fast, recompute,
+                                  blocked, heads_per_batch, row_offset):
     """In place: scores (N, Tq, Tk) = Q K^T -> P;  dprobs (N, Tq, Tk) = dO V^T -> scale * dS.
     With ``recompute=False`` scores already holds P (zeros where masked) and is only read.
+    ``blocked``, ``heads_per_batch``, ``row_offset``: as in ``_softmax_rows_kernel``.
 
     P = exp(scale s_ij - lse_i) on visible keys and 0 elsewhere;
     dS = P * (dP - delta_i) with delta_i = dO_i . o_i  (do, o: (N, Tq, D); lse: (N, Tq)).
@@ -549,6 +662,7 @@ def _softmax_backward_rows_kernel(scores, dprobs, do, o, lse, causal, scale, fas
     """
     n_heads, t_query, t_key = scores.shape
     offset = t_key - t_query
+    masked = blocked.shape[0] > 0
     bits = np.empty(t_key, dtype=np.int32)
     row_delta = np.empty(1, dtype=scores.dtype)                      # delta_i in the scores' dtype
     for head in range(n_heads):
@@ -562,7 +676,14 @@ def _softmax_backward_rows_kernel(scores, dprobs, do, o, lse, causal, scale, fas
             if recompute:
                 for j in range(visible):
                     probs[j] *= scale
+                if masked:
+                    flags = _blocked_row(blocked, head, row_offset + i, heads_per_batch)
+                    _set_where(probs, visible, flags, -np.inf)
+                    if lse[head, i] == -np.inf:                      # a row with every key blocked
+                        visible = 0
                 _exp_shifted(probs, visible, lse[head, i], fast, bits)  # P from lse
+                if masked:
+                    _set_where(probs, visible, flags, 0)
                 for j in range(visible, t_key):
                     probs[j] = 0
             for j in range(visible):
@@ -589,20 +710,22 @@ def _strip_view(buffer, n_heads: int, rows: int, cols: int):
     return buffer[:n_heads * rows * cols].reshape(n_heads, rows, cols)
 
 
-def forward_strips_blas(q, k, v, causal: bool, scale: float | None = None):
+def forward_strips_blas(q, k, v, causal: bool, scale: float | None = None, blocked=None):
     """Same contract as ``forward_reference``, for long T: per query strip [a, b) of STRIP_Q rows,
 
         S = Q[a:b] K[:e]^T (batched BLAS, (N, b - a, e)),  e = Tk, or b + (Tk - Tq) when causal;
         P, lse[a:b] = masked softmax of scale * S (Numba, in place; masked P exactly 0);
         O[a:b] = P V[:e] (batched BLAS).
 
-    Needs Tq <= Tk (every row sees a key); other shapes and dtypes go to the tiled kernel.
+    Needs Tq <= Tk (every row sees a key); other shapes and dtypes go to the tiled kernel
+    (and from there, with ``blocked``, to the reference).
     """
     scale = _default_scale(q, scale)
     t_query, t_key = q.shape[-2], k.shape[-2]
     if (q.dtype not in (np.float32, np.float64) or not (q.dtype == k.dtype == v.dtype)
             or t_query > t_key):
-        return forward_numba(q, k, v, causal, scale)
+        return forward_numba(q, k, v, causal, scale, blocked)
+    flags = _blocked_rows(blocked)
     q3, k3, v3 = _as_heads(q), _as_heads(k), _as_heads(v)              # (N, T, D)
     out = np.empty_like(q3)
     lse = np.empty(q3.shape[:2], dtype=q.dtype)                          # (N, Tq)
@@ -616,12 +739,12 @@ def forward_strips_blas(q, k, v, causal: bool, scale: float | None = None):
         scores = _strip_view(strip_buffer, q3.shape[0], stop - start, key_stop)         # (N, rows, e)
         np.matmul(q3[:, start:stop], np.swapaxes(k3[:, :key_stop], -1, -2), out=scores)  # S
         lse[:, start:stop] = _softmax_rows_kernel(scores, bool(causal), q.dtype.type(scale),
-                                                  q.dtype == np.float32)                 # S -> P
+                                                  q.dtype == np.float32, flags, q.shape[1], start)                 # S -> P
         np.matmul(scores, v3[:, :key_stop], out=out[:, start:stop])                     # P V
     return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
 
-def backward_strips_blas(do, q, k, v, o, lse, causal: bool, scale: float | None = None):
+def backward_strips_blas(do, q, k, v, o, lse, causal: bool, scale: float | None = None, blocked=None):
     """Same contract as ``backward_reference``, for long T: per query strip [a, b), keys [0, e),
 
         S = Q[a:b] K[:e]^T,  dP = dO[a:b] V[:e]^T (batched BLAS);
@@ -632,7 +755,8 @@ def backward_strips_blas(do, q, k, v, o, lse, causal: bool, scale: float | None 
     t_query, t_key = q.shape[-2], k.shape[-2]
     if (len({a.dtype for a in (do, q, k, v, o)}) != 1 or q.dtype not in (np.float32, np.float64)
             or t_query > t_key):
-        return backward_numba(do, q, k, v, o, lse, causal, scale)
+        return backward_numba(do, q, k, v, o, lse, causal, scale, blocked)
+    flags = _blocked_rows(blocked)
     do3, q3, k3, v3, o3 = (_as_heads(a) for a in (do, q, k, v, o))
     lse2 = np.ascontiguousarray(lse, dtype=q.dtype).reshape(q3.shape[:2])   # (N, Tq)
     dq = np.empty_like(q3)
@@ -652,7 +776,8 @@ def backward_strips_blas(do, q, k, v, o, lse, causal: bool, scale: float | None 
         np.matmul(q_strip, np.swapaxes(keys, -1, -2), out=scores)       # S   (N, rows, e)
         np.matmul(do_strip, np.swapaxes(values, -1, -2), out=dscores)  # dP  (N, rows, e)
         _softmax_backward_rows_kernel(scores, dscores, do_strip, o3[:, start:stop], lse2[:, start:stop],
-                                      bool(causal), q.dtype.type(scale), q.dtype == np.float32, True)
+                                      bool(causal), q.dtype.type(scale), q.dtype == np.float32, True,
+                                      flags, q.shape[1], start)
         key_grad = key_grad_buffer[:, :key_stop]
         dv[:, :key_stop] += np.matmul(np.swapaxes(scores, -1, -2), do_strip, out=key_grad)    # P^T dO
         dk[:, :key_stop] += np.matmul(np.swapaxes(dscores, -1, -2), q_strip, out=key_grad)    # scale dS^T Q
@@ -661,47 +786,49 @@ def backward_strips_blas(do, q, k, v, o, lse, causal: bool, scale: float | None 
 
 
 # ============================================================== dispatch
+# Masked calls (``blocked`` given) run the batched or strip path on the Numba rung (their softmax
+# passes skip blocked keys) and the reference on CuPy: the CUDA kernel knows only the causal mask.
 
-def forward(q, k, v, causal: bool, scale: float | None = None):
+def forward(q, k, v, causal: bool, scale: float | None = None, blocked=None):
     """(o, lse) on the fastest rung for ``q``: CUDA for CuPy, Numba for NumPy, else the reference."""
     rung = pick(q)
-    if rung == "cuda":
+    if rung == "cuda" and blocked is None:
         kernel = cuda_kernel("attention_forward")
         if kernel is not None:
             return kernel(q, k, v, causal, scale)
     elif rung == "numba":
         if q.shape[-2] * k.shape[-2] <= BATCHED_MAX_SCORES:
-            return forward_batched_numba(q, k, v, causal, scale)
-        return forward_strips_blas(q, k, v, causal, scale)
-    return forward_reference(q, k, v, causal, scale)
+            return forward_batched_numba(q, k, v, causal, scale, blocked)
+        return forward_strips_blas(q, k, v, causal, scale, blocked)
+    return forward_reference(q, k, v, causal, scale, blocked)
 
 
-def forward_keeping_probs(q, k, v, causal: bool, scale: float | None = None):
+def forward_keeping_probs(q, k, v, causal: bool, scale: float | None = None, blocked=None):
     """(o, lse, probs) for a training step: as ``forward``, plus P (B, H, Tq, Tk) where the
     batched path made it anyway (short T on the Numba rung), else None. Hand ``probs`` to
     ``backward_from_probs``."""
     if pick(q) == "numba" and q.shape[-2] * k.shape[-2] <= BATCHED_MAX_SCORES:
-        return forward_batched_numba(q, k, v, causal, scale, keep_probs=True)
-    o, lse = forward(q, k, v, causal, scale)
+        return forward_batched_numba(q, k, v, causal, scale, blocked, keep_probs=True)
+    o, lse = forward(q, k, v, causal, scale, blocked)
     return o, lse, None
 
 
-def backward_from_probs(do, q, k, v, o, lse, probs, causal: bool, scale: float | None = None):
+def backward_from_probs(do, q, k, v, o, lse, probs, causal: bool, scale: float | None = None, blocked=None):
     """(dq, dk, dv) as ``backward``, reusing P from ``forward_keeping_probs`` when it kept one."""
     if probs is not None and pick(q) == "numba":
-        return backward_batched_numba(do, q, k, v, o, lse, causal, scale, probs=probs)
-    return backward(do, q, k, v, o, lse, causal, scale)
+        return backward_batched_numba(do, q, k, v, o, lse, causal, scale, blocked, probs=probs)
+    return backward(do, q, k, v, o, lse, causal, scale, blocked)
 
 
-def backward(do, q, k, v, o, lse, causal: bool, scale: float | None = None):
+def backward(do, q, k, v, o, lse, causal: bool, scale: float | None = None, blocked=None):
     """(dq, dk, dv) on the fastest rung for ``q`` (see ``forward``)."""
     rung = pick(q)
-    if rung == "cuda":
+    if rung == "cuda" and blocked is None:
         kernel = cuda_kernel("attention_backward")
         if kernel is not None:
             return kernel(do, q, k, v, o, lse, causal, scale)
     elif rung == "numba":
         if q.shape[-2] * k.shape[-2] <= BATCHED_MAX_SCORES:
-            return backward_batched_numba(do, q, k, v, o, lse, causal, scale)
-        return backward_strips_blas(do, q, k, v, o, lse, causal, scale)
-    return backward_reference(do, q, k, v, o, lse, causal, scale)
+            return backward_batched_numba(do, q, k, v, o, lse, causal, scale, blocked)
+        return backward_strips_blas(do, q, k, v, o, lse, causal, scale, blocked)
+    return backward_reference(do, q, k, v, o, lse, causal, scale, blocked)
