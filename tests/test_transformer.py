@@ -184,6 +184,28 @@ def test_kept_probs_backward_matches_reference_with_masks(case):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reference", [False, True])
+def test_blocked_keys_get_exactly_zero_weight(dtype, reference):
+    """Not a tiny positive number: exactly 0 (the float32 fast exp alone would give exp(-87))."""
+    rng = np.random.default_rng(5)
+    q, k, v = (sl.tensor(uniform(rng, (2, 3, 4, 5)).astype(dtype), dtype=dtype) for _ in range(3))
+    kpm = np.array([[False, True, False, True], [True, True, True, True]])
+    attn_mask = np.eye(4, dtype=bool)
+    previous = kernels.reference_forced()
+    kernels.use_reference(reference)
+    try:
+        out, weights = F.scaled_dot_product_attention(q, k, v, causal=False, key_padding_mask=kpm,
+                                                      attn_mask=attn_mask, need_weights=True)
+    finally:
+        kernels.use_reference(previous)
+    weights = weights.numpy()
+    blocked = np.broadcast_to((kpm[:, None, :] | attn_mask[None])[:, None], weights.shape)
+    assert weights.dtype == dtype and np.all(weights[blocked] == 0) and np.all(weights[~blocked] > 0)
+    np.testing.assert_allclose(weights[0].sum(axis=-1), 1, rtol=1e-6)
+    assert np.all(out.numpy()[1] == 0)
+
+
 # ============================================================== invariant: padding is invisible
 
 @pytest.mark.parametrize("reference", [False, True])
@@ -243,6 +265,42 @@ def test_multihead_attention_gradients_match_finite_differences(float64, case, s
         return out
 
     check_gradients(fn, query, memory, *params, wrt=[0, 2, 3, 4, 5] if self_attention else None)
+
+
+def test_masked_multihead_attention_runs_on_the_strict_backend(any_backend):
+    """The reference path and the layers reach arrays only through backend.xp (as CuPy needs)."""
+    rng = np.random.default_rng(6)
+    query, memory = uniform(rng, (2, 3, 4)), uniform(rng, (2, 5, 4))
+    kpm = np.array([[False, False, True, True, True], [True] * 5])
+    attn = nn.MultiheadAttention(4, 2)
+    params = [sl.backend.to_numpy(p.data) for p in attn.parameters()]
+
+    def fn(x, mem, w_in):
+        attn.in_proj_weight = w_in
+        return attn(x, mem, mem, key_padding_mask=kpm, attn_mask=np.eye(3, 5, dtype=bool))[0]
+
+    check_gradients(fn, query, memory, params[0])
+    layer = nn.TransformerDecoderLayer(4, 2, dim_feedforward=8, dropout=0.1, norm_first=True)
+    out = layer(sl.tensor(query), sl.tensor(memory), tgt_is_causal=True, memory_key_padding_mask=kpm)
+    assert np.all(np.isfinite(sl.backend.to_numpy(out.data)))
+
+
+@pytest.mark.parametrize("layer_type", ["mha", "encoder", "decoder"])
+def test_batch_first_false_is_the_transpose(layer_type):
+    rng = np.random.default_rng(7)
+    x, mem = rng.standard_normal((2, 3, 4)).astype(np.float32), rng.standard_normal((2, 5, 4)).astype(np.float32)
+    kpm = np.array([[False] * 5, [False, False, True, True, True]])
+    make = {"mha": lambda bf: nn.MultiheadAttention(4, 2, batch_first=bf),
+            "encoder": lambda bf: nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=bf),
+            "decoder": lambda bf: nn.TransformerDecoderLayer(4, 2, 8, dropout=0.0, batch_first=bf)}[layer_type]
+    first, second = make(True), make(False)
+    second.load_state_dict(first.state_dict())
+    run = {"mha": lambda m, a, b: m(a, b, b, key_padding_mask=kpm)[0],
+           "encoder": lambda m, a, b: m(b, src_key_padding_mask=kpm),
+           "decoder": lambda m, a, b: m(a, b, memory_key_padding_mask=kpm)}[layer_type]
+    expected = run(first, sl.tensor(x), sl.tensor(mem)).numpy()
+    got = run(second, sl.tensor(x.transpose(1, 0, 2)), sl.tensor(mem.transpose(1, 0, 2))).numpy()
+    np.testing.assert_allclose(got.transpose(1, 0, 2), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_attention_dropout_gradients_match_finite_differences(float64):
@@ -328,17 +386,21 @@ def padding_mask(rng, batch, length, fully_padded_row=False):
     return np.arange(length)[None, :] >= lengths[:, None]
 
 
-@pytest.mark.parametrize("cross", [False, True])
-def test_multihead_attention_matches_torch(cross):
+@pytest.mark.parametrize("mode", ["self", "cross", "cross-distinct-value"])
+def test_multihead_attention_matches_torch(mode):
+    """Self-attention (one fused projection), cross-attention (key is value: one fused K|V
+    projection) and distinct key and value tensors (three projections)."""
     torch = _torch()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
+    cross = mode != "self"
     B, Tq, Tk, C, H = 3, 5, 7 if cross else 5, 12, 3
     theirs = torch.nn.MultiheadAttention(C, H, dropout=0.0, batch_first=True)
     ours = nn.MultiheadAttention(C, H)
     load_from_torch(ours, theirs)
     query = rng.standard_normal((B, Tq, C)).astype(np.float32)
     memory = rng.standard_normal((B, Tk, C)).astype(np.float32) if cross else query
+    value = rng.standard_normal((B, Tk, C)).astype(np.float32) if mode == "cross-distinct-value" else memory
     kpm = padding_mask(rng, B, Tk)
     attn_mask = rng.random((Tq, Tk)) < 0.2
     attn_mask[:, 0] = False                                         # every query keeps a key
@@ -346,24 +408,26 @@ def test_multihead_attention_matches_torch(cross):
     for average in (True, False):
         tq = torch.tensor(query, requires_grad=True)
         tm = torch.tensor(memory, requires_grad=True) if cross else tq
-        t_out, t_w = theirs(tq, tm, tm, key_padding_mask=torch.tensor(kpm), attn_mask=torch.tensor(attn_mask),
+        tv = torch.tensor(value, requires_grad=True) if mode == "cross-distinct-value" else tm
+        t_out, t_w = theirs(tq, tm, tv, key_padding_mask=torch.tensor(kpm), attn_mask=torch.tensor(attn_mask),
                             need_weights=True, average_attn_weights=average)
         (t_out * torch.tensor(upstream)).sum().backward()
         sq = sl.tensor(query, requires_grad=True)
         sm = sl.tensor(memory, requires_grad=True) if cross else sq
-        out, w = ours(sq, sm, sm, key_padding_mask=kpm, attn_mask=attn_mask, need_weights=True,
+        sv = sl.tensor(value, requires_grad=True) if mode == "cross-distinct-value" else sm
+        out, w = ours(sq, sm, sv, key_padding_mask=kpm, attn_mask=attn_mask, need_weights=True,
                       average_attn_weights=average)
         (out * sl.tensor(upstream)).sum().backward()
         np.testing.assert_allclose(out.numpy(), t_out.detach().numpy(), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(w.numpy(), t_w.detach().numpy(), rtol=1e-5, atol=1e-6)
         assert w.shape == ((B, Tq, Tk) if average else (B, H, Tq, Tk))
-        np.testing.assert_allclose(sl.backend.to_numpy(sq.grad), tq.grad.numpy(), rtol=1e-4, atol=1e-5)
-        if cross:
-            np.testing.assert_allclose(sl.backend.to_numpy(sm.grad), tm.grad.numpy(), rtol=1e-4, atol=1e-5)
+        for ours_input, their_input in {id(t): (t, u) for t, u in ((sq, tq), (sm, tm), (sv, tv))}.values():
+            np.testing.assert_allclose(sl.backend.to_numpy(ours_input.grad), their_input.grad.numpy(),
+                                       rtol=1e-4, atol=1e-5)
         assert_grads_match(ours, theirs)
         theirs.zero_grad()
         ours.zero_grad()
-    _, none = ours(sq, sm, sm, need_weights=False)
+    _, none = ours(sq, sm, sv, need_weights=False)
     assert none is None
 
 
