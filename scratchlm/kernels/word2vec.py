@@ -123,25 +123,30 @@ def train_block_reference(syn0, syn1neg, corpus, offsets, lo, hi, seeds, keep, c
 _FAST = {"reassoc", "contract"}
 
 
+# Rows are addressed as (matrix, row index), never as views: a view of a shared matrix costs an
+# atomic reference-count update on that matrix, and two workers doing that on every pair make its
+# counter's cache line bounce between the cores (measured: no gain from the second thread).
+
 @njit(cache=True, fastmath=_FAST, inline="always")
-def _dot(a, b):
+def _dot(a, i, b, j):
     acc = a.dtype.type(0)
-    for k in range(a.shape[0]):
-        acc += a[k] * b[k]
+    for k in range(a.shape[1]):
+        acc += a[i, k] * b[j, k]
     return acc
 
 
 @njit(cache=True, fastmath=_FAST, inline="always")
-def _axpy(g, x, y):
-    for k in range(x.shape[0]):
-        y[k] += g * x[k]
+def _axpy(g, x, i, y, j):
+    """y[j] += g * x[i]"""
+    for k in range(x.shape[1]):
+        y[j, k] += g * x[i, k]
 
 
-@njit(cache=True, fastmath=_FAST)
-def _pair_update_numba(v, syn1neg, positive, negative, cum, r, alpha, e):
-    """Kernel twin of _pair_update_reference; e (D,) receives the input's error (zeroed here)."""
+@njit(cache=True, fastmath=_FAST, inline="always")
+def _pair_update_numba(vs, iv, syn1neg, positive, negative, cum, r, alpha, e):
+    """Kernel twin of _pair_update_reference on v = vs[iv]; e (1, D) receives the input's error."""
     mul, add, mask = np.uint64(LCG_MUL), np.uint64(LCG_ADD), np.uint64(LCG_MASK)
-    e[:] = 0
+    e[0, :] = 0
     total = np.uint64(cum[cum.shape[0] - 1])
     for d in range(negative + 1):
         if d == 0:
@@ -154,12 +159,10 @@ def _pair_update_numba(v, syn1neg, positive, negative, cum, r, alpha, e):
             if target == positive:
                 continue
             label = 0.0
-        u = syn1neg[target]
-        f = _dot(u, v)
-        g = alpha * (label - 1.0 / (1.0 + math.exp(-f)))
-        gg = v.dtype.type(g)
-        _axpy(gg, u, e)
-        _axpy(gg, v, u)
+        f = _dot(syn1neg, target, vs, iv)
+        g = vs.dtype.type(alpha * (label - 1.0 / (1.0 + math.exp(-f))))
+        _axpy(g, syn1neg, target, e, 0)
+        _axpy(g, vs, iv, syn1neg, target)
     return r
 
 
@@ -171,11 +174,12 @@ def _train_block_kernel(syn0, syn1neg, corpus, offsets, lo, hi, seeds, keep, cum
     mul, add, mask = np.uint64(LCG_MUL), np.uint64(LCG_ADD), np.uint64(LCG_MASK)
     low32 = np.uint64(0xFFFFFFFF)
     D = syn0.shape[1]
+    one = syn0.dtype.type(1)
     for t in prange(n_workers):
         r = seeds[t]
         sentence = np.empty(max_len, dtype=np.int64)    # this worker's subsampled sentence
-        e = np.empty(D, dtype=syn0.dtype)               # the input's error vector
-        h = np.empty(D, dtype=syn0.dtype)               # CBOW's mean context vector
+        e = np.empty((1, D), dtype=syn0.dtype)          # the input's error vector
+        h = np.empty((1, D), dtype=syn0.dtype)          # CBOW's mean context vector
         total = max(1, offsets[hi[t]] - offsets[lo[t]])
         count = 0
         for s in range(lo[t], hi[t]):
@@ -198,23 +202,23 @@ def _train_block_kernel(syn0, syn1neg, corpus, offsets, lo, hi, seeds, keep, cum
                 if stop - start <= 1:
                     continue
                 if cbow:
-                    h[:] = 0
+                    h[0, :] = 0
                     for j in range(start, stop):
                         if j != i:
-                            _axpy(syn0.dtype.type(1), syn0[sentence[j]], h)
+                            _axpy(one, syn0, sentence[j], h, 0)
                     inv = syn0.dtype.type(1.0 / (stop - start - 1))
                     for k in range(D):
-                        h[k] *= inv
-                    r = _pair_update_numba(h, syn1neg, sentence[i], negative, cum, r, alpha, e)
+                        h[0, k] *= inv
+                    r = _pair_update_numba(h, 0, syn1neg, sentence[i], negative, cum, r, alpha, e)
                     for j in range(start, stop):
                         if j != i:
-                            _axpy(syn0.dtype.type(1), e, syn0[sentence[j]])
+                            _axpy(one, e, 0, syn0, sentence[j])
                 else:
                     for j in range(start, stop):
                         if j != i:
-                            v = syn0[sentence[j]]
-                            r = _pair_update_numba(v, syn1neg, sentence[i], negative, cum, r, alpha, e)
-                            _axpy(syn0.dtype.type(1), e, v)
+                            r = _pair_update_numba(syn0, sentence[j], syn1neg, sentence[i], negative,
+                                                   cum, r, alpha, e)
+                            _axpy(one, e, 0, syn0, sentence[j])
         seeds[t] = r
         trained[t] = count
     return trained
