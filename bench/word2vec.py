@@ -12,6 +12,8 @@ settings: skip-gram, negative=5, window=5, vector_size=100, min_count=5, sample=
 Speed: words/s = raw corpus words x epochs / training seconds (vocabulary built beforehand, outside
 the timing, for both; our time includes turning the token lists into ids, gensim's its own lookups),
 the median of ``--repeats`` runs, the two libraries interleaved so machine load hits both alike.
+Words per CPU-second (process time, all threads) is printed too: on a shared machine it measures the
+work each library needs, whatever share of the cores it got.
 
 Agreement: the cosine similarity of every pair of the ``--top`` most frequent words is computed in
 each space, and the two lists are compared by Spearman rank correlation; also the mean overlap of
@@ -56,10 +58,9 @@ def shipped_corpus() -> str:
 def train_ours(sentences, epochs, workers, seed):
     model = Word2Vec(model="skipgram", epochs=epochs, workers=workers, seed=seed, **SETTINGS)
     model.build_vocab(sentences)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     model.train(sentences, progress=False)
-    seconds = time.perf_counter() - start
-    return model.words, model.syn0.copy(), seconds
+    return model.words, model.syn0.copy(), time.perf_counter() - start, time.process_time() - cpu
 
 
 def train_gensim(sentences, epochs, workers, seed):
@@ -69,10 +70,10 @@ def train_gensim(sentences, epochs, workers, seed):
                            sample=SETTINGS["sample"], alpha=SETTINGS["alpha"],
                            min_alpha=SETTINGS["min_alpha"], workers=workers, seed=seed)
     model.build_vocab(sentences)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     model.train(sentences, total_examples=len(sentences), epochs=epochs)
-    seconds = time.perf_counter() - start
-    return list(model.wv.index_to_key), model.wv.vectors.copy(), seconds
+    return (list(model.wv.index_to_key), model.wv.vectors.copy(), time.perf_counter() - start,
+            time.process_time() - cpu)
 
 
 def unit_rows(words, vectors, chosen):
@@ -138,22 +139,32 @@ def main(argv=None):
         ours.append(train_ours(sentences, args.epochs, args.workers, seed=1 + r))
         if gensim_version:
             theirs.append(train_gensim(sentences, args.epochs, args.workers, seed=1 + r))
-        print(f"  repeat {r + 1}: ours {ours[-1][2]:.2f} s" +
-              (f", gensim {theirs[-1][2]:.2f} s" if theirs else ""))
+        print(f"  repeat {r + 1}: ours {ours[-1][2]:.2f} s ({ours[-1][3]:.2f} CPU s)" +
+              (f", gensim {theirs[-1][2]:.2f} s ({theirs[-1][3]:.2f} CPU s)" if theirs else ""))
 
-    ours_wps = [raw_words * args.epochs / s for _, _, s in ours]
+    work = raw_words * args.epochs
+    ours_wps = [work / run[2] for run in ours]
+    ours_cpu = [work / run[3] for run in ours]
     result = {"corpus": args.corpus, "sentences": len(sentences), "raw_words": raw_words,
               "epochs": args.epochs, "workers": args.workers, "settings": SETTINGS, "repeats": args.repeats,
               "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
               "gensim": gensim_version, "ours_words_per_s": ours_wps,
-              "ours_median_words_per_s": statistics.median(ours_wps), "vocab_size": len(ours[0][0])}
+              "ours_median_words_per_s": statistics.median(ours_wps),
+              "ours_words_per_cpu_s": ours_cpu, "ours_median_words_per_cpu_s": statistics.median(ours_cpu),
+              "vocab_size": len(ours[0][0])}
     header = f"{'':<22} {'scratchlm':>12} {'gensim':>12} {'ours/gensim':>12}"
-    rows = [("words/s (median)", f"{result['ours_median_words_per_s']:>12,.0f}")]
+    rows = [("words/s (median)", f"{result['ours_median_words_per_s']:>12,.0f}"),
+            ("words/CPU-s (median)", f"{result['ours_median_words_per_cpu_s']:>12,.0f}")]
     if gensim_version:
-        theirs_wps = [raw_words * args.epochs / s for _, _, s in theirs]
+        theirs_wps = [work / run[2] for run in theirs]
+        theirs_cpu = [work / run[3] for run in theirs]
         result["gensim_words_per_s"] = theirs_wps
         result["gensim_median_words_per_s"] = statistics.median(theirs_wps)
+        result["gensim_words_per_cpu_s"] = theirs_cpu
+        result["gensim_median_words_per_cpu_s"] = statistics.median(theirs_cpu)
         result["speed_ratio"] = result["ours_median_words_per_s"] / result["gensim_median_words_per_s"]
+        result["cpu_speed_ratio"] = (result["ours_median_words_per_cpu_s"]
+                                     / result["gensim_median_words_per_cpu_s"])
         common = [w for w in ours[0][0] if w in set(theirs[0][0])]
         top = common[args.skip_top:args.skip_top + args.top]
         rho, overlap = agreement(ours[0][:2], theirs[0][:2], top)
@@ -164,7 +175,9 @@ def main(argv=None):
                        "top10_overlap_ours_vs_ours": overlap_oo, "spearman_gensim_vs_gensim": rho_gg,
                        "top10_overlap_gensim_vs_gensim": overlap_gg})
         rows = [("words/s (median)", f"{result['ours_median_words_per_s']:>12,.0f} "
-                 f"{result['gensim_median_words_per_s']:>12,.0f} {result['speed_ratio']:>12.2f}")]
+                 f"{result['gensim_median_words_per_s']:>12,.0f} {result['speed_ratio']:>12.2f}"),
+                ("words/CPU-s (median)", f"{result['ours_median_words_per_cpu_s']:>12,.0f} "
+                 f"{result['gensim_median_words_per_cpu_s']:>12,.0f} {result['cpu_speed_ratio']:>12.2f}")]
         fmt = lambda x: f"{x:>12.3f}" if x is not None else f"{'-':>12}"   # noqa: E731
         rows.append((f"Spearman, {len(top)} words", f"{fmt(rho)} (ours vs gensim)"))
         rows.append(("  same library, 2 seeds", f"{fmt(rho_oo)} {fmt(rho_gg)}"))

@@ -161,8 +161,10 @@ def _pair_update_numba(vs, iv, syn1neg, positive, negative, cum, r, alpha, e):
             label = 0.0
         f = _dot(syn1neg, target, vs, iv)
         g = vs.dtype.type(alpha * (label - 1.0 / (1.0 + math.exp(-f))))
-        _axpy(g, syn1neg, target, e, 0)
-        _axpy(g, vs, iv, syn1neg, target)
+        for k in range(vs.shape[1]):             # e += g u_t; u_t += g v, in one pass over u_t
+            u_k = syn1neg[target, k]
+            e[0, k] += g * u_k
+            syn1neg[target, k] = u_k + g * vs[iv, k]
     return r
 
 
