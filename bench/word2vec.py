@@ -1,13 +1,14 @@
 """word2vec: training speed and the agreement of the two spaces, scratchlm vs gensim, same settings.
 
-    python bench/word2vec.py [--corpus shipped|PATH] [--epochs 5] [--workers 2] [--repeats 3]
+    python bench/word2vec.py [--corpus shipped|PATH] [--model skipgram|cbow] [--epochs 5] [--workers 2]
+                             [--repeats 3] [--top 200] [--skip-top 0]
 
 Corpus ``shipped`` (default): the text that ships with scratchlm, one sentence per line -- COCO
 captions (train + test), the sentiment sentences, and the distinct English sentences of eng-fra-5k;
 or a text file (e.g. ../shared/corpora/tinyshakespeare.txt), one sentence per line. Both libraries get
 the same token lists (scratchlm's word tokenizer: lowercase, punctuation split off) and the same
-settings: skip-gram, negative=5, window=5, vector_size=100, min_count=5, sample=1e-3, alpha 0.025 ->
-0.0001, ``--epochs``, ``--workers`` threads.
+settings: skip-gram (``--model cbow``: CBOW, mean of the context), negative=5, window=5,
+vector_size=100, min_count=5, sample=1e-3, alpha 0.025 -> 0.0001, ``--epochs``, ``--workers`` threads.
 
 Speed: words/s = raw corpus words x epochs / training seconds (vocabulary built beforehand, outside
 the timing, for both; our time includes turning the token lists into ids, gensim's its own lookups),
@@ -41,7 +42,8 @@ from scratchlm.datasets import dataset_path                       # noqa: E402
 from scratchlm.models.word2vec import Word2Vec, most_similar, to_sentences   # noqa: E402
 
 SETTINGS = dict(window=5, negative=5, dim=100, min_count=5, sample=1e-3, alpha=0.025, min_alpha=0.0001)
-PROBE_WORDS = ["dog", "red", "good", "great", "man", "food", "kitchen", "movie", "street", "water"]
+PROBE_WORDS = ["dog", "red", "good", "great", "man", "food", "king", "love", "kitchen", "movie",
+               "street", "water"]
 
 
 def shipped_corpus() -> str:
@@ -55,17 +57,18 @@ def shipped_corpus() -> str:
     return "\n".join(parts)
 
 
-def train_ours(sentences, epochs, workers, seed):
-    model = Word2Vec(model="skipgram", epochs=epochs, workers=workers, seed=seed, **SETTINGS)
+def train_ours(sentences, epochs, workers, seed, kind="skipgram"):
+    model = Word2Vec(model=kind, epochs=epochs, workers=workers, seed=seed, **SETTINGS)
     model.build_vocab(sentences)
     start, cpu = time.perf_counter(), time.process_time()
     model.train(sentences, progress=False)
     return model.words, model.syn0.copy(), time.perf_counter() - start, time.process_time() - cpu
 
 
-def train_gensim(sentences, epochs, workers, seed):
+def train_gensim(sentences, epochs, workers, seed, kind="skipgram"):
     from gensim.models import Word2Vec as GensimWord2Vec
-    model = GensimWord2Vec(sg=1, hs=0, vector_size=SETTINGS["dim"], window=SETTINGS["window"],
+    model = GensimWord2Vec(sg=int(kind == "skipgram"), hs=0, cbow_mean=1,
+                           vector_size=SETTINGS["dim"], window=SETTINGS["window"],
                            negative=SETTINGS["negative"], min_count=SETTINGS["min_count"],
                            sample=SETTINGS["sample"], alpha=SETTINGS["alpha"],
                            min_alpha=SETTINGS["min_alpha"], workers=workers, seed=seed)
@@ -111,6 +114,7 @@ def agreement(space_a, space_b, top_words):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", default="shipped", help="'shipped' or a text file, one sentence per line")
+    parser.add_argument("--model", choices=["skipgram", "cbow"], default="skipgram")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
@@ -129,23 +133,23 @@ def main(argv=None):
         gensim_version = None
     print(f"corpus {args.corpus}: {len(sentences):,} sentences, {raw_words:,} words; epochs {args.epochs}, "
           f"workers {args.workers}, {os.cpu_count()} CPUs; gensim {gensim_version or 'not installed'}")
-    print("settings: skip-gram, " + ", ".join(f"{k}={v}" for k, v in SETTINGS.items()))
+    print(f"settings: {args.model}, " + ", ".join(f"{k}={v}" for k, v in SETTINGS.items()))
 
     # Warm-up: load (or compile) the Numba kernel outside the timing.
     train_ours(sentences[:200], 1, args.workers, 0)
 
     ours, theirs = [], []
     for r in range(args.repeats):
-        ours.append(train_ours(sentences, args.epochs, args.workers, seed=1 + r))
+        ours.append(train_ours(sentences, args.epochs, args.workers, 1 + r, args.model))
         if gensim_version:
-            theirs.append(train_gensim(sentences, args.epochs, args.workers, seed=1 + r))
+            theirs.append(train_gensim(sentences, args.epochs, args.workers, 1 + r, args.model))
         print(f"  repeat {r + 1}: ours {ours[-1][2]:.2f} s ({ours[-1][3]:.2f} CPU s)" +
               (f", gensim {theirs[-1][2]:.2f} s ({theirs[-1][3]:.2f} CPU s)" if theirs else ""))
 
     work = raw_words * args.epochs
     ours_wps = [work / run[2] for run in ours]
     ours_cpu = [work / run[3] for run in ours]
-    result = {"corpus": args.corpus, "sentences": len(sentences), "raw_words": raw_words,
+    result = {"model": args.model, "corpus": args.corpus, "sentences": len(sentences), "raw_words": raw_words,
               "epochs": args.epochs, "workers": args.workers, "settings": SETTINGS, "repeats": args.repeats,
               "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
               "gensim": gensim_version, "ours_words_per_s": ours_wps,

@@ -68,7 +68,8 @@ def _read_lines(path: Path) -> list[str]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"{path} is not UTF-8 (bad byte at offset {exc.start}); re-save it as UTF-8") from None
+        raise UserError(f"{path} is not UTF-8 (bad byte at offset {exc.start}); "
+                        f"re-save it as UTF-8") from None
     if text.startswith("\ufeff"):      # a byte-order mark some editors write
         text = text[1:]
     return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
@@ -101,7 +102,8 @@ def _parse_tsv(path: Path, lines) -> tuple:
         if not line.strip():
             continue
         fields = line.split("\t")
-        if number == 1 and [f.strip().lower() for f in fields[:2]] in (["text", "label"], ["sentence", "label"]):
+        header = [f.strip().lower() for f in fields[:2]]
+        if number == 1 and header in (["text", "label"], ["sentence", "label"]):
             continue                                     # a header line
         if len(fields) < 2 or not fields[1].strip():
             raise UserError(f"{path}:{number}: no label; each line must be text<TAB>label")
