@@ -209,3 +209,16 @@ def test_embedding_from_vectors_and_user_errors(tmp_path):
     model.build_vocab([["a", "b"]])
     with pytest.raises(UserError, match="not in the word2vec vocabulary"):
         model.most_similar("zebra")
+
+
+def test_same_seed_same_vectors_with_one_worker_and_more_workers_than_sentences():
+    _, sentences = _two_topics(n=40)
+    runs = []
+    for _ in range(2):
+        model = w2v.Word2Vec(dim=8, min_count=1, epochs=2, sample=1e-2, workers=1, seed=5)
+        model.train(sentences, progress=False)
+        runs.append(model.syn0)
+    np.testing.assert_array_equal(runs[0], runs[1])
+    model = w2v.Word2Vec(dim=8, min_count=1, epochs=1, workers=4, seed=5)
+    stats = model.train(sentences[:2], progress=False)       # two of the four ranges are empty
+    assert stats["vocab_words_per_epoch"] == 16 and np.isfinite(model.syn0).all()
