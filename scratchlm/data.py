@@ -26,7 +26,6 @@ import json
 import os
 import re
 import sysconfig
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -353,17 +352,8 @@ def tokenizer_sha256(tokenizer) -> str:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from scratchlm.checkpoint import atomic_write_bytes
+    atomic_write_bytes(path, data)
 
 
 def _open_stream(path: Path, dtype, n: int) -> np.ndarray:

@@ -403,10 +403,22 @@ def _prepare_run(config, run_dir, corpus, tokenizer, resume, progress, cache_dir
                         f"(sha256 {text.sha256[:12]}.. vs {header['data']['corpus_sha256'][:12]}..)")
     if not resume:
         tok = make_tokenizer(tokenizer, text.text, progress=bool(progress))
+        _note_smaller_vocabulary(tokenizer, tok)
     prepared = prepare(text, tok, cache_dir=cache_dir)
     data_info = {"corpus": _corpus_spec(corpus, text), "corpus_name": text.name, "corpus_sha256": text.sha256,
                  "tokenizer": tokenizer, "train_tokens": int(len(prepared.train)), "val_tokens": int(len(prepared.val))}
     return {"tok": tok, "prepared": prepared, "data_info": data_info}
+
+
+def _note_smaller_vocabulary(spec: str, tok) -> None:
+    """``bpe:N`` on a small corpus runs out of pairs to merge before N tokens: say what it got."""
+    from scratchlm.tokenizers import DEFAULT_BPE_VOCAB
+    kind, _, arg = spec.strip().lower().partition(":")
+    if kind == "bpe":
+        asked = int(arg) if arg else DEFAULT_BPE_VOCAB
+        if tok.vocab_size < asked:
+            print(f"note: --tokenizer {spec} asked for {asked:,} tokens; this corpus has pairs to merge for only "
+                  f"{tok.vocab_size:,}, so the vocabulary is {tok.vocab_size:,}", file=sys.stderr)
 
 
 def _corpus_spec(corpus, text) -> str:
