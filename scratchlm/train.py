@@ -350,7 +350,7 @@ def train(config: TrainConfig, out_dir, corpus=None, tokenizer: str = "char", re
     ready = {}
 
     def validate():
-        ready.update(_prepare_run(config, run_dir, corpus, tokenizer, resume, progress, cache_dir, log))
+        ready.update(_prepare_run(config, run_dir, corpus, tokenizer, resume, progress, cache_dir))
         check_fits_in_memory(config.model_config(ready["tok"].vocab_size), config.batch_size, config.block_size)
 
     with open_run_for_writing(run_dir, resume=resume, validate=validate, overwrite=overwrite):
@@ -361,7 +361,7 @@ def train(config: TrainConfig, out_dir, corpus=None, tokenizer: str = "char", re
         return trainer.fit()
 
 
-def _prepare_run(config, run_dir, corpus, tokenizer, resume, progress, cache_dir, log) -> dict:
+def _prepare_run(config, run_dir, corpus, tokenizer, resume, progress, cache_dir) -> dict:
     """The checks and the data of ``train``, reading only: nothing in ``run_dir`` is written."""
     from scratchlm.checkpoint import read_json
     from scratchlm.data import REGISTRY, load_corpus, prepare
