@@ -31,6 +31,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,10 +150,10 @@ class Trainer:
         self.evaluated_at: set[int] = set()
         if resume:
             state = load_checkpoint(self.run_dir, self.model, self.optimizer)
-            write_run_header(self.run_dir, config, self.model.config, None, data_info or {})   # new max_iters etc.
             self.iteration, self.best_val_loss = state["iteration"], state.get("best_val_loss")
             self.last_val_loss, self.last_saved = state.get("last_val_loss"), state["iteration"]
-            kept = keep_metrics_before(self.metrics_path, self.iteration)
+            kept = keep_metrics_before(self.metrics_path, self.iteration)     # reads (and refuses) before writing
+            write_run_header(self.run_dir, config, self.model.config, None, data_info or {})   # new max_iters etc.
             self.evaluated_at = {m["iter"] for m in kept if m.get("kind") == "eval"}
         else:
             write_run_header(self.run_dir, config, self.model.config, tokenizer, data_info or {})
@@ -338,16 +339,39 @@ def train(config: TrainConfig, out_dir, corpus=None, tokenizer: str = "char", re
 
     ``corpus`` is a registered name, a path, or a ``Corpus``; on resume it defaults to the run's.
     ``progress``: True/False forces the bar on/off; None shows it on a terminal and prints lines otherwise.
+
+    Everything is checked before the run folder is touched (config, corpus, tokenizer, the
+    memory estimate, on resume the saved state and metrics), then the folder's lock is taken
+    (``scratchlm.runguard``): a refused call leaves the folder as it was.
     """
-    from scratchlm.data import load_corpus, prepare
+    from scratchlm.memory import check_fits_in_memory
+    from scratchlm.runguard import open_run_for_writing
+    run_dir = Path(out_dir)
+    ready = {}
+
+    def validate():
+        ready.update(_prepare_run(config, run_dir, corpus, tokenizer, resume, progress, cache_dir))
+        check_fits_in_memory(config.model_config(ready["tok"].vocab_size), config.batch_size, config.block_size)
+
+    with open_run_for_writing(run_dir, resume=resume, validate=validate, overwrite=overwrite):
+        trainer = Trainer(config, ready["tok"], ready["prepared"], run_dir, ready["data_info"], resume=resume,
+                          progress=progress, log=log)
+        if resume and progress is not False:
+            log(f"resuming {run_dir} at iteration {trainer.iteration} of {config.max_iters}")
+        return trainer.fit()
+
+
+def _prepare_run(config, run_dir, corpus, tokenizer, resume, progress, cache_dir) -> dict:
+    """The checks and the data of ``train``, reading only: nothing in ``run_dir`` is written."""
+    from scratchlm.checkpoint import read_json
+    from scratchlm.data import REGISTRY, load_corpus, prepare
+    from scratchlm.runs import read_metrics
     from scratchlm.tokenizers import load as load_tokenizer, make_tokenizer
     config.validate()
-    run_dir = Path(out_dir)
     try:
         backend.use_backend(config.backend)
     except backend.BackendUnavailable as exc:
         raise UserError(str(exc)) from None
-
     if resume:
         header = read_run_config(run_dir)
         saved = TrainConfig.from_dict(header["train"], where=f"{run_dir}/config.json")
@@ -355,25 +379,54 @@ def train(config: TrainConfig, out_dir, corpus=None, tokenizer: str = "char", re
         if changed:
             raise UserError(f"--resume cannot change the architecture ({changed[0]}: {getattr(saved, changed[0])!r} "
                             f"in the run, {getattr(config, changed[0])!r} now); start a new run instead")
-        corpus = corpus if corpus is not None else header["data"].get("corpus")
+        state = read_json(run_dir / "trainer.json")
+        iteration = state.get("iteration") if isinstance(state, dict) else None
+        if isinstance(iteration, int) and config.max_iters <= iteration:
+            raise UserError(f"the run is at iteration {iteration}; --iters (max_iters, now {config.max_iters}) "
+                            f"must be larger to train on, e.g. --iters {max(2 * iteration, iteration + 1)}")
+        read_metrics(run_dir / "metrics.jsonl")            # a damaged file is refused before anything changes
+        if corpus is None:
+            corpus = header["data"].get("corpus")
+            if (isinstance(corpus, str) and corpus not in REGISTRY and not Path(corpus).expanduser().exists()):
+                raise UserError(f"this run's corpus {corpus} is not there any more (moved, or a relative path "
+                                f"from another folder); pass --corpus PATH")
         tokenizer = header["data"].get("tokenizer", tokenizer)         # the run's spec, not the default
         tok = load_tokenizer(run_dir / "tokenizer.json")
-    else:
-        if (run_dir / "trainer.json").exists() and not overwrite:
-            raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-        if corpus is None:
-            raise UserError("no corpus given; pass --corpus NAME|PATH (e.g. --corpus pydoc)")
+    elif corpus is None:
+        raise UserError("no corpus given; pass --corpus NAME|PATH (e.g. --corpus pydoc)")
     text = corpus if hasattr(corpus, "text") else load_corpus(corpus)
+    if getattr(text, "skipped", None):            # a note, not an error: the rest of the folder is used
+        print(f"note: skipped {len(text.skipped)} file(s) of {text.source}: {'; '.join(text.skipped)}",
+              file=sys.stderr)
     if resume and header["data"].get("corpus_sha256") not in (None, text.sha256):
         raise UserError(f"the corpus {text.name!r} differs from the one this run was trained on "
                         f"(sha256 {text.sha256[:12]}.. vs {header['data']['corpus_sha256'][:12]}..)")
     if not resume:
         tok = make_tokenizer(tokenizer, text.text, progress=bool(progress))
+        _note_smaller_vocabulary(tokenizer, tok)
     prepared = prepare(text, tok, cache_dir=cache_dir)
-    data_info = {"corpus": corpus if isinstance(corpus, str) else str(getattr(corpus, "source", text.name)),
-                 "corpus_name": text.name, "corpus_sha256": text.sha256, "tokenizer": tokenizer,
-                 "train_tokens": int(len(prepared.train)), "val_tokens": int(len(prepared.val))}
-    trainer = Trainer(config, tok, prepared, run_dir, data_info, resume=resume, progress=progress, log=log)
-    if resume and progress is not False:
-        log(f"resuming {run_dir} at iteration {trainer.iteration} of {config.max_iters}")
-    return trainer.fit()
+    data_info = {"corpus": _corpus_spec(corpus, text), "corpus_name": text.name, "corpus_sha256": text.sha256,
+                 "tokenizer": tokenizer, "train_tokens": int(len(prepared.train)), "val_tokens": int(len(prepared.val))}
+    return {"tok": tok, "prepared": prepared, "data_info": data_info}
+
+
+def _note_smaller_vocabulary(spec: str, tok) -> None:
+    """``bpe:N`` on a small corpus runs out of pairs to merge before N tokens: say what it got."""
+    from scratchlm.tokenizers import DEFAULT_BPE_VOCAB
+    kind, _, arg = spec.strip().lower().partition(":")
+    if kind == "bpe":
+        asked = int(arg) if arg else DEFAULT_BPE_VOCAB
+        if tok.vocab_size < asked:
+            print(f"note: --tokenizer {spec} asked for {asked:,} tokens; this corpus has pairs to merge for only "
+                  f"{tok.vocab_size:,}, so the vocabulary is {tok.vocab_size:,}", file=sys.stderr)
+
+
+def _corpus_spec(corpus, text) -> str:
+    """What config.json records to find the corpus again: a registered name as is, a path resolved
+    (so ``--resume`` works from any folder)."""
+    from scratchlm.data import REGISTRY
+    if isinstance(corpus, str) and corpus in REGISTRY:
+        return corpus
+    if isinstance(corpus, (str, os.PathLike)):
+        return str(Path(corpus).expanduser().resolve())
+    return str(getattr(corpus, "source", text.name))
