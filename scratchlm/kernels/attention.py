@@ -57,7 +57,7 @@ import math
 import numpy as np
 
 from scratchlm import backend
-from scratchlm.kernels import cuda_kernel, njit, num_threads, pick, prange
+from scratchlm.kernels import cuda_kernel, njit, num_threads, numba_path, pick, prange
 
 
 def _default_scale(q, scale):
@@ -662,15 +662,23 @@ def backward_strips_blas(do, q, k, v, o, lse, causal: bool, scale: float | None 
 
 # ============================================================== dispatch
 
+def _numba_path(q, k) -> str:
+    """The Numba rung's path: batched BLAS while the scores fit, else strips (or a forced one)."""
+    return numba_path("attention", "batched" if q.shape[-2] * k.shape[-2] <= BATCHED_MAX_SCORES else "strips")
+
+
 def forward(q, k, v, causal: bool, scale: float | None = None):
     """(o, lse) on the fastest rung for ``q``: CUDA for CuPy, Numba for NumPy, else the reference."""
-    rung = pick(q)
+    rung = pick(q, "attention")
     if rung == "cuda":
         kernel = cuda_kernel("attention_forward")
         if kernel is not None:
             return kernel(q, k, v, causal, scale)
     elif rung == "numba":
-        if q.shape[-2] * k.shape[-2] <= BATCHED_MAX_SCORES:
+        path = _numba_path(q, k)
+        if path == "tiled":
+            return forward_numba(q, k, v, causal, scale)
+        if path == "batched":
             return forward_batched_numba(q, k, v, causal, scale)
         return forward_strips_blas(q, k, v, causal, scale)
     return forward_reference(q, k, v, causal, scale)
@@ -680,7 +688,7 @@ def forward_keeping_probs(q, k, v, causal: bool, scale: float | None = None):
     """(o, lse, probs) for a training step: as ``forward``, plus P (B, H, Tq, Tk) where the
     batched path made it anyway (short T on the Numba rung), else None. Hand ``probs`` to
     ``backward_from_probs``."""
-    if pick(q) == "numba" and q.shape[-2] * k.shape[-2] <= BATCHED_MAX_SCORES:
+    if pick(q, "attention") == "numba" and _numba_path(q, k) == "batched":
         return forward_batched_numba(q, k, v, causal, scale, keep_probs=True)
     o, lse = forward(q, k, v, causal, scale)
     return o, lse, None
@@ -688,20 +696,23 @@ def forward_keeping_probs(q, k, v, causal: bool, scale: float | None = None):
 
 def backward_from_probs(do, q, k, v, o, lse, probs, causal: bool, scale: float | None = None):
     """(dq, dk, dv) as ``backward``, reusing P from ``forward_keeping_probs`` when it kept one."""
-    if probs is not None and pick(q) == "numba":
+    if probs is not None and pick(q, "attention") == "numba":
         return backward_batched_numba(do, q, k, v, o, lse, causal, scale, probs=probs)
     return backward(do, q, k, v, o, lse, causal, scale)
 
 
 def backward(do, q, k, v, o, lse, causal: bool, scale: float | None = None):
     """(dq, dk, dv) on the fastest rung for ``q`` (see ``forward``)."""
-    rung = pick(q)
+    rung = pick(q, "attention")
     if rung == "cuda":
         kernel = cuda_kernel("attention_backward")
         if kernel is not None:
             return kernel(do, q, k, v, o, lse, causal, scale)
     elif rung == "numba":
-        if q.shape[-2] * k.shape[-2] <= BATCHED_MAX_SCORES:
+        path = _numba_path(q, k)
+        if path == "tiled":
+            return backward_numba(do, q, k, v, o, lse, causal, scale)
+        if path == "batched":
             return backward_batched_numba(do, q, k, v, o, lse, causal, scale)
         return backward_strips_blas(do, q, k, v, o, lse, causal, scale)
     return backward_reference(do, q, k, v, o, lse, causal, scale)
