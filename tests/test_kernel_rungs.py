@@ -99,6 +99,19 @@ def test_attention_every_rung_at_odd_sizes(rung, head_dim, shape, dtype, monkeyp
             close(grad, want, dtype)
 
 
+@pytest.mark.parametrize("rung", ATTENTION_RUNGS)
+def test_attention_default_scale_is_one_over_sqrt_head_dim(rung):
+    """scale=None means 1/sqrt(D) on every rung (the kernels and the reference share the helper
+    that supplies it, so it is checked against the formula here)."""
+    q, k, v, do = (uniform(40 + n, (1, 2, 5, 7)) for n in range(4))
+    expected = attention_by_formula(q, k, v, do, True, 1.0 / math.sqrt(7))
+    with kernels.force_rung("attention", rung):
+        out, lse = attention.forward(q, k, v, True)
+        grads = attention.backward(do, q, k, v, out, lse, True)
+    for got, want in zip((out, lse, *grads), expected):
+        close(got, want, np.float64)
+
+
 def test_force_rung_routes_attention_to_the_forced_path(monkeypatch):
     """The dispatcher takes the forced path whatever the size (batched at T=1 would be its own pick)."""
     ran = []
