@@ -299,3 +299,47 @@ def test_adamw_every_rung_follows_the_formula_over_steps(rung, size, dtype):
             assert got.dtype == dtype
             close(got / size_of, expected / size_of, dtype, rtol64=1e-12, rtol32=1e-6)
         want = [p.astype(np.float64), m.astype(np.float64), v.astype(np.float64)]   # follow the rung
+
+
+# ============================================================== the forced rung is the one that runs
+
+# For each kernel: a call through its dispatcher, and the names of its reference and Numba functions.
+ROUTED = {
+    "layer_norm": (lambda: layer_norm.forward(uniform(0, (3, 5)), None, None, 1e-5),
+                   layer_norm, "forward_reference", "forward_numba"),
+    "gelu": (lambda: gelu.forward(uniform(0, (7,)), "none"), gelu, "forward_reference", "forward_numba"),
+    "cross_entropy": (lambda: cross_entropy.forward(uniform(0, (3, 5)), np.array([0, 4, 2]), -100),
+                      cross_entropy, "forward_reference", "forward_numba"),
+    "embedding": (lambda: embedding.backward(uniform(0, (4, 3)), np.array([0, 1, 1, 2]), 3),
+                  embedding, "backward_reference", "backward_numba"),
+    "adamw": (lambda: adamw.step(*(uniform(n, (6,)) ** 2 for n in range(4)), 0.01, 0.9, 0.99, 1e-8, 0.1, 1),
+              adamw, "step_reference", "step_numba"),
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(ROUTED))
+def test_force_rung_runs_that_rung_and_not_the_other(kernel, monkeypatch):
+    call, module, reference_name, numba_name = ROUTED[kernel]
+    ran = []
+    for name in (reference_name, numba_name):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _n=name, _f=original, **kw: ran.append(_n) or _f(*a, **kw))
+    for rung, name in (("reference", reference_name), ("numba", numba_name)):
+        ran.clear()
+        with kernels.force_rung(kernel, rung):
+            call()
+        assert ran == [name], (rung, ran)
+
+
+def test_adamw_numba_rung_runs_its_kernel_on_contiguous_float_arrays(monkeypatch):
+    """step_numba falls back to the reference only where the kernel cannot run (a strided view)."""
+    calls = []
+    original = adamw.step_reference
+    monkeypatch.setattr(adamw, "step_reference", lambda *a: calls.append("reference") or original(*a))
+    for dtype in (np.float32, np.float64):
+        arrays = [uniform(n, (5, 3)).astype(dtype) ** 2 for n in range(4)]
+        adamw.step_numba(*arrays, 0.01, 0.9, 0.99, 1e-8, 0.1, 2)
+    assert calls == []
+    views = [np.abs(uniform(n, (5, 6)))[:, ::2] for n in range(4)]
+    adamw.step_numba(*views, 0.01, 0.9, 0.99, 1e-8, 0.1, 2)
+    assert calls == ["reference"]

@@ -281,6 +281,12 @@ def test_bad_construction():
         optim.AdamW([w], lr=-1.0)
     with pytest.raises(UserError):
         optim.SGD([w], lr=0.1, nesterov=True)
+    for betas in ((0.9, 1.0), (1.5, 0.9), (0.9, 0.99, 0.5), (-0.1, 0.9)):
+        with pytest.raises(UserError, match="betas"):
+            optim.AdamW([w], lr=0.1, betas=betas)
+    # the bounds are inclusive where the docs say >= 0: lr = 0, eps = 0 and wd = 0 are valid settings
+    for cls in (optim.Adam, optim.AdamW):
+        cls([w], lr=0.0, eps=0.0, weight_decay=0.0)
 
 
 def test_zero_grad_sets_none():
