@@ -455,7 +455,8 @@ def test_page_streams_a_reply_and_draws_bars_in_a_headless_browser(live, model_a
     model, tokenizer = model_and_tokenizer
     expected = reference(model, tokenizer, "the cat", 12)
     url = f"{live.url}/?prompt=the%20cat&temperature=0&max_tokens=12&run=1"
-    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000",
+    # virtual time fast-forwards while the page waits on the network, so the budget is generous
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3600000",
                           "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     import html.parser
 
