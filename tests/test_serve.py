@@ -261,6 +261,7 @@ def test_logprobs_are_the_models_distribution(live, model_and_tokenizer):
     client = openai_client(live.url)
     reply = client.completions.create(model="tiny", prompt="the cat", max_tokens=4, temperature=0, logprobs=10)
     logprobs = reply.choices[0].logprobs
+    assert logprobs.text_offset == [0, 1, 2, 3]                           # one character per token
     ids = tokenizer.encode("the cat")
     for step, token in enumerate(logprobs.tokens):
         with no_grad():

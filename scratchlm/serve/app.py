@@ -260,8 +260,10 @@ class Server:
                     if event.kind == "error":
                         yield ApiError(500, event.message, type="server_error", code="generation_failed").body()
                         return
+                    offset = len(choices[event.index].text)
+                    choices[event.index].add(event)
                     if event.kind == "token":
-                        items = [(event.token, event.logprob, event.top, 0)] if event.logprob is not None else None
+                        items = None if event.logprob is None else [(event.token, event.logprob, event.top, offset)]
                         if event.text or items:
                             yield chunk_object(job, name, event.index, event.text, None, items, tokenizer)
                     else:
