@@ -46,14 +46,19 @@ class TimedOut(Exception):
 
 
 class Reply:
-    """A request's events, handed from the engine thread to the event loop."""
+    """A request's events, handed from the engine thread to the event loop.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float, disconnect: asyncio.Future | None):
-        self.loop, self.deadline, self.disconnect = loop, deadline, disconnect
+    One asyncio.Event wakes the handler for new events, the deadline (one timer per request) and
+    a disconnect (the watcher task): no task or timer per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float, receive=None):
+        self.loop = loop
         self.lock = threading.Lock()
         self.events: list[Event] = []
         self.ready = asyncio.Event()
-        self.woken = False
+        self.woken = self.timed_out = self.disconnected = False
+        self.timer = loop.call_at(deadline, self._time_out)
+        self.watcher = None if receive is None else asyncio.ensure_future(self._watch(receive))
 
     def push(self, event: Event) -> None:            # engine thread
         with self.lock:
@@ -66,31 +71,34 @@ class Reply:
         except RuntimeError:                         # the loop is closed: nobody is listening
             pass
 
+    def _time_out(self) -> None:
+        self.timed_out = True
+        self.ready.set()
+
+    async def _watch(self, receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.disconnected = True
+        self.ready.set()
+
+    def close(self) -> None:
+        self.timer.cancel()
+        if self.watcher is not None:
+            self.watcher.cancel()
+
     async def next_events(self) -> list[Event]:
         """The events that came since the last call; waits for at least one."""
         while True:
             with self.lock:
                 events, self.events, self.woken = self.events, [], False
                 self.ready.clear()
+            if self.disconnected:
+                raise Disconnected()
+            if self.timed_out:
+                raise TimedOut()
             if events:
                 return events
-            remaining = self.deadline - self.loop.time()
-            if remaining <= 0:
-                raise TimedOut()
-            wait = asyncio.ensure_future(self.ready.wait())
-            waiters = {wait} if self.disconnect is None else {wait, self.disconnect}
-            done, _ = await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-            if wait not in done:
-                wait.cancel()
-                if self.disconnect is not None and self.disconnect in done:
-                    raise Disconnected()
-
-
-async def _wait_for_disconnect(receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
+            await self.ready.wait()
 
 
 class EventStream:
@@ -201,8 +209,7 @@ class Server:
         self._authorize(request)
         job = parse_job(await _read_json(request), self.tokenizer, self.block_size, chat)
         loop = asyncio.get_running_loop()
-        disconnect = asyncio.ensure_future(_wait_for_disconnect(request.receive))
-        reply = Reply(loop, loop.time() + self.timeout, disconnect)
+        reply = Reply(loop, loop.time() + self.timeout, request.receive)
         rows = [Row(prompt, job.max_tokens, job.temperature, job.top_k, job.top_p, job.repetition_penalty,
                     job.seed + j, job.stops, job.logprobs if job.want_logprobs else None, p * job.n + j,
                     reply.push)
@@ -210,7 +217,7 @@ class Server:
         try:
             self.engine.submit(rows)
         except QueueFull as exc:
-            disconnect.cancel()
+            reply.close()
             raise ApiError(429, f"the server is busy ({exc}); retry shortly", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
         choices = [Choice(i, "" if job.echo_texts is None else job.echo_texts[i // job.n]) for i in range(len(rows))]
@@ -218,18 +225,18 @@ class Server:
             try:
                 await self._collect(reply, choices)
             finally:
-                self._close(rows, disconnect)
+                self._close(rows, reply)
             return JSONResponse(response_object(job, self.model_name, choices, self.tokenizer))
         try:
             first = await reply.next_events()           # errors before the first token keep their status
         except BaseException as exc:
-            self._close(rows, disconnect)
+            self._close(rows, reply)
             raise _as_api_error(exc) from None
         if any(e.kind == "error" for e in first):
-            self._close(rows, disconnect)
+            self._close(rows, reply)
             raise ApiError(500, next(e.message for e in first if e.kind == "error"), type="server_error",
                            code="generation_failed")
-        return EventStream(self._chunks(job, reply, first, choices, rows, disconnect))
+        return EventStream(self._chunks(job, reply, first, choices, rows))
 
     async def _collect(self, reply: Reply, choices: list[Choice]) -> None:
         open_rows = len(choices)
@@ -244,7 +251,7 @@ class Server:
                 choices[event.index].add(event)
                 open_rows -= event.kind == "done"
 
-    async def _chunks(self, job: Job, reply: Reply, events: list[Event], choices: list[Choice], rows, disconnect):
+    async def _chunks(self, job: Job, reply: Reply, events: list[Event], choices: list[Choice], rows):
         """The stream's chunks; its ``finally`` cancels whatever rows are still generating."""
         name, tokenizer = self.model_name, self.tokenizer
         try:
@@ -284,11 +291,11 @@ class Server:
         except Disconnected:
             return
         finally:
-            self._close(rows, disconnect)
+            self._close(rows, reply)
 
-    def _close(self, rows, disconnect) -> None:
+    def _close(self, rows, reply: Reply) -> None:
         self.engine.cancel([row for row in rows if not getattr(row, "finished", False)])
-        disconnect.cancel()
+        reply.close()
 
 
 def _as_api_error(exc: BaseException) -> BaseException:

@@ -52,7 +52,6 @@ import numpy as np
 from scratchlm import backend
 from scratchlm.generate import (KVCache, _first_stop, _held_back, _TextPieces, apply_repetition_penalty,
                                 prefill, sample_next_token)
-from scratchlm.nn import functional as F
 from scratchlm.tensor import Tensor, no_grad
 
 END_OF_TEXT = "<|endoftext|>"          # always a stop string: byte-level BPE runs mark document ends with it
@@ -110,10 +109,10 @@ def decode_rows(model, pool: SlotPool, tokens: np.ndarray, positions: np.ndarray
         scale = 1.0 / math.sqrt(D)
         for block, keys, values in zip(transformer.h, pool.keys, pool.values):
             attn = block.attn
-            q, k, v = F.split(attn.c_attn(block.ln_1(x)), 3, axis=2)                           # 3 x (B, 1, C)
-            keys[rows, :, pos] = k.data.reshape(B, H, D)                                       # (B, H, D) at each position
-            values[rows, :, pos] = v.data.reshape(B, H, D)
-            q = q.data.reshape(B, H, 1, D)                                                     # (B, H, 1, D)
+            qkv = attn.c_attn(block.ln_1(x)).data.reshape(B, 3, H, D)                         # q, k, v side by side
+            keys[rows, :, pos] = qkv[:, 1]                                                     # (B, H, D) at each position
+            values[rows, :, pos] = qkv[:, 2]
+            q = qkv[:, 0, :, None, :]                                                          # (B, H, 1, D)
             scores = (q @ keys[:B, :, :L].swapaxes(-1, -2))[:, :, 0, :] * scale                # (B, H, L)
             scores = xp.where(beyond[:, None, :], -xp.inf, scores)
             probs = xp.exp(scores - scores.max(axis=-1, keepdims=True))
