@@ -6,7 +6,9 @@
 The server runs in its own process (``python -m scratchlm.serve``). For each N, N clients each
 send streaming ``/v1/completions`` requests one after another (a prompt of 8-16 characters of
 tiny shakespeare, ``max_tokens`` new tokens, temperature 0.8, ``stream_options.include_usage``)
-until each has sent ``--requests`` or ``--seconds`` have passed. Per level:
+until each has sent ``--requests`` or ``--seconds`` have passed. The clients are a minimal
+asyncio HTTP/1.1 client in this process (counting ``data:`` lines as they arrive, parsing only the
+usage chunk), so that on a small machine they take little CPU from the server they measure. Per level:
 
 - requests/s and tokens/s: completed requests and their completion tokens (from ``usage``) over
   the level's wall time; ``x 1 client``: tokens/s over the 1-client level's;
@@ -31,6 +33,7 @@ import json
 import os
 import platform
 import random
+import re
 import socket
 import statistics
 import subprocess
@@ -50,8 +53,9 @@ def parse_args(argv=None):
     parser.add_argument("--train-dir", default=str(ROOT / "runs" / "serve-bench"))
     parser.add_argument("--train-iters", type=int, default=300)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--requests", type=int, default=4, help="requests per client per level (default 4)")
-    parser.add_argument("--seconds", type=float, default=30.0, help="time cap per level (default 30)")
+    parser.add_argument("--requests", type=int, default=100, help="requests per client per level (default 100)")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="time per level: clients start no request after it (default 10)")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-queue", type=int, default=64)
@@ -142,63 +146,85 @@ def prompts(run: Path, count: int, seed: int = 0) -> list[str]:
     return out
 
 
-async def one_request(client, url, prompt, max_tokens, seed, cut_after=None) -> dict:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed, "stream": True,
-            "stream_options": {"include_usage": True}}
+USAGE = re.compile(rb'"completion_tokens":(\d+)')
+
+
+async def one_request(host, port, prompt, max_tokens, seed, cut_after=None) -> dict:
+    """One streaming request over a plain asyncio connection: a minimal HTTP/1.1 client, so that the
+    clients (in this process, on the same CPUs as the server) cost little per token. A chunk is
+    counted when its ``data: `` line arrives; the usage chunk gives the token count."""
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed,
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
     sent = time.perf_counter()
     first = last = None
-    tokens, chunks, error = 0, 0, None
+    chunks, tail, data = 0, b"", b""
     try:
-        async with client.stream("POST", url + "/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                return {"error": f"{response.status_code}: {response.text[:200]}"}
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    error = chunk["error"]["message"]
-                    break
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                    continue
-                now = time.perf_counter()
+        reader, writer = await asyncio.open_connection(host, port)
+    except OSError as exc:
+        return {"error": f"connect: {exc}"}
+    try:
+        writer.write(head + body)
+        status_line = await reader.readline()
+        if b" 200 " not in status_line:
+            return {"error": status_line.decode(errors="replace").strip() + " " +
+                    (await reader.read(300)).decode(errors="replace")}
+        while True:
+            block = await reader.read(65536)
+            if not block:
+                break
+            now = time.perf_counter()
+            data = tail + block
+            events = data.count(b"data: ")
+            if b"data: [DONE]" in data:
+                events -= 1
+            usage = b'"usage":{' in data
+            events -= usage
+            if events > 0:
                 first = first or now
                 last = now
-                chunks += 1
-                if cut_after is not None and chunks >= cut_after:
-                    return {"cut": True}
-    except Exception as exc:  # a refused or broken connection counts as an error, not a crash
+                chunks += events
+            if b'"error":{' in data:
+                return {"error": data.decode(errors="replace")[-300:]}
+            if usage:
+                tokens = int(USAGE.search(data[data.index(b'"usage":{'):]).group(1))
+                break
+            if cut_after is not None and chunks >= cut_after:
+                return {"cut": True}
+            tail = data[-64:]                      # a marker may straddle two reads
+            if b"data: " in tail:
+                tail = tail[tail.rindex(b"data: ") + 1:]
+        else:
+            return {"error": "no usage"}
+    except OSError as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
-    if error or first is None:
-        return {"error": error or "no tokens"}
+    finally:
+        writer.close()
+    if first is None:
+        return {"error": "no tokens"}
     return {"ttft": first - sent, "tokens": tokens,
             "per_token": (last - first) / (tokens - 1) if tokens > 1 else None, "end": last}
 
 
 async def level(url, run, n_clients, requests, seconds, max_tokens, cut_fraction=0.0) -> dict:
-    import httpx
-    pool = prompts(run, n_clients * requests, seed=n_clients)
+    """N clients, each sending requests back to back until ``requests`` each or ``seconds`` in all."""
+    host, port = url.split("//")[1].split(":")
+    pool = prompts(run, 64, seed=n_clients)
     results = []
     deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=n_clients + 4, max_keepalive_connections=n_clients + 4)
 
-    async def client_loop(c, client):
+    async def client_loop(c):
         rng = random.Random(c)
         for r in range(requests):
             if time.perf_counter() > deadline:
                 return
             cut = 3 if rng.random() < cut_fraction else None
-            results.append(await one_request(client, url, pool[c * requests + r], max_tokens, c * 1000 + r, cut))
+            results.append(await one_request(host, int(port), rng.choice(pool), max_tokens, c * 1000 + r, cut))
 
-    async with httpx.AsyncClient(timeout=180, limits=limits) as client:
-        start = time.perf_counter()
-        await asyncio.gather(*(client_loop(c, client) for c in range(n_clients)))
-        wall = time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(*(client_loop(c) for c in range(n_clients)))
+    wall = time.perf_counter() - start
     done = [r for r in results if "ttft" in r]
     ttft = sorted(r["ttft"] for r in done)
     per_token = sorted(r["per_token"] for r in done if r["per_token"] is not None)

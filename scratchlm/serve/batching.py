@@ -19,7 +19,8 @@ concurrency. This module is that engine:
   generator, stop strings and incremental text decoder; ``BatchedDecoder``: a thread that
   admits waiting rows between steps (a prefill each, with ``scratchlm.generate.prefill``, into
   a scratch cache copied into the row's slot), runs ``decode_rows`` over all active rows,
-  samples each row's token with ``scratchlm.generate.sample_next_token`` and its own generator,
+  samples each row's token with ``scratchlm.generate.sample_next_token`` (rows with the same
+  controls in one call) and the row's own generator,
   and retires rows that finished or were cancelled, freeing their slots.
 
 A row's tokens are those of ``scratchlm.generate.stream_text`` for the same prompt, controls
@@ -175,10 +176,8 @@ class Row:
         self.stops = list(self.stops) + ([END_OF_TEXT] if END_OF_TEXT not in self.stops else [])
         self.last = None
 
-    def take(self, logits: np.ndarray) -> None:
-        """Sample the next token from this row's logits (V,) and emit what it releases."""
-        controlled = apply_repetition_penalty(logits[None], self.context[None], self.repetition_penalty)
-        token = int(sample_next_token(controlled, self.temperature, self.top_k, self.top_p, self.rng)[0])
+    def take(self, logits: np.ndarray, token: int) -> None:
+        """Accept ``token``, sampled from this row's logits (V,) by ``sample_rows``; emit what it releases."""
         self.last = token
         self.generated += 1
         if self.repetition_penalty != 1:
@@ -210,6 +209,37 @@ class Row:
             rest, reason = (rest, reason) if cut is None else (rest[:cut], "stop")
         self.finished = True
         self.sink(Event("done", self.index, rest, finish_reason=reason, completion_tokens=self.generated))
+
+
+class _RowDraws:
+    """The generator ``sample_next_token`` draws from, for a group of rows sampled in one call:
+    row b's uniform number comes from row b's own generator (``random()`` and ``random((1, 1))``
+    take the same one double from a stream), so a row's tokens do not depend on its batch mates."""
+
+    def __init__(self, rngs):
+        self.rngs = rngs
+
+    def random(self, shape):
+        return np.array([rng.random() for rng in self.rngs]).reshape(shape)
+
+
+def sample_rows(rows: list[Row], logits: np.ndarray) -> list[int]:
+    """The next token of each row from logits (B, V): rows with the same controls are sampled in
+    one ``sample_next_token`` call (each with its own generator); a repetition penalty, which
+    depends on the row's context, is applied row by row."""
+    tokens = [0] * len(rows)
+    groups: dict[tuple, list[int]] = {}
+    for b, row in enumerate(rows):
+        if row.repetition_penalty != 1:
+            controlled = apply_repetition_penalty(logits[b:b + 1], row.context[None], row.repetition_penalty)
+            tokens[b] = int(sample_next_token(controlled, row.temperature, row.top_k, row.top_p, row.rng)[0])
+        else:
+            groups.setdefault((row.temperature, row.top_k or None, row.top_p), []).append(b)
+    for (temperature, top_k, top_p), members in groups.items():
+        draws = _RowDraws([rows[b].rng for b in members])
+        for b, token in zip(members, sample_next_token(logits[members], temperature, top_k, top_p, draws)):
+            tokens[b] = int(token)
+    return tokens
 
 
 def _logprobs(logits: np.ndarray, token: int, n: int):
@@ -342,7 +372,7 @@ class BatchedDecoder:
         self.counters["prefills"] += 1
         self.counters["max_active"] = max(self.counters["max_active"], len(self.active))
         self.counters["tokens"] += 1
-        row.take(logits[0])
+        row.take(logits[0], sample_rows([row], logits)[0])
 
     def _step(self) -> None:
         tokens = np.array([row.last for row in self.active], dtype=np.int64)              # (B,)
@@ -350,10 +380,12 @@ class BatchedDecoder:
         logits = decode_rows(self.model, self.pool, tokens, positions)                  # (B, V)
         self.counters["steps"] += 1
         self.counters["tokens"] += len(self.active)
-        for row, row_logits in zip(self.active, logits):
+        live = [b for b, row in enumerate(self.active) if not row.cancelled]
+        for row in self.active:
             row.position += 1
-            if not row.cancelled:
-                row.take(row_logits)
+        rows = [self.active[b] for b in live]
+        for row, row_logits, token in zip(rows, logits[live], sample_rows(rows, logits[live])):
+            row.take(row_logits, token)
 
     def _retire(self) -> None:
         """Drop finished and cancelled rows; the last active row moves into each freed slot."""
