@@ -28,7 +28,7 @@ from scratchlm.config import TrainConfig  # noqa: E402
 from scratchlm.generate import stream_text  # noqa: E402
 from scratchlm.runs import load_model  # noqa: E402
 from scratchlm.serve import add_serve_arguments, build_server  # noqa: E402
-from scratchlm.serve.batching import BatchedDecoder, Row, decode_rows, wait_idle  # noqa: E402
+from scratchlm.serve.batching import BatchedDecoder, Row, decode_rows, generate_texts, wait_idle  # noqa: E402
 from scratchlm.serve.protocol import chat_prompt  # noqa: E402
 from scratchlm.tensor import no_grad  # noqa: E402
 from scratchlm.train import train  # noqa: E402
@@ -187,6 +187,15 @@ def test_a_cancelled_row_leaves_and_the_others_are_unchanged(model_and_tokenizer
     assert len(events[0]) == 3 and events[0][-1].kind == "token"          # no token after the cancel
     assert "".join(e.text for e in events[1]) == reference(model, tokenizer, "birds", 20)
     assert engine.stats()["rows_cancelled"] == 1 and engine.stats()["active"] == 0
+
+
+def test_generate_texts_decodes_several_prompts_together(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    texts = generate_texts(model, tokenizer, PROMPTS, 10, temperature=0.8, top_p=0.9, seed=11, max_batch=4)
+    assert texts == [reference(model, tokenizer, p, 10, temperature=0.8, top_p=0.9, seed=11 + i)
+                     for i, p in enumerate(PROMPTS)]
+    with pytest.raises(ValueError, match="leave room"):
+        generate_texts(model, tokenizer, ["the"], BLOCK)
 
 
 # ====================================================================== the API, through the openai client
@@ -392,6 +401,15 @@ def test_client_disconnect_mid_stream_frees_the_slot(serve):
     assert stats["tokens"] < BLOCK - 3                        # generation stopped early
     ok = httpx.post(live.url + "/v1/completions", json={"prompt": "the", "max_tokens": 2}, timeout=30)
     assert ok.status_code == 200
+
+
+def test_client_leaving_a_non_streamed_request_frees_the_slot(serve):
+    live = serve(step_delay=0.05)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(live.url + "/v1/completions", json={"prompt": "the", "max_tokens": BLOCK - 3}, timeout=0.5)
+    assert wait_idle(live.engine)
+    stats = health(live)
+    assert stats["rows_cancelled"] == 1 and stats["rows_done"] == 0 and stats["tokens"] < BLOCK - 3
 
 
 def test_full_queue_answers_429_with_retry_after(serve):

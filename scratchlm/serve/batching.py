@@ -422,3 +422,27 @@ def wait_idle(engine: BatchedDecoder, timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0, top_k=None,
+                   top_p=None, repetition_penalty: float = 1.0, stop=None, seed: int = 0,
+                   max_batch: int = 32) -> list[str]:
+    """The continuation of each prompt, decoded together in one batch (in this thread): prompt i
+    is sampled with seed + i, and its text is ``stream_text``'s for that prompt and seed. Each
+    prompt plus ``max_new_tokens`` must fit in the model's context (no sliding window here)."""
+    from scratchlm.generate import SamplingArgumentError, check_sampling_args
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
+    stops = [] if stop is None else ([stop] if isinstance(stop, str) else list(stop))
+    texts = [[] for _ in prompts]
+    rows = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.encode(prompt)
+        if not ids or len(ids) + max_new_tokens > model.config.block_size:
+            raise SamplingArgumentError(f"prompt {i} has {len(ids)} tokens; it needs 1 to "
+                                        f"{model.config.block_size - max_new_tokens} to leave room for "
+                                        f"{max_new_tokens} new ones in the {model.config.block_size}-token context")
+        rows.append(Row(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed + i, stops, None, i,
+                        lambda event: texts[event.index].append(event.text)))
+    if max_new_tokens:
+        BatchedDecoder(model, tokenizer, max_batch=max_batch, max_queue=len(rows)).run_until_idle(rows)
+    return ["".join(pieces) for pieces in texts]
