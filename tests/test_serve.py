@@ -296,8 +296,10 @@ def test_models_and_health(live):
     assert body["status"] == "ok" and body["block_size"] == BLOCK and body["model"] == "tiny"
 
 
-def test_concurrent_greedy_requests_equal_sequential_ones(live, model_and_tokenizer):
+@pytest.mark.parametrize("threaded", [True, False], ids=["decode-thread", "decode-in-loop"])
+def test_concurrent_greedy_requests_equal_sequential_ones(serve, model_and_tokenizer, threaded):
     model, tokenizer = model_and_tokenizer
+    live = serve(threaded=threaded, model_name="tiny")
     lengths = [20, 5, 12, 17, 3, 9]
     expected = [reference(model, tokenizer, p, n) for p, n in zip(PROMPTS, lengths)]
     client = openai_client(live.url)
@@ -382,8 +384,9 @@ def test_api_key_required_and_compared(serve):
     assert openai_client(live.url, key="sesame").completions.create(model="x", prompt="the", max_tokens=2).choices
 
 
-def test_client_disconnect_mid_stream_frees_the_slot(serve):
-    live = serve(step_delay=0.05)
+@pytest.mark.parametrize("threaded", [True, False], ids=["decode-thread", "decode-in-loop"])
+def test_client_disconnect_mid_stream_frees_the_slot(serve, threaded):
+    live = serve(threaded=threaded, step_delay=0.05)
     with httpx.Client(timeout=30) as client:
         with client.stream("POST", live.url + "/v1/completions",
                            json={"prompt": "the", "max_tokens": BLOCK - 3, "stream": True}) as response:
@@ -403,8 +406,9 @@ def test_client_disconnect_mid_stream_frees_the_slot(serve):
     assert ok.status_code == 200
 
 
-def test_client_leaving_a_non_streamed_request_frees_the_slot(serve):
-    live = serve(step_delay=0.05)
+@pytest.mark.parametrize("threaded", [True, False], ids=["decode-thread", "decode-in-loop"])
+def test_client_leaving_a_non_streamed_request_frees_the_slot(serve, threaded):
+    live = serve(threaded=threaded, step_delay=0.05)
     with pytest.raises(httpx.TimeoutException):
         httpx.post(live.url + "/v1/completions", json={"prompt": "the", "max_tokens": BLOCK - 3}, timeout=0.5)
     assert wait_idle(live.engine)
@@ -412,8 +416,9 @@ def test_client_leaving_a_non_streamed_request_frees_the_slot(serve):
     assert stats["rows_cancelled"] == 1 and stats["rows_done"] == 0 and stats["tokens"] < BLOCK - 3
 
 
-def test_full_queue_answers_429_with_retry_after(serve):
-    live = serve(step_delay=0.05, max_batch=1, max_queue=1)
+@pytest.mark.parametrize("threaded", [True, False], ids=["decode-thread", "decode-in-loop"])
+def test_full_queue_answers_429_with_retry_after(serve, threaded):
+    live = serve(threaded=threaded, step_delay=0.05, max_batch=1, max_queue=1)
     body = {"prompt": "the", "max_tokens": BLOCK - 3, "stream": True}
     client = httpx.Client(timeout=30)
     opened = client.stream("POST", live.url + "/v1/completions", json=body)
@@ -436,8 +441,9 @@ def test_full_queue_answers_429_with_retry_after(serve):
     assert httpx.post(live.url + "/v1/completions", json={"prompt": "the", "max_tokens": 2}).status_code == 200
 
 
-def test_timeout_answers_504_or_ends_the_stream_with_an_error(serve):
-    live = serve(step_delay=0.05, timeout=0.4)
+@pytest.mark.parametrize("threaded", [True, False], ids=["decode-thread", "decode-in-loop"])
+def test_timeout_answers_504_or_ends_the_stream_with_an_error(serve, threaded):
+    live = serve(threaded=threaded, step_delay=0.05, timeout=0.4)
     body = {"prompt": "the", "max_tokens": BLOCK - 3}
     response = httpx.post(live.url + "/v1/completions", json=body, timeout=30)
     assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"

@@ -78,13 +78,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blas-threads", type=int, default=1, metavar="N",
                         help="BLAS threads for the decode steps (default 1: their matrices are small, and on a "
                              "busy machine threads waiting for each other made a 16-row step 15x slower)")
+    parser.add_argument("--decode-in-loop", action="store_true",
+                        help="run the decode steps in the event loop's thread instead of their own thread")
     parser.add_argument("--model-name", metavar="NAME", help="the model id in replies (default: the run folder's name)")
     parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="default numpy")
 
 
 def build_server(run_dir, api_key=None, max_batch: int = 32, max_queue: int = 64, timeout: float = 60.0,
-                 model_name: str | None = None):
-    """(Server, engine) for a run folder; the engine thread starts with the app."""
+                 model_name: str | None = None, threaded: bool = True):
+    """The ``Server`` for a run folder (its ``app`` is the ASGI app); the engine starts with the app,
+    in its own thread (``threaded``) or as a task of the event loop."""
     from pathlib import Path
     from scratchlm.runs import load_model
     from scratchlm.serve.app import Server
@@ -92,7 +95,7 @@ def build_server(run_dir, api_key=None, max_batch: int = 32, max_queue: int = 64
     model, tokenizer, _ = load_model(run_dir)
     engine = BatchedDecoder(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     name = model_name or Path(run_dir).resolve().name
-    return Server(model, tokenizer, name, engine, api_key=api_key, timeout=timeout)
+    return Server(model, tokenizer, name, engine, api_key=api_key, timeout=timeout, threaded=threaded)
 
 
 def limit_blas_threads(n: int) -> bool:
@@ -132,7 +135,8 @@ def cmd_serve(args) -> int:
     except backend.BackendUnavailable as exc:
         raise UserError(str(exc)) from None
     limit_blas_threads(args.blas_threads)
-    server = build_server(args.run, args.api_key, args.max_batch, args.max_queue, args.timeout, args.model_name)
+    server = build_server(args.run, args.api_key, args.max_batch, args.max_queue, args.timeout, args.model_name,
+                          threaded=not args.decode_in_loop)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"scratchlm serve: {server.model_name} ({server.block_size}-token context) on "
           f"http://{shown}:{args.port}/ (API at /v1; Ctrl-C stops)", flush=True)

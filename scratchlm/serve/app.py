@@ -52,7 +52,7 @@ class Reply:
     a disconnect (the watcher task): no task or timer per token."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float, receive=None):
-        self.loop = loop
+        self.loop, self.loop_thread = loop, threading.get_ident()
         self.lock = threading.Lock()
         self.events: list[Event] = []
         self.ready = asyncio.Event()
@@ -60,12 +60,15 @@ class Reply:
         self.timer = loop.call_at(deadline, self._time_out)
         self.watcher = None if receive is None else asyncio.ensure_future(self._watch(receive))
 
-    def push(self, event: Event) -> None:            # engine thread
+    def push(self, event: Event) -> None:            # the engine's thread: the loop's, or its own
         with self.lock:
             self.events.append(event)
             if self.woken:
                 return
             self.woken = True
+        if threading.get_ident() == self.loop_thread:
+            self.ready.set()
+            return
         try:
             self.loop.call_soon_threadsafe(self.ready.set)
         except RuntimeError:                         # the loop is closed: nobody is listening
@@ -131,9 +134,9 @@ class Server:
     """The app's state: model, tokenizer, engine and settings; ``app`` is the Starlette app."""
 
     def __init__(self, model, tokenizer, model_name: str, engine: BatchedDecoder, api_key: str | None = None,
-                 timeout: float = 60.0):
+                 timeout: float = 60.0, threaded: bool = True):
         self.model, self.tokenizer, self.model_name, self.engine = model, tokenizer, model_name, engine
-        self.api_key, self.timeout = api_key, timeout
+        self.api_key, self.timeout, self.threaded = api_key, timeout, threaded
         self.block_size = model.config.block_size
         routes = [Route("/", self.page), Route("/health", self.health),
                   Route("/v1/models", self.models), Route("/v1/models/{model_id:path}", self.model_info),
@@ -144,13 +147,36 @@ class Server:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):
-        """The decoding thread lives as long as the server."""
-        if self.engine.thread is None:
+        """The engine runs as long as the server: in the event loop (default), or in its own thread."""
+        if self.threaded:
             self.engine.start()
+            try:
+                yield
+            finally:
+                self.engine.stop()
+            return
+        work = asyncio.Event()
+        self.engine.on_work = work.set
+        driver = asyncio.ensure_future(self._drive(work))
         try:
             yield
         finally:
-            self.engine.stop()
+            driver.cancel()
+            self.engine.on_work = None
+
+    async def _drive(self, work: asyncio.Event) -> None:
+        """Run the engine's turns in the event loop, between its I/O (``--decode-in-loop``): one
+        Python thread, so no GIL hand-offs between the decode step (which releases the GIL in
+        every BLAS call) and the loop; but also no overlap of the two on a second core."""
+        engine = self.engine
+        engine.model.eval()
+        while True:
+            if engine.idle():
+                work.clear()
+                await work.wait()
+                continue
+            engine.turn()
+            await asyncio.sleep(0)                   # send what the step produced, take new requests
 
     # ------------------------------------------------------------------ errors
     async def _api_error(self, request, exc: ApiError):

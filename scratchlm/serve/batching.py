@@ -282,6 +282,7 @@ class BatchedDecoder:
         self.cond = threading.Condition()
         self.thread = None
         self.stopping = False
+        self.on_work = None                    # called (in the submitting thread) when rows arrive or leave
         self.counters = {"steps": 0, "tokens": 0, "prefills": 0, "rows_done": 0, "rows_cancelled": 0,
                          "errors": 0, "max_active": 0}
 
@@ -296,6 +297,8 @@ class BatchedDecoder:
                                 f"(limit {self.max_queue})")
             self.waiting.extend(rows)
             self.cond.notify()
+        if self.on_work is not None:
+            self.on_work()
 
     def cancel(self, rows: list[Row]) -> None:
         """Stop these rows (any thread): they leave before the next step, freeing their slots."""
@@ -303,6 +306,17 @@ class BatchedDecoder:
             row.cancelled = True
         with self.cond:
             self.cond.notify()
+        if self.on_work is not None:
+            self.on_work()
+
+    def idle(self) -> bool:
+        return not self.active and not self.waiting
+
+    def turn(self) -> None:
+        """Admit waiting rows, run one decode step over the active ones, retire the finished: the
+        unit of work of a driver that runs the engine itself (the server's event loop)."""
+        if not self.idle():
+            self._turn(block=False)
 
     def stats(self) -> dict:
         with self.cond:
