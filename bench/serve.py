@@ -1,17 +1,20 @@
 """Serving under load: ``scratchlm serve`` driven by N concurrent streaming clients on the loopback.
 
     python bench/serve.py                         # trains a nano-cpu run first if --run is not given
-    python bench/serve.py --run runs/nano --clients 1 4 16 64 --seconds 20
+    python bench/serve.py --run runs/nano --clients 1 4 16 64 --seconds 10 --repeats 2
+    python bench/serve.py --modes thread loop     # decode thread vs --decode-in-loop, same run
 
 The server runs in its own process (``python -m scratchlm.serve``). For each N, N clients each
 send streaming ``/v1/completions`` requests one after another (a prompt of 8-16 characters of
 tiny shakespeare, ``max_tokens`` new tokens, temperature 0.8, ``stream_options.include_usage``)
-until each has sent ``--requests`` or ``--seconds`` have passed. The clients are a minimal
-asyncio HTTP/1.1 client in this process (counting ``data:`` lines as they arrive, parsing only the
-usage chunk), so that on a small machine they take little CPU from the server they measure. Per level:
+until each has sent ``--requests`` or ``--seconds`` have passed. The levels are run ``--repeats``
+times, interleaved (1, 4, 16, 64, 1, 4, ...), so that a change in the machine's load touches
+every level; a level pools the requests of its rounds. The clients are a minimal asyncio
+HTTP/1.1 client in this process (counting ``data:`` lines as they arrive, parsing only the usage
+chunk), so that on a small machine they take little CPU from the server they measure. Per level:
 
 - requests/s and tokens/s: completed requests and their completion tokens (from ``usage``) over
-  the level's wall time; ``x 1 client``: tokens/s over the 1-client level's;
+  the level's wall time; ``x 1 client``: tokens/s over the 1-client level's (same mode);
 - TTFT: time from sending a request to its first token chunk, p50 and p95 over requests;
 - per token: (time of the last chunk - first chunk) / (tokens - 1) per request, p50 and p95;
 - errors: requests answered with a non-200 status or an error event (must be 0 below the queue
@@ -19,9 +22,9 @@ usage chunk), so that on a small machine they take little CPU from the server th
 
 The peer is the same server decoding one request at a time (``--max-batch 1``, the queue holding
 the rest), at the largest N up to 16: the ``unbatched`` row; batching is the difference.
-A last ``64 + disconnects`` level has a quarter of the requests close their connection after 3
+A ``64 + disconnects`` level has a quarter of the requests close their connection after 3
 tokens (not counted as errors); the server's resident memory is read before the first level, after
-the load and after a short rest (``rss MB``), and /health must still answer.
+the load and after a short rest (``rss``), and /health must still answer.
 
 Writes bench/results/serve.json.
 """
@@ -59,6 +62,10 @@ def parse_args(argv=None):
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="rounds over the levels, interleaved; a level pools its rounds' requests (default 2)")
+    parser.add_argument("--modes", nargs="+", choices=["thread", "loop"], default=["thread"],
+                        help="where the server decodes: its own thread (default) or the event loop (--decode-in-loop)")
     parser.add_argument("--no-peer", action="store_true", help="skip the unbatched (--max-batch 1) row")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     return parser.parse_args(argv)
@@ -91,12 +98,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, run: Path, max_batch: int, max_queue: int):
+    def __init__(self, run: Path, max_batch: int, max_queue: int, in_loop: bool = False):
         self.port = free_port()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "scratchlm.serve", "--run", str(run), "--port", str(self.port),
-             "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--timeout", "120"],
+             "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--timeout", "120"]
+            + (["--decode-in-loop"] if in_loop else []),
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.url = f"http://127.0.0.1:{self.port}"
         import httpx
@@ -207,7 +215,7 @@ async def one_request(host, port, prompt, max_tokens, seed, cut_after=None) -> d
             "per_token": (last - first) / (tokens - 1) if tokens > 1 else None, "end": last}
 
 
-async def level(url, run, n_clients, requests, seconds, max_tokens, cut_fraction=0.0) -> dict:
+async def level(url, run, n_clients, requests, seconds, max_tokens, cut_fraction=0.0):
     """N clients, each sending requests back to back until ``requests`` each or ``seconds`` in all."""
     host, port = url.split("//")[1].split(":")
     pool = prompts(run, 64, seed=n_clients)
@@ -224,7 +232,13 @@ async def level(url, run, n_clients, requests, seconds, max_tokens, cut_fraction
 
     start = time.perf_counter()
     await asyncio.gather(*(client_loop(c) for c in range(n_clients)))
-    wall = time.perf_counter() - start
+    return results, time.perf_counter() - start
+
+
+def summarize(n_clients: int, runs: list[tuple[list[dict], float]]) -> dict:
+    """Pool the requests of a level's rounds: rates over the summed wall time, percentiles over requests."""
+    results = [r for rs, _ in runs for r in rs]
+    wall = sum(w for _, w in runs)
     done = [r for r in results if "ttft" in r]
     ttft = sorted(r["ttft"] for r in done)
     per_token = sorted(r["per_token"] for r in done if r["per_token"] is not None)
@@ -246,70 +260,89 @@ def pct(values, q) -> float:
 
 # ====================================================================== main
 
+def measure(run: Path, args, in_loop: bool, label: str) -> tuple[list[dict], dict]:
+    """The levels against one server (rounds interleaved), then the disconnect level and memory."""
+    server = ServerProcess(run, args.max_batch, args.max_queue, in_loop)
+    rows, extra = [], {}
+    try:
+        extra["rss_start"] = server.rss_mb()
+        asyncio.run(level(server.url, run, 2, 1, args.seconds, 4))            # warm-up: Numba kernels, first batch
+        runs = {n: [] for n in args.clients}
+        for _ in range(args.repeats):
+            for n in args.clients:
+                runs[n].append(asyncio.run(level(server.url, run, n, args.requests, args.seconds, args.max_tokens)))
+                print(f"  {label}, {n} clients: {sum(r.get('tokens', 0) for r in runs[n][-1][0]) / runs[n][-1][1]:.0f} "
+                      f"tokens/s", flush=True)
+        for n in args.clients:
+            rows.append({**summarize(n, runs[n]), "name": f"{n} client{'s' * (n > 1)}{label}"})
+        biggest = max(args.clients)
+        cut = asyncio.run(level(server.url, run, biggest, args.requests, args.seconds, args.max_tokens, cut_fraction=0.25))
+        rows.append({**summarize(biggest, [cut]), "name": f"{biggest} + disconnects{label}"})
+        for row in rows:
+            row["mode"] = "loop" if in_loop else "thread"
+        extra["rss_after_load"] = server.rss_mb()
+        time.sleep(2)
+        import httpx
+        extra["health_after"] = httpx.get(server.url + "/health", timeout=10).json()
+        extra["rss_after_rest"] = server.rss_mb()
+    finally:
+        server.stop()
+    return rows, extra
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     run = ensure_run(args)
     load = os.getloadavg()
-    rows = []
-    server = ServerProcess(run, args.max_batch, args.max_queue)
-    try:
-        rss_start = server.rss_mb()
-        asyncio.run(level(server.url, run, 2, 1, args.seconds, 4))            # warm-up: Numba kernels, first batch
-        for n in args.clients:
-            result = asyncio.run(level(server.url, run, n, args.requests, args.seconds, args.max_tokens))
-            result["name"] = f"{n} client{'s' * (n > 1)}"
-            rows.append(result)
-            print(f"  {result['name']}: {result['tokens_per_s']:.0f} tokens/s, {result['errors']} errors", flush=True)
-        biggest = max(args.clients)
-        cut = asyncio.run(level(server.url, run, biggest, args.requests, args.seconds, args.max_tokens, cut_fraction=0.25))
-        cut["name"] = f"{biggest} + disconnects"
-        rows.append(cut)
-        rss_loaded = server.rss_mb()
-        time.sleep(2)
-        import httpx
-        health = httpx.get(server.url + "/health", timeout=10).json()
-        rss_rest = server.rss_mb()
-    finally:
-        server.stop()
+    rows, memory = [], {}
+    for mode in args.modes:
+        label = "" if len(args.modes) == 1 else f" ({mode})"
+        mode_rows, memory[mode] = measure(run, args, mode == "loop", label)
+        rows += mode_rows
     if not args.no_peer:
         n = max([c for c in args.clients if c <= 16] or [min(args.clients)])
-        peer = ServerProcess(run, 1, max(args.max_queue, n))
+        peer = ServerProcess(run, 1, max(args.max_queue, n), args.modes[0] == "loop")
         try:
             asyncio.run(level(peer.url, run, 2, 1, args.seconds, 4))
-            result = asyncio.run(level(peer.url, run, n, args.requests, args.seconds, args.max_tokens))
-            result["name"] = f"{n} unbatched"
-            rows.append(result)
+            rounds = [asyncio.run(level(peer.url, run, n, args.requests, args.seconds, args.max_tokens))
+                      for _ in range(args.repeats)]
+            rows.append({**summarize(n, rounds), "name": f"{n} unbatched", "mode": args.modes[0]})
         finally:
             peer.stop()
 
-    base = next((r["tokens_per_s"] for r in rows if r["clients"] == 1 and "unbatched" not in r["name"]), None)
-    header = (f"{'level':<18}{'requests':>9}{'errors':>7}{'req/s':>8}{'tokens/s':>10}{'x 1 client':>11}"
+    bases = {r["mode"]: r["tokens_per_s"] for r in rows if r["clients"] == 1 and "unbatched" not in r["name"]
+             and "disconnects" not in r["name"]}
+    base = bases.get(args.modes[0])
+    load_after = os.getloadavg()
+    header = (f"{'level':<26}{'requests':>9}{'errors':>7}{'req/s':>8}{'tokens/s':>10}{'x 1 client':>11}"
               f"{'TTFT p50':>10}{'TTFT p95':>10}{'tok p50 ms':>11}{'tok p95 ms':>11}")
     print(f"\nscratchlm serve on {run} (max_batch {args.max_batch}, max_queue {args.max_queue}), "
           f"{args.max_tokens} tokens per request, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, load average before {load[0]:.1f}")
+          f"{os.cpu_count()} CPUs, load average {load[0]:.1f} before, {load_after[0]:.1f} after")
     print(header)
     print("-" * len(header))
     for r in rows:
-        ratio = r["tokens_per_s"] / base if base else float("nan")
+        ratio = r["tokens_per_s"] / bases[r["mode"]] if bases.get(r["mode"]) else float("nan")
         r["x_one_client"] = ratio
-        print(f"{r['name']:<18}{r['requests']:>9}{r['errors']:>7}{r['requests_per_s']:>8.2f}{r['tokens_per_s']:>10.0f}"
+        print(f"{r['name']:<26}{r['requests']:>9}{r['errors']:>7}{r['requests_per_s']:>8.2f}{r['tokens_per_s']:>10.0f}"
               f"{ratio:>11.2f}{r['ttft_p50_s']:>10.3f}{r['ttft_p95_s']:>10.3f}{r['per_token_p50_ms']:>11.1f}"
               f"{r['per_token_p95_ms']:>11.1f}")
-    print(f"server rss: {rss_start:.0f} MB at start, {rss_loaded:.0f} MB after the load, {rss_rest:.0f} MB after "
-          f"2 s of rest; /health after: {health['status']}, engine active {health['engine']['active']}, "
-          f"waiting {health['engine']['waiting']}, cancelled rows {health['engine']['rows_cancelled']}")
+    for mode, m in memory.items():
+        health = m["health_after"]
+        print(f"server ({mode}) rss: {m['rss_start']:.0f} MB at start, {m['rss_after_load']:.0f} MB after the load, "
+              f"{m['rss_after_rest']:.0f} MB after 2 s of rest; /health after: {health['status']}, engine active "
+              f"{health['engine']['active']}, waiting {health['engine']['waiting']}, cancelled rows "
+              f"{health['engine']['rows_cancelled']}")
     sixteen = next((r for r in rows if r["clients"] == 16 and "unbatched" not in r["name"]
-                    and "disconnects" not in r["name"]), None)
+                    and "disconnects" not in r["name"]), None)   # the first mode's
     if sixteen and base:
         print(f"targets: 16 clients tokens/s = {sixteen['tokens_per_s'] / base:.1f}x one client's (>= 5x: "
               f"{'met' if sixteen['tokens_per_s'] >= 5 * base else 'missed'}); p95 TTFT at 16 clients "
               f"{sixteen['ttft_p95_s']:.3f} s (< 1 s: {'met' if sixteen['ttft_p95_s'] < 1 else 'missed'})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"run": str(run), "args": vars(args), "load_average_before": load, "levels": rows,
-                               "rss_mb": {"start": rss_start, "after_load": rss_loaded, "after_rest": rss_rest}},
-                              indent=2))
+    out.write_text(json.dumps({"run": str(run), "args": vars(args), "load_average_before": load,
+                               "load_average_after": os.getloadavg(), "levels": rows, "memory": memory}, indent=2))
     print(f"wrote {out}")
     return 0
 
