@@ -24,7 +24,8 @@ The peer is the same server decoding one request at a time (``--max-batch 1``, t
 the rest), at the largest N up to 16: the ``unbatched`` row; batching is the difference.
 A ``64 + disconnects`` level has a quarter of the requests close their connection after 3
 tokens (not counted as errors); the server's resident memory is read before the first level, after
-the load and after a short rest (``rss``), and /health must still answer.
+each round, after the load and after a short rest (``rss``: a leak shows as growth from round to
+round), and /health must still answer.
 
 Writes bench/results/serve.json.
 """
@@ -268,11 +269,13 @@ def measure(run: Path, args, in_loop: bool, label: str) -> tuple[list[dict], dic
         extra["rss_start"] = server.rss_mb()
         asyncio.run(level(server.url, run, 2, 1, args.seconds, 4))            # warm-up: Numba kernels, first batch
         runs = {n: [] for n in args.clients}
+        extra["rss_after_round"] = []
         for _ in range(args.repeats):
             for n in args.clients:
                 runs[n].append(asyncio.run(level(server.url, run, n, args.requests, args.seconds, args.max_tokens)))
                 print(f"  {label}, {n} clients: {sum(r.get('tokens', 0) for r in runs[n][-1][0]) / runs[n][-1][1]:.0f} "
                       f"tokens/s", flush=True)
+            extra["rss_after_round"].append(server.rss_mb())
         for n in args.clients:
             rows.append({**summarize(n, runs[n]), "name": f"{n} client{'s' * (n > 1)}{label}"})
         biggest = max(args.clients)
@@ -329,7 +332,9 @@ def main(argv=None) -> int:
               f"{r['per_token_p95_ms']:>11.1f}")
     for mode, m in memory.items():
         health = m["health_after"]
-        print(f"server ({mode}) rss: {m['rss_start']:.0f} MB at start, {m['rss_after_load']:.0f} MB after the load, "
+        rounds = ", ".join(f"{x:.0f}" for x in m["rss_after_round"])
+        print(f"server ({mode}) rss: {m['rss_start']:.0f} MB at start, after each round {rounds} MB, "
+              f"{m['rss_after_load']:.0f} MB after the load, "
               f"{m['rss_after_rest']:.0f} MB after 2 s of rest; /health after: {health['status']}, engine active "
               f"{health['engine']['active']}, waiting {health['engine']['waiting']}, cancelled rows "
               f"{health['engine']['rows_cancelled']}")
