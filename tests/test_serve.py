@@ -456,6 +456,18 @@ def test_timeout_answers_504_or_ends_the_stream_with_an_error(serve, threaded):
     assert httpx.post(live.url + "/v1/completions", json={"prompt": "the", "max_tokens": 2}).status_code == 200
 
 
+def test_serve_command_refuses_a_missing_run_in_one_line(tmp_path):
+    import os
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "scratchlm.serve", "--run", str(tmp_path / "nothing")],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("scratchlm: error: run folder")
+
+
 def test_serve_listens_on_loopback_by_default():
     import argparse
     parser = argparse.ArgumentParser()
