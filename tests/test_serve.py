@@ -171,6 +171,29 @@ def test_rows_of_different_lengths_join_and_leave_and_match_stream_text(model_an
     assert stats["prefills"] == len(specs)
 
 
+def test_byte_level_bpe_rows_release_whole_characters_as_stream_text():
+    """A byte-level BPE model (random weights: it samples stray bytes too) through the engine:
+    multi-byte characters are held until complete, exactly as stream_text does, and a token that
+    is not whole UTF-8 is reported as "bytes:\\x..": the logprob view of it."""
+    from scratchlm.models import GPT, GPTConfig
+    from scratchlm.serve.protocol import token_text
+    from scratchlm.tokenizers.bpe import ByteLevelBPE
+    tokenizer = ByteLevelBPE.train("caf\u00e9 na\u00efve \u00fcber \u65e5\u672c " * 20, vocab_size=280)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=24, n_layer=1, n_head=2, n_embd=16),
+                seed=1).eval()
+    events = {i: [] for i in range(4)}
+    prompts = ["caf\u00e9", "\u65e5", "na", "\u00fcber"]
+    rows = [Row(tokenizer.encode(p), 12, 1.0, None, None, 1.0, 20 + i, [], 3, i, events[i].append)
+            for i, p in enumerate(prompts)]
+    BatchedDecoder(model, tokenizer, max_batch=2).run_until_idle(rows)
+    for i, p in enumerate(prompts):
+        assert "".join(e.text for e in events[i]) == reference(model, tokenizer, p, 12, temperature=1.0, seed=20 + i)
+    partial = 0xC3                                                    # a lone lead byte: not UTF-8 by itself
+    assert token_text(tokenizer, partial) == (f"bytes:\\x{partial:02x}", [partial])
+    assert token_text(tokenizer, tokenizer.encode("caf")[0]) == ("caf"[:len(tokenizer.decode(tokenizer.encode("caf")[:1]))],
+                                                                list(tokenizer.decode_bytes(tokenizer.encode("caf")[:1])))
+
+
 def test_a_cancelled_row_leaves_and_the_others_are_unchanged(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     events = {0: [], 1: []}
