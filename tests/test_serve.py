@@ -190,8 +190,8 @@ def test_byte_level_bpe_rows_release_whole_characters_as_stream_text():
         assert "".join(e.text for e in events[i]) == reference(model, tokenizer, p, 12, temperature=1.0, seed=20 + i)
     partial = 0xC3                                                    # a lone lead byte: not UTF-8 by itself
     assert token_text(tokenizer, partial) == (f"bytes:\\x{partial:02x}", [partial])
-    assert token_text(tokenizer, tokenizer.encode("caf")[0]) == ("caf"[:len(tokenizer.decode(tokenizer.encode("caf")[:1]))],
-                                                                list(tokenizer.decode_bytes(tokenizer.encode("caf")[:1])))
+    whole = tokenizer.encode("caf")[0]                               # ASCII: whole characters
+    assert token_text(tokenizer, whole) == (tokenizer.decode([whole]), list(tokenizer.decode_bytes([whole])))
 
 
 def test_a_cancelled_row_leaves_and_the_others_are_unchanged(model_and_tokenizer):
