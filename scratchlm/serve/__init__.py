@@ -51,7 +51,9 @@ disconnects has its rows cancelled before the next decode step.
 
 Batched decoding (``batching.py``): up to ``--max-batch`` rows (a row = one choice of one prompt)
 are decoded together, each with its own KV-cache slot, position and sampling controls; rows join
-and leave between steps.
+and leave between steps. The decode loop runs in its own thread (``--decode-in-loop``: in the
+event loop's thread instead; bench/serve.py compares the two) with ``--blas-threads`` BLAS
+threads (default 1: a decode step's matrices are small).
 """
 from __future__ import annotations
 
