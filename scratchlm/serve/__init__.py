@@ -95,7 +95,10 @@ def build_server(run_dir, api_key=None, max_batch: int = 32, max_queue: int = 64
     from scratchlm.serve.app import Server
     from scratchlm.serve.batching import BatchedDecoder
     model, tokenizer, _ = load_model(run_dir)
-    engine = BatchedDecoder(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    try:
+        engine = BatchedDecoder(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    except TypeError as exc:
+        raise UserError(f"{run_dir}: scratchlm serve cannot serve this run: {exc}") from None
     name = model_name or Path(run_dir).resolve().name
     return Server(model, tokenizer, name, engine, api_key=api_key, timeout=timeout, threaded=threaded)
 
