@@ -115,15 +115,18 @@ class DocumentLM:
         return self.documents[split]
 
     def padded(self, split: str, block_size: int):
-        """(x, y) of every document of the split, host int64 (N, T): x = b + doc + b.., y = doc + b + -100.."""
+        """(x, y) of every document of the split, host int64 (N, T): x = b + doc + b.., y = doc + b + -100..
+
+        T is the longest document's length + 1 (the same for every split, whatever block_size:
+        padding beyond it would be computed and ignored); block_size must not be shorter."""
         if block_size < self.longest:
             raise UserError(f"block_size {block_size} is too short for this corpus: its longest document "
                             f"needs {self.longest} positions (boundary + characters); --set block_size={self.longest}")
-        key = (split, block_size)
+        key = split
         if key not in self._padded:
             docs = self._docs(split)
-            x = np.full((len(docs), block_size), self.boundary, dtype=np.int64)       # (N, T)
-            y = np.full((len(docs), block_size), IGNORE_INDEX, dtype=np.int64)        # (N, T)
+            x = np.full((len(docs), self.longest), self.boundary, dtype=np.int64)     # (N, T)
+            y = np.full((len(docs), self.longest), IGNORE_INDEX, dtype=np.int64)      # (N, T)
             for row, doc in enumerate(docs):
                 x[row, 1:len(doc) + 1] = doc
                 y[row, :len(doc)] = doc

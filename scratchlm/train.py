@@ -147,7 +147,8 @@ class Trainer:
         # Evals draw the same eval_iters batches every time (fixed seeds), so evals are comparable.
         self.eval_samplers = {split: self.task.sampler(split, c.batch_size, c.block_size, seed=c.seed + 1_000_000 + k)
                               for k, split in enumerate(("train", "val"))}
-        self.tokens_per_iter = c.batch_size * c.block_size * c.gradient_accumulation_steps
+        # positions per iteration (a document batch is as wide as its longest document, padding included)
+        self.tokens_per_iter = c.batch_size * self.sampler.block_size * c.gradient_accumulation_steps
         self.flops_per_iter = flops_per_token(self.model) * self.tokens_per_iter
         self.peak = peak_flops()
         self.metrics_path = self.run_dir / "metrics.jsonl"

@@ -44,6 +44,7 @@ class Family:
     model_path: str                   # "module:Class" of the model, imported on first use
     config_path: str | None           # "module:Class" of its config dataclass; None = GPT (TrainConfig keys)
     fixed: dict = field(default_factory=dict)     # config values the family pins (e.g. the LSTM's cell)
+    synced: tuple = ()                # model config keys copied from TrainConfig (the training window)
     data: str = "lm"
     default_preset: str | None = None
 
@@ -62,7 +63,7 @@ class Family:
         if self.config_class is None:
             return list(TrainConfig.MODEL_KEYS)
         return [f.name for f in dataclasses.fields(self.config_class)
-                if f.name != "vocab_size" and f.name not in self.fixed]
+                if f.name != "vocab_size" and f.name not in self.fixed and f.name not in self.synced]
 
     def preset_for(self, corpus) -> str | None:
         """``<corpus>-<model>`` when that preset exists, else the family's default (None: the defaults)."""
@@ -74,7 +75,8 @@ class Family:
         """The config object the model is built from."""
         if self.config_class is None:
             return train_config.model_config(vocab_size)
-        return self.config_class.from_dict({**model_dict, **self.fixed, "vocab_size": vocab_size})
+        synced = {key: getattr(train_config, key) for key in self.synced}
+        return self.config_class.from_dict({**model_dict, **self.fixed, **synced, "vocab_size": vocab_size})
 
 
 def _import(path: str):
@@ -85,15 +87,15 @@ def _import(path: str):
 _RNN = "scratchlm.models.rnn"
 FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("bigram", "a table of next-token logits per token (what counting bigrams gives)",
-           f"{_RNN}:BigramLM", f"{_RNN}:BigramConfig"),
+           f"{_RNN}:BigramLM", f"{_RNN}:BigramLMConfig", synced=("block_size",)),
     Family("mlp", "Bengio et al. 2003 / makemore: embeddings of the last block_size tokens, tanh layer, softmax",
-           f"{_RNN}:MLPLM", f"{_RNN}:MLPConfig"),
+           f"{_RNN}:MLPLM", f"{_RNN}:MLPLMConfig"),
     Family("rnn", "embedding -> Elman RNN stack -> linear head", f"{_RNN}:RNNLM", f"{_RNN}:RNNLMConfig",
-           fixed={"cell": "rnn"}),
+           fixed={"cell": "rnn"}, synced=("block_size",)),
     Family("lstm", "embedding -> LSTM stack -> linear head", f"{_RNN}:RNNLM", f"{_RNN}:RNNLMConfig",
-           fixed={"cell": "lstm"}),
+           fixed={"cell": "lstm"}, synced=("block_size",)),
     Family("gru", "embedding -> GRU stack -> linear head", f"{_RNN}:RNNLM", f"{_RNN}:RNNLMConfig",
-           fixed={"cell": "gru"}),
+           fixed={"cell": "gru"}, synced=("block_size",)),
     Family("gpt", "the decoder-only Transformer (GPT-2 layout)", "scratchlm.models.gpt:GPT", None,
            default_preset="nano-cpu"),
 ]}
@@ -117,10 +119,17 @@ def train_keys(family: Family) -> list[str]:
 def route(family: Family, pairs, where: str = "--set") -> tuple[list[str], dict[str, Any]]:
     """Split ``key=value`` pairs into TrainConfig overrides and the family's model overrides.
 
-    A key both have (the MLP's block_size: its context) goes to the model."""
+    A key both have goes to the model (the MLP's block_size: its context k, makemore's name); write
+    ``train.block_size`` for the training window then (``model.KEY`` / ``train.KEY`` force a side)."""
     model_keys, training = family.config_keys(), train_keys(family)
     train_pairs, model_values = [], {}
     for key, value in parse_overrides(pairs):
+        side, dot, rest = key.partition(".")
+        if dot and side in ("train", "model"):
+            if side == "train" and rest in training:
+                train_pairs.append(f"{rest}={value}")
+                continue
+            key = rest
         if family.config_class is not None and key in model_keys:
             model_values[key] = value
         elif key in training:
