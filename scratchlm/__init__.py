@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # optim, nn and models load on first use, so `import scratchlm` stays quick
-    if name in ("optim", "nn", "models", "tokenizers", "data", "checkpoint", "kernels"):
+    # optim, nn, models, metrics ... load on first use, so `import scratchlm` stays quick
+    if name in ("optim", "nn", "models", "tokenizers", "data", "checkpoint", "kernels", "metrics"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'scratchlm' has no attribute {name!r}")

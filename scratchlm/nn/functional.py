@@ -5,6 +5,8 @@ Each function is a thin call of one op in ``scratchlm/ops``, where its forward a
 from __future__ import annotations
 
 from .. import backend
+from ..errors import UserError
+from ..kernels import attention as attention_kernel
 from ..ops import attention, elementwise, linalg, nn, reduce  # noqa: F401  (registers the ops)
 from ..ops.shape import concatenate, split, stack  # noqa: F401
 from ..tensor import Tensor, tensor
@@ -79,9 +81,53 @@ def binary_cross_entropy_with_logits(logits: Tensor, targets) -> Tensor:
     return nn.BinaryCrossEntropyWithLogits.apply(logits, targets)
 
 
-def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale=None) -> Tensor:
-    """softmax(q k^T * scale [+ causal -inf mask]) v for q, k, v of shape (B, H, T, D)."""
-    return attention.ScaledDotProductAttention.apply(q, k, v, causal=causal, scale=scale)
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale=None,
+                                 key_padding_mask=None, attn_mask=None, dropout_p: float = 0.0,
+                                 need_weights: bool = False, generator=None):
+    """softmax(q k^T * scale + masks) v for q (B, H, Tq, D) and k, v (B, H, Tk, D) -> (B, H, Tq, D).
+
+    Masks, True = "may not attend" (PyTorch's boolean meaning), combined with ``causal``:
+    ``key_padding_mask`` (B, Tk): padded keys of each batch row; ``attn_mask`` (Tq, Tk): keys
+    each query may not see. A float mask of 0 and -inf (``torch.nn.Transformer
+    .generate_square_subsequent_mask``'s) is read as -inf = True; other finite values are refused.
+    Masked keys get exactly zero weight; a query with no key left gives zeros (never NaN).
+    ``dropout_p``: dropout on the attention weights (pass 0 when not training).
+    ``need_weights=True`` returns (out, weights), weights (B, H, Tq, Tk) the attention
+    probabilities (after dropout) as a constant tensor (no gradient flows through it).
+    """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {dropout_p}")
+    batch, t_query, t_key = q.shape[0], q.shape[2], k.shape[2]
+    blocked = attention_kernel.blocked_keys(_mask_flags(key_padding_mask, "key_padding_mask", (batch, t_key)),
+                                            _mask_flags(attn_mask, "attn_mask", (t_query, t_key)))
+    weights = [] if need_weights else None
+    out = attention.ScaledDotProductAttention.apply(
+        q, k, v, causal=causal, scale=scale, blocked=blocked, dropout_p=float(dropout_p),
+        generator=generator, weights_out=weights)
+    return (out, Tensor(weights[0])) if need_weights else out
+
+
+def _mask_flags(mask, name: str, shape: tuple):
+    """A boolean mask (True = blocked) of exactly ``shape`` as a backend array, or None.
+
+    Accepts booleans, or floats that are 0 (allowed) or -inf (blocked) as PyTorch's additive
+    masks made by generate_square_subsequent_mask; an additive bias of other values is refused.
+    """
+    if mask is None:
+        return None
+    xp = backend.xp
+    flags = _array(mask)
+    if flags.dtype.kind == "f":
+        blocked = flags == -xp.inf
+        if not bool(xp.all(blocked | (flags == 0))):
+            raise UserError(f"{name} must be boolean (True = may not attend) or hold only 0 and -inf; "
+                            f"an additive float bias is not supported")
+        flags = blocked
+    elif flags.dtype.kind != "b":
+        raise UserError(f"{name} must be boolean (True = may not attend), got dtype {flags.dtype}")
+    if tuple(flags.shape) != tuple(shape):
+        raise UserError(f"{name} must have shape {tuple(shape)}, got {tuple(flags.shape)}")
+    return flags
 
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:
