@@ -128,7 +128,7 @@ def run_corpus(corpus: str, label: str, models: list[str], out: Path, quick: boo
 def table(rows: list[dict]) -> str:
     lines = []
     for label in dict.fromkeys(r["corpus"] for r in rows):
-        group = [r for r in rows if r["corpus"] == label]
+        group = sorted((r for r in rows if r["corpus"] == label), key=lambda r: MODELS.index(r["model"]))
         splits = [s for s in ("train", "val", "test") if f"{s}_loss" in group[0]]
         names = {"val": "dev" if label == "names" else "val"}
         head = ["model", "params", *[names.get(s, s) for s in splits], "iters", "train s", "ms/iter", "tok/s",
