@@ -20,7 +20,8 @@ Budgets (2 cores, numpy backend):
   per rung (minutes, not the hours these models would need to converge); the GPT is nanoGPT's CPU
   recipe (nano-cpu) cut to the same iteration budget as the recurrent rungs.
 
-Results: the table on stdout, JSON in bench/results/ladder.json, runs in --out (default runs/ladder).
+Results: the table on stdout, JSON in bench/results/ladder.json, runs in --out (default runs/ladder);
+``--show A.json B.json`` prints the table of saved results (e.g. the two corpora run apart).
 """
 from __future__ import annotations
 
@@ -151,7 +152,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/ladder", help="run folders (default runs/ladder)")
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "ladder.json"))
     parser.add_argument("--quick", action="store_true", help="50 iterations a rung (a smoke run)")
+    parser.add_argument("--show", nargs="+", metavar="JSON", help="print the table of saved results and stop")
     args = parser.parse_args(argv)
+    if args.show:
+        print(table([row for path in args.show for row in json.loads(Path(path).read_text())["rows"]]))
+        return 0
     from scratchlm import backend
     backend.use_backend("numpy")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
