@@ -95,8 +95,11 @@ def check_fits_in_memory(model_config, batch_size: int, block_size: int | None =
 
 
 def _largest_n_embd(config, available: int, need) -> int | None:
-    """The largest multiple of n_head whose estimate fits (need() grows with n_embd), or None."""
-    step = config.n_head
+    """The largest multiple of n_head (1 for models without heads) whose estimate fits (need()
+    grows with n_embd), or None; None too for a model without n_embd (the bigram's table)."""
+    if not hasattr(config, "n_embd"):
+        return None
+    step = getattr(config, "n_head", 1)
     low, high = 0, max(config.n_embd // step, 1)            # in units of n_head
     if need(dataclasses.replace(config, n_embd=step)) > available:
         return None

@@ -461,3 +461,13 @@ def test_14_ctrl_c_during_start_up_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli_module, "build_parser", interrupted)
     assert cli_module.main(["summary"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_10_memory_refusal_works_for_models_without_heads():
+    """The refusal's hint must not assume a GPT: an RNN or a bigram table gets one clear line too."""
+    from scratchlm.errors import UserError
+    from scratchlm.memory import check_fits_in_memory
+    from scratchlm.models.rnn import BigramLMConfig, RNNLMConfig
+    for config in (RNNLMConfig(vocab_size=27), BigramLMConfig(vocab_size=27)):
+        with pytest.raises(UserError, match="for one training step, more than"):
+            check_fits_in_memory(config, 64, available=1000)
