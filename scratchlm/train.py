@@ -135,6 +135,9 @@ class Trainer:
         self.params = list(self.model.parameters())
         self.optimizer = AdamW(self.model.configure_optimizer_groups(c.weight_decay), lr=c.learning_rate,
                                betas=(c.beta1, c.beta2), eps=1e-8, weight_decay=c.weight_decay)
+        # parameters and gradients as views of flat buffers, laid out group by group: one AdamW
+        # update per group, one clipping pass, one all-reduce (scratchlm.nn.FlatStorage)
+        self.model.flatten_([group["params"] for group in self.optimizer.param_groups])
         self.schedule = (cosine_with_warmup(c.learning_rate, c.warmup_iters, c.lr_decay_iters, c.min_lr)
                          if c.decay_lr else constant_lr(c.learning_rate))
         self.sampler = BatchSampler(prepared.train, c.batch_size, c.block_size, seed=c.seed, name="train split")
