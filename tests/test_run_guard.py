@@ -389,7 +389,7 @@ def test_14_sampling_errors_name_the_flags(workspace, flags, fragment):
 def test_14_damaged_config_errors_name_the_file(workspace, tmp_path):
     run = copy_run(workspace, tmp_path)
     header = json.loads((run / "config.json").read_text())
-    header["model"]["n_embdd"] = 3
+    header["model_config"]["n_embdd"] = 3
     (run / "config.json").write_text(json.dumps(header))
     assert_one_line_error(cli("sample", "--run", run), "config.json", "n_embdd")
     assert_one_line_error(cli("summary", "--run", run), "config.json", "n_embdd")
@@ -411,7 +411,7 @@ def test_14_bpe_vocabulary_smaller_than_asked_is_said(workspace, tmp_path):
     result = cli("train", "--corpus", workspace["corpus"], "--out", tmp_path / "r", "--iters", 1, *TINY,
                  "--tokenizer", "bpe:100000", "--no-progress", env_extra=workspace["env"])
     assert result.returncode == 0, result.stderr
-    vocab = json.loads((tmp_path / "r" / "config.json").read_text())["model"]["vocab_size"]
+    vocab = json.loads((tmp_path / "r" / "config.json").read_text())["model_config"]["vocab_size"]
     assert "asked for 100,000 tokens" in result.stderr and f"the vocabulary is {vocab:,}" in result.stderr
     assert vocab < 100000
 

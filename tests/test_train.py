@@ -66,7 +66,7 @@ def test_training_writes_every_run_file_and_parsable_metrics(tmp_path, corpus_fi
     assert train_lines[0]["lr"] == pytest.approx(3e-3 * 1 / 3)
     assert train_lines[2]["lr"] == pytest.approx(3e-3)
     # a char model starts near ln(vocab) and the loss falls
-    vocab = json.loads((run / "config.json").read_text())["model"]["vocab_size"]
+    vocab = json.loads((run / "config.json").read_text())["model_config"]["vocab_size"]
     assert eval_lines[0]["val_loss"] == pytest.approx(math.log(vocab), abs=0.3)
     state = json.loads((run / "trainer.json").read_text())
     assert state["iteration"] == config.max_iters
@@ -222,8 +222,10 @@ def test_parse_overrides_keeps_equals_signs_in_values():
 
 def test_presets_load_and_nano_cpu_is_the_issue_recipe():
     assert {"nano-cpu", "gpt2-124m", "demo"} <= set(preset_names())
-    for name in preset_names():
-        load_preset(name)
+    from scratchlm.config import read_preset
+    from scratchlm.models.registry import get_family, resolve_config
+    for name in preset_names():                  # every preset loads, for the model it names (default gpt)
+        resolve_config(get_family(read_preset(name).get("model", "gpt")), preset=name)
     nano = load_preset("nano-cpu")
     recipe = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0,
                   learning_rate=1e-3, min_lr=1e-4, lr_decay_iters=2000, max_iters=2000, warmup_iters=100,
