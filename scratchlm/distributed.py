@@ -91,8 +91,16 @@ class Single:
     def any(self, flag: bool) -> bool:
         return bool(flag)
 
+    def bcast(self, value):
+        """Rank 0's ``value``, on every rank."""
+        return value
+
     def barrier(self) -> None:
         pass
+
+    def shard_optimizer(self, optimizer, storage, zero_stage: int):
+        """ZeRO-1 when asked for and there is more than one rank; else the optimizer as it is."""
+        return optimizer
 
     @contextlib.contextmanager
     def fail_fast(self):
@@ -129,8 +137,14 @@ class MPIGroup(Single):
     def any(self, flag: bool) -> bool:
         return bool(self.sum([1.0 if flag else 0.0])[0])
 
+    def bcast(self, value):
+        return self.comm.bcast(value, root=0)
+
     def barrier(self) -> None:
         self.comm.Barrier()
+
+    def shard_optimizer(self, optimizer, storage, zero_stage: int):
+        return ZeroOneOptimizer(optimizer, storage, self) if zero_stage == 1 else optimizer
 
     @contextlib.contextmanager
     def fail_fast(self):
@@ -148,6 +162,140 @@ class MPIGroup(Single):
             code = 2 if isinstance(exc, UserError) else 1
             self.comm.Abort(code)
             os._exit(code)                       # Abort may return before the launcher ends us
+
+
+class ZeroOneOptimizer:
+    """ZeRO stage 1 (``--set zero_stage=1``): each rank keeps the optimizer moments of one slice of
+    the flat buffer only, as llm.c does. A step is
+
+        reduce-scatter   rank r receives the sum over ranks of the gradient slice [lo_r, hi_r)
+        clip             the global norm from each slice's sum of squares (one scalar all-reduce)
+        update           the wrapped optimizer's own ``_update`` on the slice, one call per group
+                         the slice meets (elementwise, so the same bits as the unsharded update)
+        all-gather       every rank's updated slice of the parameters, to every rank
+
+    The moments take 1/N of the memory; the bytes on the wire are those of one all-reduce (a ring
+    all-reduce *is* a reduce-scatter and an all-gather). ``state_dict`` gathers the slices into the
+    unsharded optimizer's format, so a checkpoint resumes with or without ZeRO, on any rank count.
+    """
+
+    def __init__(self, optimizer, storage, group: "MPIGroup"):
+        if len(storage.grad) != 1:
+            raise UserError("zero_stage=1 needs every parameter in one dtype; set zero_stage=0")
+        self.optimizer, self.storage, self.group = optimizer, storage, group
+        self.param_groups = optimizer.param_groups              # the trainer sets lr here
+        (self.dtype,) = storage.grad
+        total = storage.grad[self.dtype].size
+        bounds = [total * r // group.world for r in range(group.world + 1)]
+        self.counts = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+        self.displacements = bounds[:-1]
+        self.lo, self.hi = bounds[group.rank], bounds[group.rank + 1]
+        # where each optimizer group meets this rank's slice: (group index, start, stop) in the buffer
+        self.pieces = []
+        for g, group_ in enumerate(optimizer.param_groups):
+            run = storage.segment(group_["params"])
+            if run is None:
+                raise UserError("zero_stage=1 needs each optimizer group to be one run of the flat buffer")
+            start, stop = max(run[1], self.lo), min(run[2], self.hi)
+            if start < stop:
+                self.pieces.append((g, start, stop))
+        self.shard_state: dict[int, dict] | None = None
+        self.grad_slice = storage.grad[self.dtype][self.lo:self.hi]
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    def step(self, max_norm: float = 0.0):
+        """Reduce-scatter, clip to ``max_norm`` (0: no clipping), update this slice, all-gather.
+        Returns the gradient norm before clipping (a 0-d float64 array), or None without clipping."""
+        MPI, comm = self.group.MPI, self.group.comm
+        self.storage.fill_missing_grads()
+        full = _host(self.storage.grad[self.dtype])
+        received = np.empty(self.hi - self.lo, dtype=full.dtype)
+        comm.Reduce_scatter(full, received, recvcounts=self.counts, op=MPI.SUM)
+        self.grad_slice[...] = received
+        norm = None
+        if max_norm > 0:
+            square = np.dot(received.astype(np.float64), received.astype(np.float64))
+            norm = np.sqrt(self.group.sum([square])[0])
+            if np.isfinite(norm) and norm > max_norm:
+                self.grad_slice *= received.dtype.type(max_norm / (norm + 1e-6))
+        if self.shard_state is None:
+            self.shard_state = {g: self.optimizer._init_state(_Run(self.storage.data[self.dtype][a:b]),
+                                                              self.optimizer.param_groups[g])
+                                for g, a, b in self.pieces}
+        data = self.storage.data[self.dtype]
+        for g, a, b in self.pieces:
+            self.optimizer._update(data[a:b], self.storage.grad[self.dtype][a:b], self.optimizer.param_groups[g],
+                                   self.shard_state[g])
+        comm.Allgatherv(MPI.IN_PLACE, [_host(data), self.counts, self.displacements, _mpi_type(data)])
+        return None if norm is None else np.asarray(norm)
+
+    # ------------------------------------------------------------ checkpoints: the unsharded format
+
+    def _full_moments(self) -> dict[str, np.ndarray]:
+        """Each moment as one full-length vector on every rank (all-gather of the slices)."""
+        names = [name for name, value in next(iter(self.shard_state.values())).items()
+                 if not isinstance(value, (bool, int, float))] if self.shard_state else []
+        out = {}
+        for name in names:
+            mine = np.concatenate([self.shard_state[g][name] for g, _, _ in self.pieces]) if self.pieces \
+                else np.empty(0, dtype=self.dtype)
+            full = np.empty(sum(self.counts), dtype=self.dtype)
+            self.group.comm.Allgatherv(mine, [full, self.counts, self.displacements, _mpi_type(full)])
+            out[name] = full
+        return out
+
+    def gather(self) -> None:
+        """Collective, every rank before a save: put the moments' slices together in the wrapped
+        optimizer's per-parameter state, so ``state_dict`` (rank 0) is the unsharded one."""
+        if self.shard_state is None:
+            return
+        moments = self._full_moments()
+        steps = self.group.comm.allgather({g: state.get("step") for g, state in self.shard_state.items()})
+        step_of = {g: step for part in steps for g, step in part.items()}
+        for g, (group_, indices) in enumerate(zip(self.optimizer.param_groups, self.optimizer._index_of_group)):
+            for i, p in zip(indices, group_["params"]):
+                _, _, start, stop = p._flat
+                entry = {"step": step_of[g]} if step_of.get(g) is not None else {}
+                entry.update({name: full[start:stop].reshape(p.shape) for name, full in moments.items()})
+                self.optimizer.state[i] = entry
+        self.optimizer._flat_state = {}
+
+    def state_dict(self):
+        """The unsharded optimizer's (scalars, arrays) as of the last ``gather``."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, scalars, arrays) -> None:
+        """Load the unsharded format, then keep this rank's slice of each moment."""
+        self.optimizer.load_state_dict(scalars, arrays)
+        if not self.optimizer.state:
+            self.shard_state = None
+            return
+        self.shard_state = {}
+        for g, a, b in self.pieces:
+            indices, params = self.optimizer._index_of_group[g], self.optimizer.param_groups[g]["params"]
+            first = self.optimizer.state[indices[0]]
+            entry = {name: value for name, value in first.items() if isinstance(value, (bool, int, float))}
+            for name in first:
+                if name not in entry:
+                    full = np.concatenate([self.optimizer.state[i][name].reshape(-1) for i in indices])
+                    start = params[0]._flat[2]
+                    entry[name] = full[a - start:b - start].copy()
+            self.shard_state[g] = entry
+        self.optimizer.state = {}                # only the slices are kept
+
+
+class _Run:
+    """A slice of the flat buffer where ``Optimizer._init_state`` expects a parameter."""
+
+    def __init__(self, data):
+        self.data = data
+
+
+def _mpi_type(array):
+    from mpi4py.util.dtlib import from_numpy_dtype
+    return from_numpy_dtype(array.dtype)
 
 
 def _host(buffer):

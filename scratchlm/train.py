@@ -156,6 +156,9 @@ class Trainer:
         # parameters and gradients as views of flat buffers, laid out group by group: one AdamW
         # update per group, one clipping pass, one all-reduce (scratchlm.nn.FlatStorage)
         self.model.flatten_([group["params"] for group in self.optimizer.param_groups])
+        self.dist = distributed.current()       # rank 0 alone writes the run folder
+        self.optimizer = self.dist.shard_optimizer(self.optimizer, self.model._flat, c.zero_stage)
+        self.zero = isinstance(self.optimizer, distributed.ZeroOneOptimizer)
         self.schedule = (cosine_with_warmup(c.learning_rate, c.warmup_iters, c.lr_decay_iters, c.min_lr)
                          if c.decay_lr else constant_lr(c.learning_rate))
         # the data: a task (scratchlm.tasks) hands out the batches; a Prepared is a stream task
@@ -172,7 +175,6 @@ class Trainer:
         self.iteration, self.best_val_loss, self.last_val_loss, self.last_saved = 0, None, None, None
         self.evaluated_at: set[int] = set()
         header = (self.run_dir, config, model_config, None if resume else tokenizer, data_info or {}, self.family.name)
-        self.dist = distributed.current()       # rank 0 alone writes the run folder
         if resume:
             state = load_checkpoint(self.run_dir, self.model, self.optimizer)
             self.iteration, self.best_val_loss = state["iteration"], state.get("best_val_loss")
@@ -203,8 +205,13 @@ class Trainer:
             (loss / accum).backward()                               # grads add up to the mean's
             loss_sum = loss_sum + loss.data                         # stays on the device
         if self.dist.world > 1:                                     # every rank: the sum over all A
-            self.dist.reduce_gradients(self.model._flat)
             loss_sum = self.dist.sum([loss_sum])[0]
+        if self.zero:           # ZeRO-1: reduce-scatter, clip, update this rank's slice, all-gather
+            grad_norm = self.optimizer.step(c.grad_clip)
+            self.optimizer.zero_grad()
+            return loss_sum / accum, grad_norm, lr
+        if self.dist.world > 1:
+            self.dist.reduce_gradients(self.model._flat)
         grad_norm = None
         if c.grad_clip > 0:
             from scratchlm.optim import clip_grad_norm_
@@ -238,6 +245,7 @@ class Trainer:
         c, start = self.config, time.perf_counter()
         bar = self._progress_bar()
         self._pending, self._window_start = [], time.perf_counter()
+        self.evaluated_at = self.dist.bcast(self.evaluated_at)     # every rank: the same eval points
         try:
             with _DeferredInterrupt() as interrupt:
                 it = self.iteration
@@ -252,6 +260,7 @@ class Trainer:
                         if losses is None:
                             break
                         self._log_eval(it, losses, bar)
+                    if due_eval:
                         self._save(it)
                         self._window_start = time.perf_counter()
                     if it >= c.max_iters or interrupt.requested:
@@ -345,6 +354,8 @@ class Trainer:
             self.log(message)
 
     def _save(self, it: int) -> None:
+        if self.zero:
+            self.optimizer.gather()             # collective: the moments' slices come together
         if not self.dist.is_main:
             return
         save_checkpoint(self.run_dir, self.model, self.optimizer, {

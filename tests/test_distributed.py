@@ -60,8 +60,8 @@ def losses(run):
                      if m["kind"] == "train"])
 
 
-def weights(run):
-    return load_safetensors(Path(run) / "model.safetensors")[0]
+def weights(run, file="model.safetensors"):
+    return load_safetensors(Path(run) / file)[0]
 
 
 def assert_same_run(expected, actual, exact=False):
@@ -71,13 +71,16 @@ def assert_same_run(expected, actual, exact=False):
         assert want.tobytes() == got.tobytes()
     else:
         np.testing.assert_allclose(got, want, rtol=1e-5)
-    w_want, w_got = weights(expected), weights(actual)
-    assert sorted(w_want) == sorted(w_got)
-    for name in w_want:
-        if exact:
-            assert w_want[name].tobytes() == w_got[name].tobytes(), name
-        else:
-            np.testing.assert_allclose(w_got[name], w_want[name], rtol=0, atol=1e-5, err_msg=name)
+    for file in ("model.safetensors", "optimizer.safetensors"):      # weights, and AdamW's moments
+        w_want, w_got = weights(expected, file), weights(actual, file)
+        assert sorted(w_want) == sorted(w_got)
+        for name in w_want:
+            if exact:
+                assert w_want[name].tobytes() == w_got[name].tobytes(), name
+            else:
+                np.testing.assert_allclose(w_got[name], w_want[name], rtol=0, atol=1e-5, err_msg=name)
+    steps = [json.loads((Path(run) / "trainer.json").read_text())["optimizer"]["state"] for run in (expected, actual)]
+    assert steps[0] == steps[1]
 
 
 @pytest.fixture(scope="module")
@@ -95,22 +98,26 @@ def one_rank(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("accum", [2, 4], ids=["one-micro-step-per-rank", "accumulating-2-per-rank"])
-def test_two_ranks_equal_one_rank(tmp_path, one_rank, accum):
+@pytest.mark.parametrize("accum, zero", [(2, 0), (4, 0), (4, 1)],
+                         ids=["one-micro-step-per-rank", "accumulating-2-per-rank", "zero-1"])
+def test_two_ranks_equal_one_rank(tmp_path, one_rank, accum, zero):
+    """ZeRO-1 too: its moments, gathered into the checkpoint, equal the unsharded optimizer's."""
     out = tmp_path / "run"
-    done = scratchlm(train_args(out, accum, extra=["--nproc", "2"]))
+    done = scratchlm(train_args(out, accum, extra=["--nproc", "2", "--set", f"zero_stage={zero}"]))
     assert done.returncode == 0, done.stderr
     assert_same_run(one_rank(accum), out)
     assert json.loads((out / "trainer.json").read_text())["nproc"] == 2
     assert done.stdout.count("done: 20 iterations") == 1               # rank 0 alone reports
 
 
-def test_mpiexec_started_by_hand_then_resumed_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("zero", [0, 1], ids=["replicated", "zero-1"])
+def test_mpiexec_started_by_hand_then_resumed_equals_uninterrupted(tmp_path, zero):
     """mpiexec -n 2 scratchlm train (as a cluster launcher would), stop at 10, resume to 20."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     hand = [MPIEXEC, "-n", "2"]
-    assert scratchlm(train_args(straight, 2), launcher=hand).returncode == 0
-    first = scratchlm(train_args(split, 2, iters=10), launcher=hand)
+    extra = ["--set", f"zero_stage={zero}"]
+    assert scratchlm(train_args(straight, 2, extra=extra), launcher=hand).returncode == 0
+    first = scratchlm(train_args(split, 2, iters=10, extra=extra), launcher=hand)
     assert first.returncode == 0, first.stderr
     second = scratchlm(["train", "--resume", "--out", str(split), "--iters", "20", "--no-progress"], launcher=hand)
     assert second.returncode == 0, second.stderr
