@@ -139,9 +139,11 @@ def route(family: Family, pairs, where: str = "--set") -> tuple[list[str], dict[
             train_pairs.append(f"{key}={value}")
         else:
             from scratchlm.config import _did_you_mean
+            shadowed = [k for k in training if k in model_keys]
+            also = f" (train.{shadowed[0]} sets the training one)" if shadowed else ""
             raise UserError(f"{where}: unknown config key {key!r}{_did_you_mean(key, model_keys + training)}; "
-                            f"model {family.name} has the model keys {', '.join(model_keys)} and the training keys "
-                            f"{', '.join(k for k in training if k not in model_keys)}")
+                            f"model {family.name} has the model keys {', '.join(model_keys)}{also} and the "
+                            f"training keys {', '.join(k for k in training if k not in model_keys)}")
     return train_pairs, model_values
 
 
