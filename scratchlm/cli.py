@@ -131,7 +131,7 @@ def _start_ranks(args, config) -> None:
     if world > 1:
         raise UserError(f"--nproc {args.nproc} asks for {args.nproc} ranks but the launcher started {world}; "
                         "drop --nproc under mpiexec")
-    distributed.check_accumulation(config.gradient_accumulation_steps, args.nproc)
+    distributed.check_config(config, args.nproc)
     distributed.relaunch(args.nproc, args.raw_argv)
 
 

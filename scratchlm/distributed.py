@@ -61,6 +61,14 @@ def launched_world_size() -> int:
     return 1
 
 
+def check_config(config, world: int) -> None:
+    """What a run on ``world`` ranks cannot do, refused before anything starts."""
+    if world > 1 and config.backend != "numpy":
+        raise UserError(f"--nproc {world} runs on the CPU (MPI); backend {config.backend} across GPUs needs NCCL, "
+                        "which is not wired in yet: use --backend numpy, or one GPU without --nproc")
+    check_accumulation(config.gradient_accumulation_steps, world)
+
+
 def check_accumulation(accum: int, world: int) -> None:
     """gradient_accumulation_steps is the total over the ranks: refuse a count they cannot share."""
     if accum % world:
@@ -75,7 +83,7 @@ class Single:
     rank, world = 0, 1
     is_main = True
 
-    def check_accumulation(self, accum: int) -> None:
+    def check_config(self, config) -> None:
         pass
 
     def micro_steps(self, accum: int) -> range:
@@ -116,8 +124,8 @@ class MPIGroup(Single):
         self.rank, self.world = comm.Get_rank(), comm.Get_size()
         self.is_main = self.rank == 0
 
-    def check_accumulation(self, accum: int) -> None:
-        check_accumulation(accum, self.world)
+    def check_config(self, config) -> None:
+        check_config(config, self.world)
 
     def micro_steps(self, accum: int) -> range:
         share = accum // self.world

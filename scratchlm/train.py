@@ -405,7 +405,7 @@ def train(config: TrainConfig, out_dir, corpus=None, tokenizer: str = "char", re
     dist = distributed.current()
 
     def validate():
-        dist.check_accumulation(config.gradient_accumulation_steps)
+        dist.check_config(config)
         ready.update(_prepare_run(config, run_dir, corpus, tokenizer, resume, progress, cache_dir, model, model_config))
         built = ready["model_config"]                     # overrides (a dict), or a resumed run's config
         if built is None or isinstance(built, dict):

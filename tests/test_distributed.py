@@ -133,6 +133,14 @@ def test_accumulation_that_does_not_divide_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_gpu_backend_across_ranks_is_refused_in_one_line(tmp_path):
+    done = scratchlm(train_args(tmp_path / "run", 2, extra=["--nproc", "2", "--backend", "cupy"]))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "scratchlm: error: --nproc 2 runs on the CPU (MPI); backend cupy across GPUs needs NCCL, which is not "
+        "wired in yet: use --backend numpy, or one GPU without --nproc"]
+
+
 FAULT = """
 import os, signal, sys
 from scratchlm import cli, train
