@@ -132,7 +132,7 @@ def _start_ranks(args, config) -> None:
         raise UserError(f"--nproc {args.nproc} asks for {args.nproc} ranks but the launcher started {world}; "
                         "drop --nproc under mpiexec")
     distributed.check_config(config, args.nproc)
-    distributed.relaunch(args.nproc, args.raw_argv)
+    raise SystemExit(distributed.relaunch(args.nproc, args.raw_argv))
 
 
 # ================================================================ eval

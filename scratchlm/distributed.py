@@ -31,8 +31,8 @@ checkpoints, holding the run folder's lock (``scratchlm.runguard``); other ranks
 
 Faults. A rank that raises prints one line, ``scratchlm: error: rank R of N failed: ...``, and
 calls ``MPI_Abort``, which makes the launcher end every rank (none waits forever in a collective).
-A rank that dies outright (killed, out of memory) is noticed by the launcher, which ends the
-others too. Ctrl-C reaches every rank through the launcher; the ranks agree (an all-reduce of the
+A rank that dies outright (killed, out of memory) is noticed by mpiexec, which ends the others;
+under ``--nproc`` our launcher turns mpiexec's banner into one line naming that rank. Ctrl-C reaches every rank through the launcher; the ranks agree (an all-reduce of the
 flag at the top of each iteration) to stop after the same step, rank 0 saves, and ``--resume``
 continues -- with any rank count, since the trajectory does not depend on it. A checkpoint is
 written only by rank 0 and atomically, so a killed rank never leaves a partial one.
@@ -166,6 +166,7 @@ class MPIGroup(Single):
             what = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
             print(f"scratchlm: error: rank {self.rank} of {self.world} failed: {' '.join(what.split())}; "
                   f"stopping all ranks", file=sys.stderr, flush=True)
+            _leave_note(f"failed.{self.rank}", what)
             sys.stdout.flush()
             code = 2 if isinstance(exc, UserError) else 1
             self.comm.Abort(code)
@@ -224,7 +225,8 @@ class ZeroOneOptimizer:
         self.grad_slice[...] = received
         norm = None
         if max_norm > 0:
-            square = np.dot(received.astype(np.float64), received.astype(np.float64))
+            wide = received.astype(np.float64)
+            square = np.dot(wide, wide)
             norm = np.sqrt(self.group.sum([square])[0])
             if np.isfinite(norm) and norm > max_norm:
                 self.grad_slice *= received.dtype.type(max_norm / (norm + 1e-6))
@@ -328,6 +330,7 @@ def current() -> Single:
                 raise UserError(f"started as one of {world} MPI ranks, but mpi4py is not installed; "
                                 f"{INSTALL_HINT}") from None
             _group = MPIGroup(MPI.COMM_WORLD)
+            _leave_note(f"pid.{_group.rank}", str(os.getpid()))
         else:
             _group = Single()
     return _group
@@ -371,10 +374,62 @@ def without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def relaunch(nproc: int, argv: list[str]):
-    """Replace this process by mpiexec running ``nproc`` ranks (Ctrl-C then goes to mpiexec, which
-    passes it to every rank). Never returns."""
+# Set by the --nproc launcher: a folder where each rank leaves "pid.R" (its process id) and, when it
+# fails with its own line, "failed.R" -- so the launcher can name a rank that died without a word.
+RANK_FOLDER_VARIABLE = "SCRATCHLM_RANK_FOLDER"
+_HYDRA_BANNER = ("=====", "=   ", "YOUR APPLICATION TERMINATED", "This typically refers", "Please see the FAQ")
+
+
+def _leave_note(name: str, text: str) -> None:
+    folder = os.environ.get(RANK_FOLDER_VARIABLE)
+    if folder:
+        with contextlib.suppress(OSError), open(os.path.join(folder, name), "w") as f:
+            f.write(text)
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """Run this command as ``nproc`` ranks under mpiexec and return its exit status.
+
+    mpiexec's output passes through, except its banner about a rank that died (killed, out of
+    memory): that becomes one line naming the rank. Ctrl-C (or a SIGINT sent to this process) is
+    passed on to mpiexec, which gives it to every rank."""
+    import re
+    import signal
+    import subprocess
+    import tempfile
     command, env = launch_command(nproc, without_nproc(argv))
     sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(command[0], command, env)
+    with tempfile.TemporaryDirectory(prefix="scratchlm-ranks-") as folder:
+        env[RANK_FOLDER_VARIABLE] = folder
+        # its own process group: a terminal's Ctrl-C reaches us alone and we pass it on once (two
+        # Ctrl-C at mpiexec mean "abort now", which is what the user's second Ctrl-C should mean)
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                preexec_fn=os.setpgrp)
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: proc.send_signal(signal.SIGINT))
+        dead_pid, how = None, None
+        try:
+            for line in proc.stdout:
+                if line.startswith(_HYDRA_BANNER):
+                    found = re.search(r"PID (\d+) RUNNING", line) or re.search(r"EXIT STRING: (.*)", line)
+                    if found and "PID" in line:
+                        dead_pid = found.group(1)
+                    elif found:
+                        how = found.group(1).strip()
+                    continue
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            status = proc.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        notes = os.listdir(folder)
+        if dead_pid is not None and not any(name.startswith("failed.") for name in notes):
+            rank_of = {}
+            for name in notes:
+                if name.startswith("pid."):
+                    with open(os.path.join(folder, name)) as f:
+                        rank_of[f.read().strip()] = name.split(".", 1)[1]
+            who = f"rank {rank_of[dead_pid]}" if dead_pid in rank_of else f"a rank (process {dead_pid})"
+            print(f"scratchlm: error: {who} of {nproc} died without a word ({how or 'no exit string'}); "
+                  "mpiexec stopped the other ranks; continue from the last checkpoint with --resume",
+                  file=sys.stderr, flush=True)
+    return status

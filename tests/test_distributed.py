@@ -141,9 +141,11 @@ def test_gpu_backend_across_ranks_is_refused_in_one_line(tmp_path):
         "wired in yet: use --backend numpy, or one GPU without --nproc"]
 
 
+# Loaded by every Python process through PYTHONPATH (sitecustomize), so the fault reaches the ranks
+# that `scratchlm train --nproc 2` starts: rank 1 raises, or is killed, at iteration 5.
 FAULT = """
-import os, signal, sys
-from scratchlm import cli, train
+import os, signal
+from scratchlm import train
 step = train.Trainer.train_step
 def faulty(self, it):
     if self.dist.rank == 1 and it == 5:
@@ -152,27 +154,34 @@ def faulty(self, it):
         raise RuntimeError("injected fault at iteration 5")
     return step(self, it)
 train.Trainer.train_step = faulty
-sys.exit(cli.main(sys.argv[1:]))
 """
 
 
 @pytest.mark.parametrize("kill", [False, True], ids=["raises", "killed"])
 def test_a_failing_rank_ends_the_job_with_one_line(tmp_path, kill):
-    driver = tmp_path / "driver.py"
-    driver.write_text(FAULT.format(kill=kill))
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(FAULT.format(kill=kill))
     out = tmp_path / "run"
+    environment = env()
+    environment["PYTHONPATH"] = f"{tmp_path / 'inject'}{os.pathsep}{REPO}"
     start = time.monotonic()
-    done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(driver), *train_args(out, 2, iters=40)],
-                          capture_output=True, text=True, env=env(), timeout=TIMEOUT, cwd=REPO)
+    done = subprocess.run([sys.executable, "-m", "scratchlm", *train_args(out, 2, iters=40, extra=["--nproc", "2"])],
+                          capture_output=True, text=True, env=environment, timeout=TIMEOUT, cwd=REPO)
     assert done.returncode != 0 and time.monotonic() - start < TIMEOUT
-    if not kill:
-        ours = [line for line in done.stderr.splitlines() if line.startswith("scratchlm: error:")]
+    ours = [line for line in done.stderr.splitlines() if line.startswith("scratchlm: error:")]
+    if kill:
+        assert ours == ["scratchlm: error: rank 1 of 2 died without a word (Killed (signal 9)); mpiexec stopped "
+                        "the other ranks; continue from the last checkpoint with --resume"]
+        assert "BAD TERMINATION" not in done.stdout
+    else:
         assert ours == ["scratchlm: error: rank 1 of 2 failed: RuntimeError: injected fault at iteration 5; "
                         "stopping all ranks"]
     # nothing half-written: the checkpoint of iteration 0 is whole (its checksum holds), no temp files
     assert json.loads((out / "trainer.json").read_text())["iteration"] == 0
     weights(out)
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    resumed = scratchlm(["train", "--resume", "--out", str(out), "--iters", "10", "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr                   # and the run continues from it
 
 
 def test_ctrl_c_on_the_launcher_saves_and_resume_equals_uninterrupted(tmp_path, one_rank):
