@@ -83,41 +83,46 @@ def assert_same_run(expected, actual, exact=False):
     assert steps[0] == steps[1]
 
 
-@pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    """The 1-rank reference runs, by accumulation steps (computed once, when first asked for)."""
-    runs = {}
+class Runs:
+    """Uninterrupted 20-step runs, each made once for the module: (nproc, accum, zero_stage) -> folder."""
 
-    def get(accum):
-        if accum not in runs:
-            out = tmp_path_factory.mktemp(f"one_rank_{accum}") / "run"
-            done = scratchlm(train_args(out, accum))
+    def __init__(self, factory):
+        self.factory, self.made = factory, {}
+
+    def __call__(self, nproc, accum, zero=0):
+        key = (nproc, accum, zero)
+        if key not in self.made:
+            out = self.factory.mktemp(f"run_{nproc}_{accum}_{zero}") / "run"
+            extra = ["--set", f"zero_stage={zero}"] + (["--nproc", str(nproc)] if nproc > 1 else [])
+            done = scratchlm(train_args(out, accum, extra=extra))
             assert done.returncode == 0, done.stderr
-            runs[accum] = out
-        return runs[accum]
-    return get
+            assert done.stdout.count("done: 20 iterations") == 1           # rank 0 alone reports
+            self.made[key] = out
+        return self.made[key]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return Runs(tmp_path_factory)
 
 
 @pytest.mark.parametrize("accum, zero", [(2, 0), (4, 0), (4, 1)],
                          ids=["one-micro-step-per-rank", "accumulating-2-per-rank", "zero-1"])
-def test_two_ranks_equal_one_rank(tmp_path, one_rank, accum, zero):
+def test_two_ranks_equal_one_rank(runs, accum, zero):
     """ZeRO-1 too: its moments, gathered into the checkpoint, equal the unsharded optimizer's."""
-    out = tmp_path / "run"
-    done = scratchlm(train_args(out, accum, extra=["--nproc", "2", "--set", f"zero_stage={zero}"]))
-    assert done.returncode == 0, done.stderr
-    assert_same_run(one_rank(accum), out)
+    out = runs(2, accum, zero)
+    assert_same_run(runs(1, accum), out)
     assert json.loads((out / "trainer.json").read_text())["nproc"] == 2
-    assert done.stdout.count("done: 20 iterations") == 1               # rank 0 alone reports
 
 
 @pytest.mark.parametrize("zero", [0, 1], ids=["replicated", "zero-1"])
-def test_mpiexec_started_by_hand_then_resumed_equals_uninterrupted(tmp_path, zero):
-    """mpiexec -n 2 scratchlm train (as a cluster launcher would), stop at 10, resume to 20."""
-    straight, split = tmp_path / "straight", tmp_path / "split"
+def test_mpiexec_started_by_hand_then_resumed_equals_uninterrupted(tmp_path, runs, zero):
+    """mpiexec -n 2 scratchlm train (as a cluster launcher would), stop at 10, resume to 20: the
+    same bits as the uninterrupted 2-rank run (started with --nproc 2)."""
+    straight, split = runs(2, 4, zero), tmp_path / "split"
     hand = [MPIEXEC, "-n", "2"]
     extra = ["--set", f"zero_stage={zero}"]
-    assert scratchlm(train_args(straight, 2, extra=extra), launcher=hand).returncode == 0
-    first = scratchlm(train_args(split, 2, iters=10, extra=extra), launcher=hand)
+    first = scratchlm(train_args(split, 4, iters=10, extra=extra), launcher=hand)
     assert first.returncode == 0, first.stderr
     second = scratchlm(["train", "--resume", "--out", str(split), "--iters", "20", "--no-progress"], launcher=hand)
     assert second.returncode == 0, second.stderr
@@ -184,7 +189,7 @@ def test_a_failing_rank_ends_the_job_with_one_line(tmp_path, kill):
     assert resumed.returncode == 0, resumed.stderr                   # and the run continues from it
 
 
-def test_ctrl_c_on_the_launcher_saves_and_resume_equals_uninterrupted(tmp_path, one_rank):
+def test_ctrl_c_on_the_launcher_saves_and_resume_equals_uninterrupted(tmp_path, runs):
     """SIGINT to `scratchlm train --nproc 2` (which became mpiexec): every rank stops after the same
     step, rank 0 saves, exit 130; --resume (here with 1 rank: the trajectory does not depend on the
     count) ends where the uninterrupted run ends."""
@@ -207,7 +212,7 @@ def test_ctrl_c_on_the_launcher_saves_and_resume_equals_uninterrupted(tmp_path, 
     assert 0 < stopped < 20 and f"saved a checkpoint at iteration {stopped}" in stderr
     done = scratchlm(["train", "--resume", "--out", str(out), "--iters", "20", "--no-progress"])
     assert done.returncode == 0, done.stderr
-    assert_same_run(one_rank(2), out)
+    assert_same_run(runs(1, 2), out)
 
 
 def test_without_mpi_the_group_is_one_rank():
