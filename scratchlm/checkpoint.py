@@ -17,6 +17,12 @@ with no duplicate keys; each tensor's span holds exactly ``itemsize * prod(shape
 spans, sorted, start at 0, neither overlap nor leave gaps, and end exactly at the end of the file.
 Any failure is a ``UserError``: one line naming the file and what is wrong with it.
 
+A checksum guards the tensor bytes. The checks above catch a damaged header, but a flipped bit in
+the data section still reads as a valid (different) weight. So the writer stores the sha256 of the
+whole data section in ``__metadata__["data_sha256"]`` (other readers ignore metadata), and the
+reader recomputes it over the bytes it read and refuses a mismatch. A file without the key -- an
+older run, or one written by another program -- loads as before, unchecked.
+
 Writing is atomic: bytes go to a temporary file in the same folder, which is fsynced and then
 renamed over the target (``os.replace`` is atomic on POSIX and Windows), and the folder is fsynced
 so the rename itself survives a power cut. A crash leaves either the old file or the new one.
@@ -31,6 +37,7 @@ so the rename itself survives a power cut. A crash leaves either the old file or
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -63,6 +70,9 @@ _ITEMSIZE_OF_UNREADABLE = {"F8_E4M3": 1, "F8_E5M2": 1}
 _NAME_OF = {(dt.kind, dt.itemsize): name for name, dt in _DTYPES.items() if name != "BF16"}
 
 _FIX = "re-save it or pick another run"
+
+# The metadata key of the data section's sha256 (hex); written and consumed here, never returned.
+CHECKSUM_KEY = "data_sha256"
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -167,6 +177,8 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, Any],
     if metadata is not None:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise TypeError("safetensors metadata must map str to str (convert numbers with str())")
+        if CHECKSUM_KEY in metadata:
+            raise ValueError(f"metadata key {CHECKSUM_KEY!r} is reserved for the checksum the writer adds")
     entries = []
     for name, array in tensors.items():
         if not isinstance(name, str):
@@ -177,9 +189,11 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, Any],
         entries.append((name, dtype_name, host))
     entries.sort(key=lambda e: (-e[2].dtype.itemsize, e[0]))
 
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
+    checksum = hashlib.sha256()          # over the data section, in file order
+    for _, _, host in entries:
+        if host.nbytes:
+            checksum.update(memoryview(host).cast("B"))
+    header: dict[str, Any] = {"__metadata__": {**(metadata or {}), CHECKSUM_KEY: checksum.hexdigest()}}
     offset = 0
     for name, dtype_name, host in entries:
         header[name] = {"dtype": dtype_name, "shape": list(host.shape),
@@ -307,7 +321,10 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
 
         tensors: dict[str, np.ndarray] = {}
         data_start = 8 + header_len
-        for name, info in header.items():
+        expected_sha256 = metadata.pop(CHECKSUM_KEY, None)
+        checksum = hashlib.sha256()
+        # In file order (the spans tile the data section), so the hash is the data section's.
+        for name, info in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
             if info["dtype"] in _ITEMSIZE_OF_UNREADABLE:
                 raise UserError(f"checkpoint {where}: tensor {name!r} is {info['dtype']}, which NumPy cannot "
                                 "represent; convert the checkpoint to F16/F32 first")
@@ -317,9 +334,14 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
                 f.seek(data_start + info["data_offsets"][0])
                 if f.readinto(memoryview(array).cast("B")) != array.nbytes:
                     raise UserError(f"checkpoint {where} changed while being read; {_FIX}")
+                if expected_sha256 is not None:
+                    checksum.update(memoryview(array).cast("B"))
             if info["dtype"] == "BF16":
                 array = (array.astype(np.uint32) << 16).view(np.float32)
             elif not array.dtype.isnative:
                 array = array.astype(array.dtype.newbyteorder("="))
             tensors[name] = array
+    if expected_sha256 is not None and checksum.hexdigest() != expected_sha256:
+        raise UserError(f"{where}: tensor data does not match its checksum; the file is damaged "
+                        f"(restore it from a copy, or {_FIX})")
     return tensors, dict(metadata)

@@ -109,13 +109,30 @@ def cmd_train(args) -> int:
     if args.backend:
         config = config.with_value("backend", args.backend, where="--backend")
     config.validate()
+    _start_ranks(args, config)
     result = train(config, args.out, corpus=args.corpus, tokenizer=args.tokenizer or DEFAULT_TOKENIZER,
                    resume=args.resume, progress=args.progress, model=args.model if args.resume else family.name,
                    model_config=model_values)
+    from scratchlm.distributed import current
+    if not current().is_main:                 # rank 0 reports for the job
+        return 0
     val = f"{result.last_val_loss:.4f}" if result.last_val_loss is not None else "n/a"
     print(f"done: {result.iteration} iterations in {result.elapsed_s:.1f} s, val loss {val}; run in {result.run_dir}")
     print(f"sample from it: scratchlm sample --run {result.run_dir}; score it: scratchlm eval --run {result.run_dir}")
     return 0
+
+
+def _start_ranks(args, config) -> None:
+    """--nproc N outside an MPI launcher: re-execute this command as N ranks under mpiexec."""
+    from scratchlm import distributed
+    world = distributed.launched_world_size()
+    if args.nproc is None or args.nproc == world:
+        return
+    if world > 1:
+        raise UserError(f"--nproc {args.nproc} asks for {args.nproc} ranks but the launcher started {world}; "
+                        "drop --nproc under mpiexec")
+    distributed.check_config(config, args.nproc)
+    raise SystemExit(distributed.relaunch(args.nproc, args.raw_argv))
 
 
 # ================================================================ eval
@@ -428,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=whole_number("--iters", 0), metavar="N",
                    help="train until iteration N (sets max_iters)")
     p.add_argument("--backend", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (NVIDIA GPU)")
+    p.add_argument("--nproc", type=whole_number("--nproc", 1), metavar="N",
+                   help="train data-parallel on N processes through mpiexec (needs the [mpi] extra); "
+                        "batch_size is per rank, gradient_accumulation_steps the total")
     add_progress(p)
     p.set_defaults(func=cmd_train)
 
@@ -541,6 +561,7 @@ def main(argv=None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        args.raw_argv = list(sys.argv[1:] if argv is None else argv)     # for train --nproc's re-execution
         if args.command is None:
             raise UserError(f"choose a command: {', '.join(args.command_names)} (see 'scratchlm --help'; "
                             "start with 'scratchlm demo')")

@@ -47,7 +47,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0                # 0 turns clipping off
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1  # the total over all ranks (scratchlm.distributed)
+    zero_stage: int = 0                   # 1: the optimizer moments sharded across ranks (ZeRO-1)
     # evaluation, logging, reproducibility, hardware
     eval_interval: int = 250
     eval_iters: int = 200
@@ -104,6 +105,9 @@ class TrainConfig:
                             f"({self.warmup_iters}); raise lr_decay_iters")
         if self.positional not in ("learned", "sinusoidal"):
             raise UserError(f"config key positional must be 'learned' or 'sinusoidal', got {self.positional!r}")
+        if self.zero_stage not in (0, 1):
+            raise UserError(f"config key zero_stage must be 0 or 1 (ZeRO-1: shard the optimizer moments), "
+                            f"got {self.zero_stage}")
         if self.backend not in ("numpy", "cupy"):
             raise UserError(f"config key backend must be 'numpy' or 'cupy', got {self.backend!r}")
         return self

@@ -34,6 +34,14 @@ Saving and resuming (``state_dict`` / ``load_state_dict``) -- the format of opti
 Parameter i is the i-th parameter over the groups in order, as in PyTorch. Floats survive JSON
 exactly (Python writes the shortest repr that reads back to the same double), so a resumed run
 continues bit for bit.
+
+Flat storage (``Module.flatten_``, parameters and gradients as views of one array per dtype): when
+a group's parameters are one consecutive run of the buffers and each has its gradient in its slot,
+``step`` makes ONE ``_update`` call over the run (one AdamW kernel call per group instead of one
+per parameter), with the state arrays flat too; ``self.state[i]`` then holds views of them, so
+``state_dict`` and its format are unchanged. Every update is elementwise, so the flat step gives
+the same bits as the per-parameter one. Anything else (a parameter without a gradient, state
+loaded from a file) falls back to, or is regathered from, the per-parameter form.
 """
 from __future__ import annotations
 
@@ -92,6 +100,8 @@ class Optimizer:
             self.param_groups.append({**self.defaults, **group, "params": members})
             self._index_of_group.append(indices)
         self.state: dict[int, dict[str, Any]] = {}
+        # group index -> (its flat state, the per-parameter dicts of views made from it)
+        self._flat_state: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
 
     def zero_grad(self) -> None:
         """Forget every gradient (grad = None): the next backward writes fresh ones (PyTorch >= 2.0)."""
@@ -101,7 +111,9 @@ class Optimizer:
     def step(self, closure: Callable[[], Any] | None = None):
         """Update every parameter that has a gradient; returns ``closure()``'s loss if one is given."""
         loss = closure() if closure is not None else None
-        for group, indices in zip(self.param_groups, self._index_of_group):
+        for g, (group, indices) in enumerate(zip(self.param_groups, self._index_of_group)):
+            if self._step_flat(g, group, indices):
+                continue
             for i, p in zip(indices, group["params"]):
                 if p.grad is None:
                     continue
@@ -112,6 +124,64 @@ class Optimizer:
 
     def _init_state(self, p, group) -> dict[str, Any]:
         raise NotImplementedError
+
+    # ------------------------------------------------------------ flat storage: one update per group
+
+    def _step_flat(self, g: int, group: dict, indices: list[int]) -> bool:
+        """Update group ``g`` with one ``_update`` over its run of the flat buffers; False (nothing
+        done) when the group is not one run, a gradient is not in its slot, or the parameters'
+        states differ (then the per-parameter loop runs)."""
+        params = group["params"]
+        span = getattr(params[0], "_flat", None) if params else None
+        if span is None:
+            return False
+        storage = span[0]
+        run = storage.segment(params)
+        if run is None or not storage.all_grads_in_slots(params):
+            return False
+        dtype, start, stop = run
+        data, grad = storage.data[dtype][start:stop], storage.grad[dtype][start:stop]
+        flat = self._flat_state_of(g, indices, data, group)
+        if flat is None:
+            return False
+        self._update(data, grad, group, flat)
+        self._share_flat_state(g, indices, params, flat)
+        return True
+
+    def _flat_state_of(self, g, indices, data, group) -> dict[str, Any] | None:
+        """The flat state of group ``g``: fresh, the one shared last step (if no per-parameter
+        step touched it since), or gathered (copied) from equal per-parameter states; else None."""
+        states = [self.state.get(i) for i in indices]
+        if all(state is None for state in states):
+            return self._init_state(_FlatRun(data), group)
+        if any(state is None for state in states):
+            return None
+        cached = self._flat_state.get(g)
+        if cached is not None and all(state is made for state, made in zip(states, cached[1])) \
+                and all(_scalars(state) == _scalars(cached[0]) and state.keys() == cached[0].keys()
+                        for state in states):
+            return cached[0]
+        first = states[0]
+        if any(_scalars(state) != _scalars(first) or state.keys() != first.keys() for state in states):
+            return None
+        xp = backend.xp
+        return {name: value if _is_scalar(value) else xp.concatenate([state[name].reshape(-1) for state in states])
+                for name, value in first.items()}
+
+    def _share_flat_state(self, g, indices, params, flat) -> None:
+        """Point ``self.state[i]`` at views of the flat state (so ``state_dict`` sees it per parameter)."""
+        cached = self._flat_state.get(g)
+        if cached is not None and cached[0] is flat and all(made.keys() == flat.keys() for made in cached[1]):
+            for made in cached[1]:
+                made.update(_scalars(flat))
+            return
+        made, offset = [], 0
+        for i, p in zip(indices, params):
+            made.append({name: value if _is_scalar(value) else value[offset:offset + p.size].reshape(p.shape)
+                         for name, value in flat.items()})
+            self.state[i] = made[-1]
+            offset += p.size
+        self._flat_state[g] = (flat, made)
 
     def _update(self, data, grad, group, state) -> None:
         raise NotImplementedError
@@ -185,6 +255,22 @@ class Optimizer:
                 if key != "params":
                     group[key] = tuple(value) if isinstance(value, list) else value
         self.state = state
+        self._flat_state = {}           # regathered from the loaded arrays at the next step
+
+
+class _FlatRun:
+    """Stands for a group's run of the flat buffer where ``_init_state`` expects a parameter."""
+
+    def __init__(self, data):
+        self.data = data
+
+
+def _is_scalar(value) -> bool:
+    return isinstance(value, (bool, int, float))
+
+
+def _scalars(state: dict) -> dict:
+    return {name: value for name, value in state.items() if _is_scalar(value)}
 
 
 def _check(condition: bool, message: str) -> None:
@@ -391,6 +477,7 @@ def clip_grad_norm_(params: Iterable, max_norm: float, as_array: bool = False):
     caller decides whether to skip the step. Parameters whose grad is None are ignored.
     """
     xp = backend.xp
+    params = list(params)
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return xp.zeros((), dtype=xp.float64) if as_array else 0.0
@@ -402,6 +489,12 @@ def clip_grad_norm_(params: Iterable, max_norm: float, as_array: bool = False):
     # below max_norm and for a non-finite norm.
     clips = xp.isfinite(total_norm) & (total_norm > max_norm)
     factor = xp.where(clips, max_norm / (total_norm + 1e-6), 1.0)
-    for g in grads:
-        g *= factor.astype(g.dtype)
+    storage = getattr(params[0], "_flat", (None,))[0]
+    if storage is not None and {id(p) for p in params} == {id(p) for p in storage.params} \
+            and storage.all_grads_in_slots():
+        for buffer in storage.grad.values():        # flat storage: one pass over each gradient buffer
+            buffer *= factor.astype(buffer.dtype)
+    else:
+        for g in grads:
+            g *= factor.astype(g.dtype)
     return total_norm if as_array else float(total_norm)

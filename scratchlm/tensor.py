@@ -147,10 +147,28 @@ def unbroadcast(grad, shape):
     return grad
 
 
+def _accumulate_leaf_grad(tensor, grad) -> None:
+    """``tensor.grad += grad``. A parameter in flat storage (``Module.flatten_``) has a slot, its view
+    of the flat gradient buffer: the first gradient is copied into it (the backward's array may be
+    shared with other nodes) and later ones are added in place, so ``.grad`` stays that view."""
+    slot = tensor._grad_slot
+    if tensor.grad is None:
+        if slot is None:
+            tensor.grad = grad
+        else:
+            slot[...] = grad
+            tensor.grad = slot
+    elif tensor.grad is slot:
+        slot += grad
+    else:
+        tensor.grad = tensor.grad + grad
+
+
 class Tensor:
     """An array on the current backend, with an optional gradient and the node that made it."""
 
     __array_priority__ = 1000  # so numpy_array * tensor calls Tensor.__rmul__
+    _grad_slot = None          # where backward writes .grad: a view of a flat buffer, or None
 
     def __init__(self, data, requires_grad: bool = False):
         self.data = data
@@ -217,7 +235,7 @@ class Tensor:
                 continue
             node = tensor._node
             if node is None:  # a leaf: accumulate, never overwrite
-                tensor.grad = grad if tensor.grad is None else tensor.grad + grad
+                _accumulate_leaf_grad(tensor, grad)
                 continue
             if node.saved is _Freed:
                 raise RuntimeError("backward() through a graph that was already freed by an earlier "

@@ -23,8 +23,9 @@ The loop lives here; its neighbours hold the rest of a run: ``scratchlm.config``
 
 Why resuming is exact. Everything random in iteration ``it`` is derived from ``(seed, it)``: the
 batches come from ``BatchSampler.batch(it * accum + micro)`` (its generator is seeded with the pair)
-and dropout draws from a generator re-seeded with ``backend.step_seed(seed, it)`` at the top of
-the iteration. So there is no RNG state to save (CuPy's cannot be saved anyway); the model
+and dropout draws from a generator re-seeded with ``backend.step_seed(seed, it * accum + micro)``
+before each micro-batch (so ranks that split a step's micro-batches draw what one process would:
+``scratchlm.distributed``). So there is no RNG state to save (CuPy's cannot be saved anyway); the model
 weights, the optimizer moments and step counts, and the iteration number are the whole state, and
 a resumed run computes the same float32 numbers in the same order as an uninterrupted one.
 
@@ -48,7 +49,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from scratchlm import backend
+from scratchlm import backend, distributed
 from scratchlm.config import TrainConfig
 from scratchlm.errors import UserError
 from scratchlm.runs import (TRAINER_FORMAT, keep_metrics_before, load_checkpoint, plot_losses, read_run_config,
@@ -152,6 +153,12 @@ class Trainer:
         self.params = list(self.model.parameters())
         self.optimizer = AdamW(optimizer_groups(self.model, c.weight_decay), lr=c.learning_rate,
                                betas=(c.beta1, c.beta2), eps=1e-8, weight_decay=c.weight_decay)
+        # parameters and gradients as views of flat buffers, laid out group by group: one AdamW
+        # update per group, one clipping pass, one all-reduce (scratchlm.nn.FlatStorage)
+        self.model.flatten_([group["params"] for group in self.optimizer.param_groups])
+        self.dist = distributed.current()       # rank 0 alone writes the run folder
+        self.optimizer = self.dist.shard_optimizer(self.optimizer, self.model._flat, c.zero_stage)
+        self.zero = isinstance(self.optimizer, distributed.ZeroOneOptimizer)
         self.schedule = (cosine_with_warmup(c.learning_rate, c.warmup_iters, c.lr_decay_iters, c.min_lr)
                          if c.decay_lr else constant_lr(c.learning_rate))
         # the data: a task (scratchlm.tasks) hands out the batches; a Prepared is a stream task
@@ -172,10 +179,11 @@ class Trainer:
             state = load_checkpoint(self.run_dir, self.model, self.optimizer)
             self.iteration, self.best_val_loss = state["iteration"], state.get("best_val_loss")
             self.last_val_loss, self.last_saved = state.get("last_val_loss"), state["iteration"]
-            kept = keep_metrics_before(self.metrics_path, self.iteration)     # reads (and refuses) before writing
-            write_run_header(*header)                                           # new max_iters etc.
-            self.evaluated_at = {m["iter"] for m in kept if m.get("kind") == "eval"}
-        else:
+            if self.dist.is_main:
+                kept = keep_metrics_before(self.metrics_path, self.iteration)     # reads (and refuses) before writing
+                write_run_header(*header)                                       # new max_iters etc.
+                self.evaluated_at = {m["iter"] for m in kept if m.get("kind") == "eval"}
+        elif self.dist.is_main:
             write_run_header(*header)
             self.metrics_path.write_text("", encoding="utf-8")
 
@@ -186,16 +194,24 @@ class Trainer:
         None, lr). Loss and norm stay 0-d backend arrays: nothing here waits for the device, so a
         GPU queues step after step; ``_flush`` reads them back in one transfer every few steps."""
         c, accum = self.config, self.config.gradient_accumulation_steps
-        backend.manual_seed(backend.step_seed(c.seed, it))          # dropout's draws for this step
         lr = self.schedule(it)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for micro in range(accum):
+        for micro in self.dist.micro_steps(accum):                  # all of them, or this rank's share
+            backend.manual_seed(backend.step_seed(c.seed, it * accum + micro))   # dropout's draws
             batch = self.sampler.batch(it * accum + micro)          # LMs: x, y (B, T)
             loss = self.task.loss(self.model, batch)
             (loss / accum).backward()                               # grads add up to the mean's
             loss_sum = loss_sum + loss.data                         # stays on the device
+        if self.dist.world > 1:                                     # every rank: the sum over all A
+            loss_sum = self.dist.sum([loss_sum])[0]
+        if self.zero:           # ZeRO-1: reduce-scatter, clip, update this rank's slice, all-gather
+            grad_norm = self.optimizer.step(c.grad_clip)
+            self.optimizer.zero_grad()
+            return loss_sum / accum, grad_norm, lr
+        if self.dist.world > 1:
+            self.dist.reduce_gradients(self.model._flat)
         grad_norm = None
         if c.grad_clip > 0:
             from scratchlm.optim import clip_grad_norm_
@@ -229,18 +245,22 @@ class Trainer:
         c, start = self.config, time.perf_counter()
         bar = self._progress_bar()
         self._pending, self._window_start = [], time.perf_counter()
+        self.evaluated_at = self.dist.bcast(self.evaluated_at)     # every rank: the same eval points
         try:
             with _DeferredInterrupt() as interrupt:
                 it = self.iteration
                 while True:
+                    if self.dist.world > 1:         # every rank stops after the same step
+                        interrupt.requested = self.dist.any(interrupt.requested)
                     due_eval = (it % c.eval_interval == 0 or it == c.max_iters) and it not in self.evaluated_at
                     if due_eval or it >= c.max_iters or interrupt.requested:
                         self._flush(bar)            # every loss checked before anything is saved
-                    if due_eval:
-                        losses = self.evaluate(interrupt)
+                    if due_eval and self.dist.is_main:
+                        losses = self.evaluate(interrupt if self.dist.world == 1 else None)
                         if losses is None:
                             break
                         self._log_eval(it, losses, bar)
+                    if due_eval:
                         self._save(it)
                         self._window_start = time.perf_counter()
                     if it >= c.max_iters or interrupt.requested:
@@ -257,6 +277,8 @@ class Trainer:
                     self._flush(bar)
                     self._save(self.iteration)
                     self._finish_plot()
+                    if not self.dist.is_main:
+                        raise TrainingInterrupted(f"rank {self.dist.rank}: stopped with rank 0")
                     raise TrainingInterrupted(
                         f"interrupted: saved a checkpoint at iteration {self.iteration} in {self.run_dir}; "
                         f"continue with --resume --out {self.run_dir}")
@@ -273,7 +295,8 @@ class Trainer:
 
         This is the only place the training loop waits for the device (every ``log_interval``
         iterations and before evals and saves), so ms/iter is the mean over the window."""
-        if not self._pending:
+        if not self._pending or not self.dist.is_main:
+            self._pending = []
             return
         xp = backend.xp
         losses = backend.to_numpy(xp.stack([loss for _, loss, _, _ in self._pending]))
@@ -331,11 +354,16 @@ class Trainer:
             self.log(message)
 
     def _save(self, it: int) -> None:
+        if self.zero:
+            self.optimizer.gather()             # collective: the moments' slices come together
+        if not self.dist.is_main:
+            return
         save_checkpoint(self.run_dir, self.model, self.optimizer, {
             "format": TRAINER_FORMAT, "iteration": it, "best_val_loss": self.best_val_loss,
             "last_val_loss": self.last_val_loss, "seed": self.config.seed, "backend": backend.get_backend(),
-            "tokens_seen": it * self.tokens_per_iter, "sampler": self.sampler.state_dict(),
-            "rng": "none saved: iteration it draws from backend.step_seed(seed, it) and BatchSampler.batch(step)"})
+            "tokens_seen": it * self.tokens_per_iter, "nproc": self.dist.world, "sampler": self.sampler.state_dict(),
+            "rng": "none saved: micro-batch it*accum+m draws from backend.step_seed(seed, it*accum+m) and "
+                   "BatchSampler.batch(it*accum+m)"})
         self.last_saved = it
 
     def _diverged(self, it, loss, grad_norm):
@@ -346,6 +374,8 @@ class Trainer:
                                f"(now {self.config.learning_rate:g}) or grad_clip, or raise warmup_iters")
 
     def _finish_plot(self) -> None:
+        if not self.dist.is_main:
+            return
         note = plot_losses(self.run_dir)
         if self.progress is not False:
             self.log(note)
@@ -372,20 +402,33 @@ def train(config: TrainConfig, out_dir, corpus=None, tokenizer: str = "char", re
     from scratchlm.runguard import open_run_for_writing
     run_dir = Path(out_dir)
     ready = {}
+    dist = distributed.current()
 
     def validate():
+        dist.check_config(config)
         ready.update(_prepare_run(config, run_dir, corpus, tokenizer, resume, progress, cache_dir, model, model_config))
         built = ready["model_config"]                     # overrides (a dict), or a resumed run's config
         if built is None or isinstance(built, dict):
             built = get_family(ready["model"]).model_config(config, built or {}, ready["tok"].vocab_size)
         check_fits_in_memory(built, config.batch_size, config.block_size)
 
-    with open_run_for_writing(run_dir, resume=resume, validate=validate, overwrite=overwrite):
+    def run():
         trainer = Trainer(config, ready["tok"], ready["task"], run_dir, ready["data_info"], resume=resume,
-                          progress=progress, log=log, model=ready["model"], model_config=ready["model_config"])
-        if resume and progress is not False:
+                          progress=progress if dist.is_main else False, log=log, model=ready["model"],
+                          model_config=ready["model_config"])
+        if dist.is_main:
+            dist.barrier()          # the run folder is checked and set up: the other ranks may read it
+        if resume and progress is not False and dist.is_main:
             log(f"resuming {run_dir} at iteration {trainer.iteration} of {config.max_iters}")
         return trainer.fit()
+
+    with dist.fail_fast():          # with several ranks: an error on one ends them all, in one line
+        if not dist.is_main:        # the other ranks only read the folder, once rank 0 has set it up
+            dist.barrier()
+            validate()
+            return run()
+        with open_run_for_writing(run_dir, resume=resume, validate=validate, overwrite=overwrite):
+            return run()
 
 
 def _prepare_run(config, run_dir, corpus, tokenizer, resume, progress, cache_dir, model, model_config) -> dict:

@@ -56,6 +56,7 @@ def test_layout_header_padded_and_tensors_aligned(tmp_path):
     (n,) = struct.unpack("<Q", raw[:8])
     assert n % 8 == 0
     header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__")                   # the checksum is always there
     for name, info in header.items():
         itemsize = np.dtype(checkpoint._DTYPES[info["dtype"]]).itemsize
         assert info["data_offsets"][0] % itemsize == 0, name
@@ -277,3 +278,63 @@ def test_failure_while_serialising_keeps_previous_file(tmp_path):
         write_json_atomic(path, {"not json": object()})
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]
+
+
+# ---------------------------------------------------------------- checksum of the tensor bytes
+
+def _data_section(raw: bytes) -> tuple[int, bytes]:
+    (n,) = struct.unpack("<Q", raw[:8])
+    return 8 + n, raw[8 + n:]
+
+
+def test_checksum_is_the_sha256_of_the_data_section(tmp_path):
+    """Oracle: hashlib over the bytes after the header, computed here independently of the writer."""
+    import hashlib
+    path = tmp_path / "model.safetensors"
+    save_safetensors(path, some_tensors(), metadata={"step": "3"})
+    raw = path.read_bytes()
+    start, data = _data_section(raw)
+    header = json.loads(raw[8:start])
+    assert header["__metadata__"] == {"step": "3", checkpoint.CHECKSUM_KEY: hashlib.sha256(data).hexdigest()}
+    assert load_safetensors(path)[1] == {"step": "3"}            # the checksum is not handed to callers
+
+
+def test_every_flipped_byte_of_the_tensor_data_is_refused(tmp_path):
+    """Flip one bit in each byte of the data section in turn (the header stays intact): every file
+    is refused with the one-line message. The same flip in a file without a checksum loads
+    silently as other weights -- the failure the checksum exists for."""
+    path = tmp_path / "model.safetensors"
+    tensors = {"wte.weight": np.linspace(-1, 1, 48, dtype=np.float32).reshape(6, 8),
+               "ln.bias": np.arange(5, dtype=np.float64), "ids": np.array([3, 1, 2], dtype=np.int16)}
+    save_safetensors(path, tensors)
+    good = path.read_bytes()
+    start, data = _data_section(good)
+    assert len(data) == 48 * 4 + 5 * 8 + 3 * 2
+    for k in range(len(data)):
+        damaged = bytearray(good)
+        damaged[start + k] ^= 1 << (k % 8)
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(UserError) as info:
+            load_safetensors(path)
+        assert str(info.value).startswith(f"{path}: tensor data does not match its checksum; the file is damaged")
+        assert "\n" not in str(info.value)
+    path.write_bytes(good)
+    assert_same_arrays(tensors, load_safetensors(path)[0])
+
+    header = json.loads(good[8:start])
+    del header["__metadata__"]
+    unchecked = write_raw(tmp_path, header, bytes(data[:0]) + bytes([data[0] ^ 1]) + data[1:])
+    loaded, metadata = load_safetensors(unchecked)          # an older file: no checksum, loads as it is
+    assert metadata == {} and loaded["ln.bias"][0] != tensors["ln.bias"][0]
+
+
+def test_files_without_a_checksum_still_load(tmp_path):
+    """Older runs and files from other writers carry no checksum: they load unchecked."""
+    path = write_raw(tmp_path, {"__metadata__": {"format": "pt"}, **good_header()}, bytes(16))
+    loaded, metadata = load_safetensors(path)
+    assert metadata == {"format": "pt"} and loaded["a"].tolist() == [0.0, 0.0]
+
+
+def test_the_checksum_key_is_reserved(tmp_path):
+    with pytest.raises(ValueError, match=checkpoint.CHECKSUM_KEY):
+        save_safetensors(tmp_path / "a.safetensors", {"x": np.zeros(1)}, metadata={checkpoint.CHECKSUM_KEY: "0"})

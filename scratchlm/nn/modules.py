@@ -41,6 +41,67 @@ class Parameter(Tensor):
         return f"Parameter(shape={self.shape}, dtype={self.dtype})"
 
 
+class FlatStorage:
+    """Parameters and their gradients as views into one contiguous array per dtype, as llm.c keeps
+    ``params_memory`` and ``grads_memory``.
+
+    Each parameter's ``.data`` becomes a view of ``data[dtype]`` and its gradient slot a view of
+    ``grad[dtype]`` at the same offsets. So an optimizer step, clipping, and an all-reduce can each
+    be one pass over one array instead of one per parameter. Names, shapes, ties and
+    ``state_dict`` are unchanged (they are views); ``.grad`` keeps its meaning: None until a
+    backward writes the slot (then ``.grad`` *is* the slot), None again after ``zero_grad``, which
+    therefore costs nothing -- a stale slot is never read, because the first backward copies.
+
+        params      [ w0 (C, 4C) | w1 (4C, C) | ... | b0 (4C,) | ln.weight (C,) | ... ]  data["float32"]
+        grads       [ dw0        | dw1        | ... | db0      | dln.weight     | ... ]  grad["float32"]
+        p._flat     (storage, dtype name, start, stop)
+    """
+
+    def __init__(self, params):
+        xp = backend.xp
+        self.params = list(params)
+        self.data: dict[str, object] = {}
+        self.grad: dict[str, object] = {}
+        sizes: dict[str, int] = {}
+        for p in self.params:
+            sizes[p.dtype.name] = sizes.get(p.dtype.name, 0) + p.size
+        for name, total in sizes.items():
+            self.data[name] = xp.empty(total, dtype=name)
+            self.grad[name] = xp.zeros(total, dtype=name)
+        offsets = dict.fromkeys(sizes, 0)
+        for p in self.params:
+            name, start = p.dtype.name, offsets[p.dtype.name]
+            stop = offsets[name] = start + p.size
+            view = self.data[name][start:stop].reshape(p.shape)
+            view[...] = p.data
+            p.data, p._grad_slot, p._flat = view, self.grad[name][start:stop].reshape(p.shape), (self, name, start, stop)
+            p.grad = None
+
+    def segment(self, params):
+        """(dtype name, start, stop) if ``params`` are consecutive in one buffer, in this order; else None."""
+        spans = [getattr(p, "_flat", None) for p in params]
+        if not spans or any(span is None or span[0] is not self for span in spans):
+            return None
+        for before, after in zip(spans, spans[1:]):
+            if after[1] != before[1] or after[2] != before[3]:
+                return None
+        return spans[0][1], spans[0][2], spans[-1][3]
+
+    def fill_missing_grads(self) -> None:
+        """Give every parameter without a gradient a zero one in its slot, so that the whole flat
+        gradient buffer is defined (before an all-reduce, which every rank must enter alike)."""
+        for p in self.params:
+            if p.grad is None:
+                p._grad_slot[...] = 0
+                p.grad = p._grad_slot
+            elif p.grad is not p._grad_slot:
+                p._grad_slot[...] = p.grad
+                p.grad = p._grad_slot
+
+    def all_grads_in_slots(self, params=None) -> bool:
+        return all(p.grad is p._grad_slot for p in (self.params if params is None else params))
+
+
 # The one place that draws initial weights. NumPy's generator on the host, then moved to the
 # backend: the same seed gives the same weights on the CPU and on the GPU.
 _init_rng = np.random.default_rng(0)
@@ -158,6 +219,19 @@ class Module:
         """Drop every gradient (None, as PyTorch >= 2.0): the next backward starts afresh."""
         for p in self.parameters():
             p.grad = None
+
+    def flatten_(self, groups=None) -> "FlatStorage":
+        """Move every parameter into flat storage (see ``FlatStorage``), laid out group by group
+        (``groups``: lists of parameters, e.g. the optimizer's param groups, so that each group is
+        one contiguous run), then any parameter not named in them, in ``parameters()`` order.
+        Values, names, shapes and ties are unchanged; returns the storage (also ``self._flat``)."""
+        order, seen = [], set()
+        for p in [q for group in (groups or []) for q in group] + self.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                order.append(p)
+        self._flat = FlatStorage(order)
+        return self._flat
 
     # ------------------------------------------------------------- modes
     def train(self, mode: bool = True) -> "Module":

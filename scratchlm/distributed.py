@@ -1,0 +1,435 @@
+"""Data parallelism across processes over MPI: ranks, batch splitting, gradient all-reduce, faults.
+
+    scratchlm train --nproc 2 --corpus tinyshakespeare --tokenizer char --preset nano-cpu --out runs/dp
+    mpiexec -n 2 scratchlm train ...            (the same, started by a cluster's launcher)
+
+Every rank holds the whole model and optimizer (replicated; the weights stay equal because every
+rank applies the same update to the same averaged gradient). What makes a run with N ranks the
+*same run* as with one:
+
+    the global batch of step it   = micro-batches  it*A + 0, ..., it*A + A-1   (A = gradient_accumulation_steps)
+    rank r computes               the A/N consecutive ones  it*A + r*A/N + k,  k < A/N
+    each micro-step's loss        is divided by A (the global count), backward adds into the flat
+                                  gradient buffer; after the rank's last micro-step ONE Allreduce(SUM)
+                                  of that buffer (per dtype, in place) gives every rank
+                                  (1/A) sum over all A micro-batches of dL/dw -- the 1-rank gradient
+    dropout                       re-seeded per micro-batch from (seed, it*A + micro)
+
+``batch_size`` is per micro-step per rank, ``gradient_accumulation_steps`` the total (divided by
+the rank count; a count that does not divide is refused), as in nanoGPT. The sums differ from the
+1-rank run only in the order float32 additions are made (rank sums first), so losses and weights
+agree to float32 rounding (tests/test_distributed.py checks 1e-5 relative).
+
+The all-reduce is one blocking ``Allreduce`` of the whole flat buffer after the backward, not
+buckets overlapped with it: MPICH makes progress on a nonblocking collective only inside MPI
+calls, and our backward runs in Python/NumPy between them, so an ``Iallreduce`` started early
+would mostly wait anyway; on a CPU the bytes (4 per parameter) take milliseconds next to a
+backward of hundreds. The flat storage (``Module.flatten_``) is what makes it one call.
+
+Rank 0 alone logs, evaluates (on the full split, as a 1-rank run), writes metrics.jsonl and
+checkpoints, holding the run folder's lock (``scratchlm.runguard``); other ranks only read.
+
+Faults. A rank that raises prints one line, ``scratchlm: error: rank R of N failed: ...``, and
+calls ``MPI_Abort``, which makes the launcher end every rank (none waits forever in a collective).
+A rank that dies outright (killed, out of memory) is noticed by mpiexec, which ends the others;
+under ``--nproc`` our launcher turns mpiexec's banner into one line naming that rank. Ctrl-C reaches every rank through the launcher; the ranks agree (an all-reduce of the
+flag at the top of each iteration) to stop after the same step, rank 0 saves, and ``--resume``
+continues -- with any rank count, since the trajectory does not depend on it. A checkpoint is
+written only by rank 0 and atomically, so a killed rank never leaves a partial one.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+
+import numpy as np
+
+from scratchlm.errors import UserError
+
+# launchers say how many processes they started (MPICH/Hydra, Open MPI, Slurm's PMI2)
+_WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+INSTALL_HINT = "pip install 'scratchlm[mpi]'"
+
+
+def launched_world_size() -> int:
+    """How many ranks the MPI launcher started this process among (1 when not under one)."""
+    for name in _WORLD_SIZE_VARIABLES:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+def check_config(config, world: int) -> None:
+    """What a run on ``world`` ranks cannot do, refused before anything starts."""
+    if world > 1 and config.backend != "numpy":
+        raise UserError(f"--nproc {world} runs on the CPU (MPI); backend {config.backend} across GPUs needs NCCL, "
+                        "which is not wired in yet: use --backend numpy, or one GPU without --nproc")
+    check_accumulation(config.gradient_accumulation_steps, world)
+
+
+def check_accumulation(accum: int, world: int) -> None:
+    """gradient_accumulation_steps is the total over the ranks: refuse a count they cannot share."""
+    if accum % world:
+        raise UserError(f"gradient_accumulation_steps ({accum}) is the total over all ranks and must be a "
+                        f"multiple of the rank count ({world}); set it to "
+                        f"{max(world, accum - accum % world)} or change --nproc")
+
+
+class Single:
+    """One process: rank 0 of 1; every collective is the identity."""
+
+    rank, world = 0, 1
+    is_main = True
+
+    def check_config(self, config) -> None:
+        pass
+
+    def micro_steps(self, accum: int) -> range:
+        """Which of a step's ``accum`` micro-batches this rank computes."""
+        return range(accum)
+
+    def reduce_gradients(self, storage) -> None:
+        pass
+
+    def sum(self, values):
+        return np.asarray(values, dtype=np.float64)
+
+    def any(self, flag: bool) -> bool:
+        return bool(flag)
+
+    def bcast(self, value):
+        """Rank 0's ``value``, on every rank."""
+        return value
+
+    def barrier(self) -> None:
+        pass
+
+    def shard_optimizer(self, optimizer, storage, zero_stage: int):
+        """ZeRO-1 when asked for and there is more than one rank; else the optimizer as it is."""
+        return optimizer
+
+    @contextlib.contextmanager
+    def fail_fast(self):
+        yield
+
+
+class MPIGroup(Single):
+    """The ranks of ``MPI.COMM_WORLD``."""
+
+    def __init__(self, comm):
+        from mpi4py import MPI
+        self.MPI, self.comm = MPI, comm
+        self.rank, self.world = comm.Get_rank(), comm.Get_size()
+        self.is_main = self.rank == 0
+
+    def check_config(self, config) -> None:
+        check_config(config, self.world)
+
+    def micro_steps(self, accum: int) -> range:
+        share = accum // self.world
+        return range(self.rank * share, (self.rank + 1) * share)
+
+    def reduce_gradients(self, storage) -> None:
+        """Sum the flat gradient buffers over the ranks, in place (one Allreduce per dtype)."""
+        storage.fill_missing_grads()           # every rank must send the whole buffer
+        for buffer in storage.grad.values():
+            self.comm.Allreduce(self.MPI.IN_PLACE, _host(buffer), op=self.MPI.SUM)
+
+    def sum(self, values):
+        values = np.asarray(values, dtype=np.float64).copy()
+        self.comm.Allreduce(self.MPI.IN_PLACE, values, op=self.MPI.SUM)
+        return values
+
+    def any(self, flag: bool) -> bool:
+        return bool(self.sum([1.0 if flag else 0.0])[0])
+
+    def bcast(self, value):
+        return self.comm.bcast(value, root=0)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def shard_optimizer(self, optimizer, storage, zero_stage: int):
+        return ZeroOneOptimizer(optimizer, storage, self) if zero_stage == 1 else optimizer
+
+    @contextlib.contextmanager
+    def fail_fast(self):
+        """Any exception on this rank: print one line naming the rank, then end the whole job."""
+        from scratchlm.train import TrainingInterrupted
+        try:
+            yield
+        except TrainingInterrupted:
+            raise                                # every rank stops together; rank 0 has saved
+        except BaseException as exc:
+            what = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            print(f"scratchlm: error: rank {self.rank} of {self.world} failed: {' '.join(what.split())}; "
+                  f"stopping all ranks", file=sys.stderr, flush=True)
+            _leave_note(f"failed.{self.rank}", what)
+            sys.stdout.flush()
+            code = 2 if isinstance(exc, UserError) else 1
+            self.comm.Abort(code)
+            os._exit(code)                       # Abort may return before the launcher ends us
+
+
+class ZeroOneOptimizer:
+    """ZeRO stage 1 (``--set zero_stage=1``): each rank keeps the optimizer moments of one slice of
+    the flat buffer only, as llm.c does. A step is
+
+        reduce-scatter   rank r receives the sum over ranks of the gradient slice [lo_r, hi_r)
+        clip             the global norm from each slice's sum of squares (one scalar all-reduce)
+        update           the wrapped optimizer's own ``_update`` on the slice, one call per group
+                         the slice meets (elementwise, so the same bits as the unsharded update)
+        all-gather       every rank's updated slice of the parameters, to every rank
+
+    The moments take 1/N of the memory; the bytes on the wire are those of one all-reduce (a ring
+    all-reduce *is* a reduce-scatter and an all-gather). ``state_dict`` gathers the slices into the
+    unsharded optimizer's format, so a checkpoint resumes with or without ZeRO, on any rank count.
+    """
+
+    def __init__(self, optimizer, storage, group: "MPIGroup"):
+        if len(storage.grad) != 1:
+            raise UserError("zero_stage=1 needs every parameter in one dtype; set zero_stage=0")
+        self.optimizer, self.storage, self.group = optimizer, storage, group
+        self.param_groups = optimizer.param_groups              # the trainer sets lr here
+        (self.dtype,) = storage.grad
+        total = storage.grad[self.dtype].size
+        bounds = [total * r // group.world for r in range(group.world + 1)]
+        self.counts = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+        self.displacements = bounds[:-1]
+        self.lo, self.hi = bounds[group.rank], bounds[group.rank + 1]
+        # where each optimizer group meets this rank's slice: (group index, start, stop) in the buffer
+        self.pieces = []
+        for g, group_ in enumerate(optimizer.param_groups):
+            run = storage.segment(group_["params"])
+            if run is None:
+                raise UserError("zero_stage=1 needs each optimizer group to be one run of the flat buffer")
+            start, stop = max(run[1], self.lo), min(run[2], self.hi)
+            if start < stop:
+                self.pieces.append((g, start, stop))
+        self.shard_state: dict[int, dict] | None = None
+        self.grad_slice = storage.grad[self.dtype][self.lo:self.hi]
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    def step(self, max_norm: float = 0.0):
+        """Reduce-scatter, clip to ``max_norm`` (0: no clipping), update this slice, all-gather.
+        Returns the gradient norm before clipping (a 0-d float64 array), or None without clipping."""
+        MPI, comm = self.group.MPI, self.group.comm
+        self.storage.fill_missing_grads()
+        full = _host(self.storage.grad[self.dtype])
+        received = np.empty(self.hi - self.lo, dtype=full.dtype)
+        comm.Reduce_scatter(full, received, recvcounts=self.counts, op=MPI.SUM)
+        self.grad_slice[...] = received
+        norm = None
+        if max_norm > 0:
+            wide = received.astype(np.float64)
+            square = np.dot(wide, wide)
+            norm = np.sqrt(self.group.sum([square])[0])
+            if np.isfinite(norm) and norm > max_norm:
+                self.grad_slice *= received.dtype.type(max_norm / (norm + 1e-6))
+        if self.shard_state is None:
+            self.shard_state = {g: self.optimizer._init_state(_Run(self.storage.data[self.dtype][a:b]),
+                                                              self.optimizer.param_groups[g])
+                                for g, a, b in self.pieces}
+        data = self.storage.data[self.dtype]
+        for g, a, b in self.pieces:
+            self.optimizer._update(data[a:b], self.storage.grad[self.dtype][a:b], self.optimizer.param_groups[g],
+                                   self.shard_state[g])
+        comm.Allgatherv(MPI.IN_PLACE, [_host(data), self.counts, self.displacements, _mpi_type(data)])
+        return None if norm is None else np.asarray(norm)
+
+    # ------------------------------------------------------------ checkpoints: the unsharded format
+
+    def _full_moments(self) -> dict[str, np.ndarray]:
+        """Each moment as one full-length vector on every rank (all-gather of the slices)."""
+        names = [name for name, value in next(iter(self.shard_state.values())).items()
+                 if not isinstance(value, (bool, int, float))] if self.shard_state else []
+        out = {}
+        for name in names:
+            mine = np.concatenate([self.shard_state[g][name] for g, _, _ in self.pieces]) if self.pieces \
+                else np.empty(0, dtype=self.dtype)
+            full = np.empty(sum(self.counts), dtype=self.dtype)
+            self.group.comm.Allgatherv(mine, [full, self.counts, self.displacements, _mpi_type(full)])
+            out[name] = full
+        return out
+
+    def gather(self) -> None:
+        """Collective, every rank before a save: put the moments' slices together in the wrapped
+        optimizer's per-parameter state, so ``state_dict`` (rank 0) is the unsharded one."""
+        if self.shard_state is None:
+            return
+        moments = self._full_moments()
+        steps = self.group.comm.allgather({g: state.get("step") for g, state in self.shard_state.items()})
+        step_of = {g: step for part in steps for g, step in part.items()}
+        for g, (group_, indices) in enumerate(zip(self.optimizer.param_groups, self.optimizer._index_of_group)):
+            for i, p in zip(indices, group_["params"]):
+                _, _, start, stop = p._flat
+                entry = {"step": step_of[g]} if step_of.get(g) is not None else {}
+                entry.update({name: full[start:stop].reshape(p.shape) for name, full in moments.items()})
+                self.optimizer.state[i] = entry
+        self.optimizer._flat_state = {}
+
+    def state_dict(self):
+        """The unsharded optimizer's (scalars, arrays) as of the last ``gather``."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, scalars, arrays) -> None:
+        """Load the unsharded format, then keep this rank's slice of each moment."""
+        self.optimizer.load_state_dict(scalars, arrays)
+        if not self.optimizer.state:
+            self.shard_state = None
+            return
+        self.shard_state = {}
+        for g, a, b in self.pieces:
+            indices, params = self.optimizer._index_of_group[g], self.optimizer.param_groups[g]["params"]
+            first = self.optimizer.state[indices[0]]
+            entry = {name: value for name, value in first.items() if isinstance(value, (bool, int, float))}
+            for name in first:
+                if name not in entry:
+                    full = np.concatenate([self.optimizer.state[i][name].reshape(-1) for i in indices])
+                    start = params[0]._flat[2]
+                    entry[name] = full[a - start:b - start].copy()
+            self.shard_state[g] = entry
+        self.optimizer.state = {}                # only the slices are kept
+
+
+class _Run:
+    """A slice of the flat buffer where ``Optimizer._init_state`` expects a parameter."""
+
+    def __init__(self, data):
+        self.data = data
+
+
+def _mpi_type(array):
+    from mpi4py.util.dtlib import from_numpy_dtype
+    return from_numpy_dtype(array.dtype)
+
+
+def _host(buffer):
+    """MPI reads host memory: a NumPy buffer as is (the CPU path)."""
+    if not isinstance(buffer, np.ndarray):
+        raise NotImplementedError("MPI all-reduce of GPU buffers needs NCCL, which is not wired in yet")
+    return buffer
+
+
+_group: Single | None = None
+
+
+def current() -> Single:
+    """This process's group: MPI's world when started by an MPI launcher with N > 1, else Single."""
+    global _group
+    if _group is None:
+        world = launched_world_size()
+        if world > 1:
+            try:
+                from mpi4py import MPI
+            except ImportError:
+                raise UserError(f"started as one of {world} MPI ranks, but mpi4py is not installed; "
+                                f"{INSTALL_HINT}") from None
+            _group = MPIGroup(MPI.COMM_WORLD)
+            _leave_note(f"pid.{_group.rank}", str(os.getpid()))
+        else:
+            _group = Single()
+    return _group
+
+
+# ================================================================ the launcher: --nproc N
+
+def mpiexec_path() -> str:
+    """mpiexec beside this Python (the mpich wheel puts it in the venv's bin), else on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    found = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
+    if found is None:
+        raise UserError(f"--nproc needs an MPI launcher (mpiexec) and mpi4py; {INSTALL_HINT}")
+    return found
+
+
+def launch_command(nproc: int, argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The mpiexec command that runs ``scratchlm <argv>`` (--nproc already removed) as ``nproc``
+    ranks, and its environment: each rank gets cores / nproc threads unless the user set them."""
+    try:
+        import mpi4py  # noqa: F401  (the ranks need it; refuse here, once, rather than N times)
+    except ImportError:
+        raise UserError(f"--nproc {nproc} needs mpi4py; {INSTALL_HINT}") from None
+    env = dict(os.environ)
+    threads = str(max(1, (os.cpu_count() or 1) // nproc))
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env.setdefault(name, threads)
+    return [mpiexec_path(), "-n", str(nproc), sys.executable, "-m", "scratchlm", *argv], env
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` with ``--nproc N`` / ``--nproc=N`` taken out."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+# Set by the --nproc launcher: a folder where each rank leaves "pid.R" (its process id) and, when it
+# fails with its own line, "failed.R" -- so the launcher can name a rank that died without a word.
+RANK_FOLDER_VARIABLE = "SCRATCHLM_RANK_FOLDER"
+_HYDRA_BANNER = ("=====", "=   ", "YOUR APPLICATION TERMINATED", "This typically refers", "Please see the FAQ")
+
+
+def _leave_note(name: str, text: str) -> None:
+    folder = os.environ.get(RANK_FOLDER_VARIABLE)
+    if folder:
+        with contextlib.suppress(OSError), open(os.path.join(folder, name), "w") as f:
+            f.write(text)
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """Run this command as ``nproc`` ranks under mpiexec and return its exit status.
+
+    mpiexec's output passes through, except its banner about a rank that died (killed, out of
+    memory): that becomes one line naming the rank. Ctrl-C (or a SIGINT sent to this process) is
+    passed on to mpiexec, which gives it to every rank."""
+    import re
+    import signal
+    import subprocess
+    import tempfile
+    command, env = launch_command(nproc, without_nproc(argv))
+    sys.stdout.flush()
+    with tempfile.TemporaryDirectory(prefix="scratchlm-ranks-") as folder:
+        env[RANK_FOLDER_VARIABLE] = folder
+        # its own process group: a terminal's Ctrl-C reaches us alone and we pass it on once (two
+        # Ctrl-C at mpiexec mean "abort now", which is what the user's second Ctrl-C should mean)
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                preexec_fn=os.setpgrp)
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: proc.send_signal(signal.SIGINT))
+        dead_pid, how = None, None
+        try:
+            for line in proc.stdout:
+                if line.startswith(_HYDRA_BANNER):
+                    found = re.search(r"PID (\d+) RUNNING", line) or re.search(r"EXIT STRING: (.*)", line)
+                    if found and "PID" in line:
+                        dead_pid = found.group(1)
+                    elif found:
+                        how = found.group(1).strip()
+                    continue
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            status = proc.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        notes = os.listdir(folder)
+        if dead_pid is not None and not any(name.startswith("failed.") for name in notes):
+            rank_of = {}
+            for name in notes:
+                if name.startswith("pid."):
+                    with open(os.path.join(folder, name)) as f:
+                        rank_of[f.read().strip()] = name.split(".", 1)[1]
+            who = f"rank {rank_of[dead_pid]}" if dead_pid in rank_of else f"a rank (process {dead_pid})"
+            print(f"scratchlm: error: {who} of {nproc} died without a word ({how or 'no exit string'}); "
+                  "mpiexec stopped the other ranks; continue from the last checkpoint with --resume",
+                  file=sys.stderr, flush=True)
+    return status

@@ -1,0 +1,237 @@
+"""Data parallelism over MPI (scratchlm.distributed), run for real: 2 ranks under mpiexec.
+
+Oracle: the 1-rank run of the same config (same global batch). A step's micro-batches are drawn
+from (seed, step) and split across the ranks, and the gradient is summed over them, so the
+2-rank run computes the same numbers up to the order of float32 additions. Tolerances (float32):
+losses 1e-5 relative, weights 1e-5 absolute (they are O(0.1)). Resumed runs are compared
+bit for bit with the uninterrupted run of the same rank count.
+
+Skipped when mpi4py or mpiexec is missing (the [mpi] extra). Every subprocess is bounded by a
+timeout, so a hang fails the test instead of stalling the suite.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mpi4py")
+from scratchlm import distributed  # noqa: E402
+from scratchlm.checkpoint import load_safetensors  # noqa: E402
+from scratchlm.datasets import dataset_path  # noqa: E402
+
+try:
+    MPIEXEC = distributed.mpiexec_path()
+except Exception:                                           # noqa: BLE001 -- no launcher: skip all
+    pytest.skip("mpiexec is not installed (pip install 'scratchlm[mpi]')", allow_module_level=True)
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = str(dataset_path("names.txt"))
+TINY = ["--set", "n_layer=2", "--set", "n_head=2", "--set", "n_embd=16", "--set", "block_size=16",
+        "--set", "batch_size=4", "--set", "eval_interval=10", "--set", "eval_iters=2", "--set", "log_interval=1",
+        "--set", "warmup_iters=2", "--set", "lr_decay_iters=20", "--set", "learning_rate=3e-3"]
+TIMEOUT = 120
+
+
+def env(threads: int = 1):
+    e = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+             NUMBA_NUM_THREADS=str(threads))
+    return {k: v for k, v in e.items() if k not in distributed._WORLD_SIZE_VARIABLES}
+
+
+def train_args(out, accum, iters=20, extra=()):
+    return ["train", "--corpus", CORPUS, "--tokenizer", "char", "--preset", "nano-cpu", *TINY,
+            "--set", f"gradient_accumulation_steps={accum}", "--iters", str(iters), "--out", str(out),
+            "--no-progress", *extra]
+
+
+def scratchlm(args, launcher=(), timeout=TIMEOUT):
+    return subprocess.run([*launcher, sys.executable, "-m", "scratchlm", *args], capture_output=True, text=True,
+                          env=env(), timeout=timeout, cwd=REPO)
+
+
+def losses(run):
+    return np.array([m["train_loss"] for m in map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines())
+                     if m["kind"] == "train"])
+
+
+def weights(run, file="model.safetensors"):
+    return load_safetensors(Path(run) / file)[0]
+
+
+def assert_same_run(expected, actual, exact=False):
+    want, got = losses(expected), losses(actual)
+    assert len(want) == len(got) == 20
+    if exact:
+        assert want.tobytes() == got.tobytes()
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    for file in ("model.safetensors", "optimizer.safetensors"):      # weights, and AdamW's moments
+        w_want, w_got = weights(expected, file), weights(actual, file)
+        assert sorted(w_want) == sorted(w_got)
+        for name in w_want:
+            if exact:
+                assert w_want[name].tobytes() == w_got[name].tobytes(), name
+            else:
+                np.testing.assert_allclose(w_got[name], w_want[name], rtol=0, atol=1e-5, err_msg=name)
+    steps = [json.loads((Path(run) / "trainer.json").read_text())["optimizer"]["state"] for run in (expected, actual)]
+    assert steps[0] == steps[1]
+
+
+class Runs:
+    """Uninterrupted 20-step runs, each made once for the module: (nproc, accum, zero_stage) -> folder."""
+
+    def __init__(self, factory):
+        self.factory, self.made = factory, {}
+
+    def __call__(self, nproc, accum, zero=0):
+        key = (nproc, accum, zero)
+        if key not in self.made:
+            out = self.factory.mktemp(f"run_{nproc}_{accum}_{zero}") / "run"
+            extra = ["--set", f"zero_stage={zero}"] + (["--nproc", str(nproc)] if nproc > 1 else [])
+            done = scratchlm(train_args(out, accum, extra=extra))
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.count("done: 20 iterations") == 1           # rank 0 alone reports
+            self.made[key] = out
+        return self.made[key]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return Runs(tmp_path_factory)
+
+
+@pytest.mark.parametrize("accum, zero", [(2, 0), (4, 0), (4, 1)],
+                         ids=["one-micro-step-per-rank", "accumulating-2-per-rank", "zero-1"])
+def test_two_ranks_equal_one_rank(runs, accum, zero):
+    """ZeRO-1 too: its moments, gathered into the checkpoint, equal the unsharded optimizer's."""
+    out = runs(2, accum, zero)
+    assert_same_run(runs(1, accum), out)
+    assert json.loads((out / "trainer.json").read_text())["nproc"] == 2
+
+
+@pytest.mark.parametrize("zero", [0, 1], ids=["replicated", "zero-1"])
+def test_mpiexec_started_by_hand_then_resumed_equals_uninterrupted(tmp_path, runs, zero):
+    """mpiexec -n 2 scratchlm train (as a cluster launcher would), stop at 10, resume to 20: the
+    same bits as the uninterrupted 2-rank run (started with --nproc 2)."""
+    straight, split = runs(2, 4, zero), tmp_path / "split"
+    hand = [MPIEXEC, "-n", "2"]
+    extra = ["--set", f"zero_stage={zero}"]
+    first = scratchlm(train_args(split, 4, iters=10, extra=extra), launcher=hand)
+    assert first.returncode == 0, first.stderr
+    second = scratchlm(["train", "--resume", "--out", str(split), "--iters", "20", "--no-progress"], launcher=hand)
+    assert second.returncode == 0, second.stderr
+    assert_same_run(straight, split, exact=True)
+
+
+def test_accumulation_that_does_not_divide_is_one_line(tmp_path):
+    done = scratchlm(train_args(tmp_path / "run", 3, extra=["--nproc", "2"]))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "scratchlm: error: gradient_accumulation_steps (3) is the total over all ranks and must be a multiple "
+        "of the rank count (2); set it to 2 or change --nproc"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_gpu_backend_across_ranks_is_refused_in_one_line(tmp_path):
+    done = scratchlm(train_args(tmp_path / "run", 2, extra=["--nproc", "2", "--backend", "cupy"]))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "scratchlm: error: --nproc 2 runs on the CPU (MPI); backend cupy across GPUs needs NCCL, which is not "
+        "wired in yet: use --backend numpy, or one GPU without --nproc"]
+
+
+# Loaded by every Python process through PYTHONPATH (sitecustomize), so the fault reaches the ranks
+# that `scratchlm train --nproc 2` starts: rank 1 raises, or is killed, at iteration 5.
+FAULT = """
+import os, signal
+from scratchlm import train
+step = train.Trainer.train_step
+def faulty(self, it):
+    if self.dist.rank == 1 and it == 5:
+        if {kill}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError("injected fault at iteration 5")
+    return step(self, it)
+train.Trainer.train_step = faulty
+"""
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["raises", "killed"])
+def test_a_failing_rank_ends_the_job_with_one_line(tmp_path, kill):
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(FAULT.format(kill=kill))
+    out = tmp_path / "run"
+    environment = env()
+    environment["PYTHONPATH"] = f"{tmp_path / 'inject'}{os.pathsep}{REPO}"
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "scratchlm", *train_args(out, 2, iters=40, extra=["--nproc", "2"])],
+                          capture_output=True, text=True, env=environment, timeout=TIMEOUT, cwd=REPO)
+    assert done.returncode != 0 and time.monotonic() - start < TIMEOUT
+    ours = [line for line in done.stderr.splitlines() if line.startswith("scratchlm: error:")]
+    if kill:
+        assert ours == ["scratchlm: error: rank 1 of 2 died without a word (Killed (signal 9)); mpiexec stopped "
+                        "the other ranks; continue from the last checkpoint with --resume"]
+        assert "BAD TERMINATION" not in done.stdout
+    else:
+        assert ours == ["scratchlm: error: rank 1 of 2 failed: RuntimeError: injected fault at iteration 5; "
+                        "stopping all ranks"]
+    # nothing half-written: the checkpoint of iteration 0 is whole (its checksum holds), no temp files
+    assert json.loads((out / "trainer.json").read_text())["iteration"] == 0
+    weights(out)
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    resumed = scratchlm(["train", "--resume", "--out", str(out), "--iters", "10", "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr                   # and the run continues from it
+
+
+def test_ctrl_c_on_the_launcher_saves_and_resume_equals_uninterrupted(tmp_path, runs):
+    """SIGINT to `scratchlm train --nproc 2` (which became mpiexec): every rank stops after the same
+    step, rank 0 saves, exit 130; --resume (here with 1 rank: the trajectory does not depend on the
+    count) ends where the uninterrupted run ends."""
+    out = tmp_path / "run"
+    args = train_args(out, 2, extra=["--nproc", "2"])
+    proc = subprocess.Popen([sys.executable, "-m", "scratchlm", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and sum(1 for line in metrics.read_text().splitlines() if '"train"' in line) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=TIMEOUT)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before Ctrl-C arrived (machine too fast for this timing)")
+    assert proc.returncode == 130, stderr
+    stopped = json.loads((out / "trainer.json").read_text())["iteration"]
+    assert 0 < stopped < 20 and f"saved a checkpoint at iteration {stopped}" in stderr
+    done = scratchlm(["train", "--resume", "--out", str(out), "--iters", "20", "--no-progress"])
+    assert done.returncode == 0, done.stderr
+    assert_same_run(runs(1, 2), out)
+
+
+def test_without_mpi_the_group_is_one_rank():
+    group = distributed.Single()
+    assert (group.rank, group.world, list(group.micro_steps(3))) == (0, 1, [0, 1, 2])
+
+
+def test_launch_command_drops_nproc_and_sets_threads():
+    command, environment = distributed.launch_command(2, distributed.without_nproc(
+        ["train", "--nproc", "2", "--out", "x", "--nproc=3"]))
+    assert command[1:3] == ["-n", "2"] and command[-3:] == ["train", "--out", "x"]
+    assert "OMP_NUM_THREADS" in environment
+
+
+def test_the_micro_batches_of_a_step_are_shared_out_without_overlap():
+    """Each rank's share of a step's A micro-batches: consecutive, disjoint, together all A."""
+    class Fake(distributed.MPIGroup):
+        def __init__(self, rank, world):
+            self.rank, self.world = rank, world
+    for world, accum in ((2, 4), (4, 8), (3, 3)):
+        shares = [list(Fake(r, world).micro_steps(accum)) for r in range(world)]
+        assert sum(shares, []) == list(range(accum))
