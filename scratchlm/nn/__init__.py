@@ -3,7 +3,8 @@ from . import functional
 from .modules import (GELU, MLP, Block, CausalSelfAttention, Dropout, Embedding, LayerNorm, Linear, Module,
                       ModuleDict, ModuleList, Parameter, SinusoidalPositionalEncoding, deferred_init, record_outputs,
                       seed_init)
+from .rnn import GRU, LSTM, RNN
 
 __all__ = ["Module", "ModuleList", "ModuleDict", "Parameter", "Linear", "Embedding", "LayerNorm", "Dropout",
            "GELU", "MLP", "CausalSelfAttention", "Block", "SinusoidalPositionalEncoding", "functional",
-           "record_outputs", "seed_init", "deferred_init"]
+           "record_outputs", "seed_init", "deferred_init", "RNN", "LSTM", "GRU"]
