@@ -126,7 +126,7 @@ def test_numba_step_kernels_match_reference(cell, dtype, rtol, B, H):
     G = GATES[cell]
     draw, gates = _step_inputs(cell, B, H, dtype, seed=B * 100 + H)
     xw, hw, prev, dout, rec, carry = draw(B, G * H), draw(B, G * H), draw(B, H), draw(B, H), draw(B, H), draw(B, H)
-    c, hn, b_hn = draw(B, H), draw(B, H), draw(H)
+    tanh_c, hn, b_hn = np.tanh(draw(B, H)), draw(B, H), draw(H)
     results = []
     for impl in (rnn_kernels.REFERENCE, rnn_kernels.NUMBA):
         out = {}
@@ -138,9 +138,10 @@ def test_numba_step_kernels_match_reference(cell, dtype, rtol, B, H):
             impl.rnn_backward_step(dout, rec, out["h"], out["da"], relu)
         elif cell == "lstm":
             out["gates"], out["c"], out["h"] = np.empty((B, 4 * H), dtype), np.empty((B, H), dtype), np.empty((B, H), dtype)
-            impl.lstm_forward_step(xw, hw, prev, out["gates"], out["c"], out["h"])
+            out["tanh_c"] = np.empty((B, H), dtype)
+            impl.lstm_forward_step(xw, hw, prev, out["gates"], out["c"], out["tanh_c"], out["h"])
             out["dc"], out["da"] = carry.copy(), np.empty((B, 4 * H), dtype)
-            impl.lstm_backward_step(dout, rec, out["dc"], gates, prev, c, out["da"])
+            impl.lstm_backward_step(dout, rec, out["dc"], gates, prev, tanh_c, out["da"])
         else:
             out["gates"], out["hn"], out["h"] = np.empty((B, 3 * H), dtype), np.empty((B, H), dtype), np.empty((B, H), dtype)
             impl.gru_forward_step(xw, hw, b_hn, prev, out["gates"], out["hn"], out["h"])

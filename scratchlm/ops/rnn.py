@@ -152,8 +152,9 @@ class LSTMLayer(Function):
     and through the activations (s' = s (1 - s), tanh' = 1 - tanh^2, from the saved outputs):
         da_i = di i (1-i),  da_f = df f (1-f),  da_g = dg (1 - g^2),  da_o = do o (1-o).
     Both biases enter only as b_ih + b_hh: added to XW once, both get sum_t da_t.
-    Saved: input rows, the activated gates (T, B, 4H), the h and c buffers (T+1, B, H) each;
-    tanh(c_t) is recomputed in the backward rather than stored.
+    Saved: input rows, the activated gates (T, B, 4H), the h and c buffers (T+1, B, H) each, and
+    tanh(c_t) (T, B, H): storing it costs B*H per step, recomputing it would put a transcendental
+    back into the backward's otherwise purely arithmetic step.
     """
 
     @staticmethod
@@ -166,18 +167,19 @@ class LSTMLayer(Function):
         _, out, previous = _states(T, B, H, h0, x.dtype, reverse)
         c_buffer, c, c_previous = _states(T, B, H, c0, x.dtype, reverse)
         gates = xp.empty((T, B, 4 * H), dtype=x.dtype)
+        tanh_c = xp.empty((T, B, H), dtype=x.dtype)
         hw = xp.empty((B, 4 * H), dtype=x.dtype)
         _run_forward(T, reverse, previous, w_hh, hw,
-                     lambda t: kernels.lstm_forward_step(xw[t], hw, c_previous[t], gates[t], c[t], out[t]))
+                     lambda t: kernels.lstm_forward_step(xw[t], hw, c_previous[t], gates[t], c[t], tanh_c[t], out[t]))
         c_n = c_buffer[0 if reverse else T]
         y = xp.concatenate([out, c_n[None]], axis=0)                  # (T+1, B, H): out, then c_n
-        saved = (rows, out, previous, c, c_previous, gates, w_ih, w_hh, b_ih, b_hh,
+        saved = (rows, out, previous, tanh_c, c_previous, gates, w_ih, w_hh, b_ih, b_hh,
                  h0 is not None, c0 is not None, reverse)
         return y, saved
 
     @staticmethod
     def backward(g, saved):
-        rows, out, previous, c, c_previous, gates, w_ih, w_hh, b_ih, b_hh, has_h0, has_c0, reverse = saved
+        rows, out, previous, tanh_c, c_previous, gates, w_ih, w_hh, b_ih, b_hh, has_h0, has_c0, reverse = saved
         xp = backend.xp
         T, B, H = out.shape
         kernels = rnn_kernels.step_kernels(out)
@@ -186,7 +188,7 @@ class LSTMLayer(Function):
         da = xp.empty((T, B, 4 * H), dtype=out.dtype)
         rec = xp.zeros((B, H), dtype=out.dtype)
         _run_backward(T, reverse, da, w_hh, rec,
-                      lambda t: kernels.lstm_backward_step(g_out[t], rec, dc, gates[t], c_previous[t], c[t], da[t]),
+                      lambda t: kernels.lstm_backward_step(g_out[t], rec, dc, gates[t], c_previous[t], tanh_c[t], da[t]),
                       has_h0)
         dx, dw_ih, dw_hh, db_ih, db_hh = _weight_gradients(rows, previous, w_ih, da, da, b_ih, b_hh)
         return dx, (rec if has_h0 else None), (dc if has_c0 else None), dw_ih, dw_hh, db_ih, db_hh
