@@ -2,6 +2,8 @@
 cross-entropy, step-by-step decoding equal to the full forward at every position (the "cache"
 equivalence), the bigram's trained table against the counts' MLE, causality and windows,
 gradients by finite differences, and the config arithmetic against the built models."""
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -53,13 +55,16 @@ def test_shapes_and_loss_match_numpy_cross_entropy(name):
     assert model(idx)[1] is None
 
 
+@pytest.mark.parametrize("tape", [False, True])
 @pytest.mark.parametrize("name", NAMES)
-def test_step_decoding_equals_full_forward_at_every_position(name, float64):
+def test_step_decoding_equals_full_forward_at_every_position(name, tape, float64):
+    """Sampling runs without the tape (RNNLM then takes its array path); with it, step is the
+    module forward on one token. Both must give the full forward's logits."""
     model = _randomise(tiny_models()[name]).eval()
     idx = _ids(2, 8)
     full, _ = model(idx)
     state = model.init_state(2)
-    with sl.no_grad():
+    with (contextlib.nullcontext() if tape else sl.no_grad()):
         for t in range(idx.shape[1]):
             logits, state = model.step(idx[:, t], state)
             assert logits.shape == (2, V)

@@ -33,7 +33,7 @@ import numpy as np
 from .. import backend
 from .. import nn
 from ..nn import functional as F
-from ..tensor import Tensor, no_grad
+from ..tensor import Tensor, is_grad_enabled, no_grad
 from .gpt import ModelArgumentError, TiedLMHead, _index_array
 
 CELLS = {"rnn": (nn.RNN, 1), "lstm": (nn.LSTM, 4), "gru": (nn.GRU, 3)}   # layer class, gates G
@@ -374,8 +374,18 @@ class RNNLM(_LanguageModel):
         return (zeros(), zeros()) if self.config.cell == "lstm" else zeros()
 
     def step(self, token_ids, state):
-        logits, state = self.run(self._token_column(token_ids), state)          # (B, 1, V)
-        return logits[:, 0], state
+        """token_ids (B,) after ``state`` -> (logits (B, V), the new state). Under ``no_grad`` (sampling)
+        the layers run their ops directly on arrays (``step_arrays``): same numbers, no tape."""
+        column = self._token_column(token_ids)                                  # (B, 1)
+        if is_grad_enabled() or (self.training and self.config.dropout > 0):
+            logits, state = self.run(column, state)                             # (B, 1, V)
+            return logits[:, 0], state
+        h, c = state if self.config.cell == "lstm" else (state, None)
+        as_array = lambda s: s.data if isinstance(s, Tensor) else s
+        out, h, c = self.rnn.step_arrays(self.wte.weight.data[column[:, 0]], as_array(h),
+                                         None if c is None else as_array(c))   # (B, H)
+        logits = self.lm_head(Tensor(out[:, None]))[:, 0]                      # (B, V)
+        return logits, ((Tensor(h), Tensor(c)) if c is not None else Tensor(h))
 
 
 __all__ = ["BigramLM", "BigramLMConfig", "MLPLM", "MLPLMConfig", "RNNLM", "RNNLMConfig"]

@@ -72,9 +72,44 @@ class _RecurrentBase(Module):
         get = lambda kind: getattr(self, f"{kind}_l{layer}{suffix}", None)
         return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh")
 
+    op = None            # the fused layer op (ops/rnn.py) of the subclass's cell
+
+    def _op_options(self) -> dict:
+        return {}
+
+    def _op_inputs(self, h0, c0, layer: int, suffix: str) -> tuple:
+        """What the op takes after x: the initial state(s), then W_ih, W_hh, b_ih, b_hh."""
+        states = (h0, c0) if self.op is rnn_ops.LSTMLayer else (h0,)
+        return (*states, *self._weights(layer, suffix))
+
     def _run(self, x: Tensor, h0, c0, layer: int, suffix: str):
         """One layer-direction: x (T, B, C) -> (out (T, B, H), h_n (B, H), c_n (B, H) or None)."""
-        raise NotImplementedError
+        T = x.shape[0]
+        y = self.op.apply(x, *self._op_inputs(h0, c0, layer, suffix), reverse=bool(suffix),
+                          **self._op_options())                       # (T, B, H); LSTM (T+1, B, H)
+        if self.op is rnn_ops.LSTMLayer:
+            return y[:T], _last(y, T, suffix), y[T]
+        return y, _last(y, T, suffix), None
+
+    def step_arrays(self, x, h, c=None):
+        """One time step for decoding, without the tape: x (B, C), h and c (L, B, H) backend arrays
+        (c only for an LSTM) -> (out (B, H), new h, new c). Unidirectional stacks only. The same
+        op forwards as ``forward`` (so the same numbers), minus the Tensor bookkeeping that is most
+        of a token's cost at batch 1: what lets a language model sample in O(1) per token, fast."""
+        if self.bidirectional:
+            raise ValueError(f"{type(self).__name__}.step_arrays: a bidirectional layer cannot decode step by step")
+        data = lambda a: a.data if isinstance(a, Tensor) else a
+        x = x[None]                                                    # (1, B, C): time-major
+        new_h, new_c = [], []
+        for layer in range(self.num_layers):
+            inputs = [data(a) for a in self._op_inputs(h[layer], None if c is None else c[layer], layer, "")]
+            y, _ = self.op.forward(x, *inputs, **self._op_options())  # (1, B, H); LSTM (2, B, H): h, c
+            x = y[:1]
+            new_h.append(y[0])
+            if c is not None:
+                new_c.append(y[1])
+        xp = backend.xp
+        return x[0], xp.stack(new_h), (xp.stack(new_c) if c is not None else None)
 
     def _check_state(self, state, B: int, what: str):
         expected = (self.num_layers * self.num_directions, B, self.hidden_size)
@@ -142,10 +177,10 @@ class RNN(_RecurrentBase):
         self.nonlinearity = nonlinearity
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, rng)
 
-    def _run(self, x, h0, c0, layer, suffix):
-        y = rnn_ops.RNNLayer.apply(x, h0, *self._weights(layer, suffix), nonlinearity=self.nonlinearity,
-                                   reverse=bool(suffix))              # (T, B, H)
-        return y, _last(y, x.shape[0], suffix), None
+    op = rnn_ops.RNNLayer
+
+    def _op_options(self):
+        return {"nonlinearity": self.nonlinearity}
 
     def forward(self, x, hx=None):
         out, h_n, _ = self._forward(x, hx, None)
@@ -161,10 +196,7 @@ class LSTM(_RecurrentBase):
 
     gates = 4
 
-    def _run(self, x, h0, c0, layer, suffix):
-        T = x.shape[0]
-        y = rnn_ops.LSTMLayer.apply(x, h0, c0, *self._weights(layer, suffix), reverse=bool(suffix))  # (T+1, B, H)
-        return y[:T], _last(y, T, suffix), y[T]
+    op = rnn_ops.LSTMLayer
 
     def forward(self, x, hx=None):
         if hx is not None and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
@@ -180,9 +212,7 @@ class GRU(_RecurrentBase):
 
     gates = 3
 
-    def _run(self, x, h0, c0, layer, suffix):
-        y = rnn_ops.GRULayer.apply(x, h0, *self._weights(layer, suffix), reverse=bool(suffix))  # (T, B, H)
-        return y, _last(y, x.shape[0], suffix), None
+    op = rnn_ops.GRULayer
 
     def forward(self, x, hx=None):
         out, h_n, _ = self._forward(x, hx, None)
