@@ -192,3 +192,13 @@ def test_models_are_seeded():
         np.testing.assert_array_equal(x, y)
         if name != "lm_head.bias":
             assert not np.array_equal(x, z), name
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import scratchlm.models.rnn
+    import scratchlm.nn.rnn
+    for module in (scratchlm.models.rnn, scratchlm.nn.rnn):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -297,3 +297,23 @@ def test_bad_arguments_are_refused():
         lstm(sl.tensor(np.zeros((2, 5, 4))))
     with pytest.raises(ValueError, match="h0 has shape"):
         lstm(sl.tensor(np.zeros((2, 5, 3))), (sl.tensor(np.zeros((1, 2, 4))), sl.tensor(np.zeros((2, 2, 4)))))
+
+
+def test_step_arrays_continues_the_sequence_like_forward():
+    """Decoding one step at a time from a carried state gives forward's outputs and final state."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 3))
+    for cell in ("rnn_relu", "lstm", "gru"):
+        layer = LAYERS[cell](3, 4, num_layers=2, rng=np.random.default_rng(1))
+        out, state = layer(sl.tensor(x))
+        h = np.zeros((2, 2, 4), np.float32)
+        c = np.zeros((2, 2, 4), np.float32) if cell == "lstm" else None
+        for t in range(5):
+            step_out, h, c = layer.step_arrays(sl.tensor(x[:, t]).data, h, c)
+            np.testing.assert_allclose(step_out, out.numpy()[:, t], rtol=1e-5, atol=1e-6)
+        h_n = state[0] if cell == "lstm" else state
+        np.testing.assert_allclose(h, h_n.numpy(), rtol=1e-5, atol=1e-6)
+        if cell == "lstm":
+            np.testing.assert_allclose(c, state[1].numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="bidirectional"):
+        nn.GRU(3, 4, bidirectional=True).step_arrays(np.zeros((1, 3), np.float32), np.zeros((2, 1, 4), np.float32))
