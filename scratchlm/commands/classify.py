@@ -179,7 +179,8 @@ def _train_fold(data, tokens, split, run_dir, family, train_config, model_dict, 
     best = trainer.task.eval_metrics(trainer.model)
     return {**scores, "dev_accuracy": best["val_accuracy"], "best_iteration": int(metadata["iteration"]),
             "train_seconds": result.elapsed_s, "train_examples": len(train), "dev_examples": len(dev),
-            "test_examples": len(test), "run": str(run_dir)}
+            "test_examples": len(test), "run": str(run_dir),
+            "test_index": [int(j) for j in test], "test_predicted": [int(k) for k in probabilities.argmax(1)]}
 
 
 def score(y_true, probabilities, num_classes: int) -> dict:
