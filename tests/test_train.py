@@ -222,8 +222,10 @@ def test_parse_overrides_keeps_equals_signs_in_values():
 
 def test_presets_load_and_nano_cpu_is_the_issue_recipe():
     assert {"nano-cpu", "gpt2-124m", "demo"} <= set(preset_names())
-    for name in preset_names():
-        load_preset(name)
+    from scratchlm.config import read_preset
+    from scratchlm.models.registry import get_family, resolve_config
+    for name in preset_names():                  # every preset loads, for the model it names (default gpt)
+        resolve_config(get_family(read_preset(name).get("model", "gpt")), preset=name)
     nano = load_preset("nano-cpu")
     recipe = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0,
                   learning_rate=1e-3, min_lr=1e-4, lr_decay_iters=2000, max_iters=2000, warmup_iters=100,

@@ -19,7 +19,10 @@ One trainer serves every family (``scratchlm.train``); a family only says how to
 
 ``--set key=value`` (and a preset's ``"config"`` section) is routed by key: a key of the family's
 config goes to the model, a training key (optimizer, schedule, eval, data) to ``TrainConfig``;
-anything else is refused in one line that names the model and its keys.
+anything else is refused in one line that names the model and its keys. A key both have goes to
+the model (the MLP's ``block_size`` is its context, makemore's name); ``train.KEY`` / ``model.KEY``
+choose the side explicitly. The bigram and recurrent configs' ``block_size`` (their training
+window) is not a model key: it is copied from ``TrainConfig.block_size`` (``Family.synced``).
 
 A run's ``config.json`` records the family: ``{"model": "lstm", "model_config": {...}, "train":
 {...}, "data": {...}}``. Runs written before the registry have ``"model": {GPTConfig}``; they
