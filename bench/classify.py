@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scratchlm import textdata  # noqa: E402
-from scratchlm.commands.classify import cross_validate, score  # noqa: E402
+from scratchlm.commands.classify import MODELS, cross_validate, score  # noqa: E402
 
 SEED = 0
 
@@ -116,7 +116,7 @@ def main() -> None:
                     extra["augment"] = "eda"
                 elif variant == "w2v":
                     from scratchlm.models.registry import get_family, resolve_config
-                    family = get_family(model)
+                    family = get_family(MODELS[model])
                     config, model_dict = resolve_config(family, corpus="sentiment")
                     dim = family.model_config(config, model_dict, vocab_size=2).n_embd
                     if dim not in vectors:

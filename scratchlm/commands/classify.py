@@ -29,11 +29,12 @@ import numpy as np
 from scratchlm.errors import UserError
 
 METRICS = ("accuracy", "precision", "recall", "f1")
+DEV_FRACTION = 0.05
+# --model NAME -> the registry's family (scratchlm.models.registry; "transformer" alone would read as an LM there)
+MODELS = {"bow": "bow", "bilstm": "bilstm", "transformer": "transformer-classifier"}
 
 
 def register(subparsers) -> None:
-    from scratchlm.models.registry import FAMILIES
-    models = [name for name, f in FAMILIES.items() if f.data == "classify"]
     p = subparsers.add_parser("classify", help="train and cross-validate a text classifier, or label text with one",
                               description="Cross-validate a classifier on labelled sentences (stratified k-fold, "
                                           "fixed seed), or train one on a single split (--folds 1), or label "
@@ -41,7 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("text", nargs="*", help="with --run: texts to label (default: one per line from stdin)")
     p.add_argument("--data", metavar="sentiment|PATH", help="the shipped 'sentiment' set or a text<TAB>label "
                                                            ".tsv / .csv file")
-    p.add_argument("--model", choices=models, default="bilstm", help="default bilstm")
+    p.add_argument("--model", choices=list(MODELS), default="bilstm", help="default bilstm")
     p.add_argument("--folds", type=int, default=10, metavar="K", help="folds of cross-validation (default 10; "
                                                                      "1 = one train/dev/test split and a saved model)")
     p.add_argument("--augment", choices=["none", "eda"], default="none",
@@ -51,6 +52,8 @@ def register(subparsers) -> None:
     p.add_argument("--min-count", type=int, default=1, metavar="N",
                    help="words seen fewer times in a fold's training text map to <unk> (default 1)")
     p.add_argument("--seed", type=int, default=0, help="the seed of the folds (default 0)")
+    p.add_argument("--dev-fraction", type=float, default=DEV_FRACTION, metavar="F",
+                   help=f"share of each fold's training examples held out for model selection (default {DEV_FRACTION})")
     p.add_argument("--preset", metavar="NAME", help="default: sentiment-<model>")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (model or training), e.g. --set n_embd=128 "
@@ -71,7 +74,7 @@ def cmd_classify(args) -> int:
         raise UserError(f"texts to label ({args.text[0]!r}) need --run DIR, not --data")
     cross_validate(args.data, args.model, Path(args.out), folds=args.folds, augment=args.augment,
                    vectors=args.vectors, overrides=args.set, preset=args.preset, min_count=args.min_count,
-                   seed=args.seed, progress=args.progress)
+                   seed=args.seed, dev_fraction=args.dev_fraction, progress=args.progress)
     return 0
 
 
@@ -93,12 +96,13 @@ def _writing(out: Path, validate):
 
 
 def cross_validate(data_name, model: str, out: Path, folds: int = 10, augment: str = "none", vectors=None,
-                   overrides=(), preset=None, min_count: int = 1, seed: int = 0, progress=None, log=print) -> dict:
+                   overrides=(), preset=None, min_count: int = 1, seed: int = 0, dev_fraction: float = DEV_FRACTION,
+                   progress=None, log=print) -> dict:
     """Train one run per fold (``folds`` >= 2) or one run in ``out`` (``folds`` == 1); returns eval.json."""
     from scratchlm import textdata
     from scratchlm.models.registry import get_family, resolve_config
     from scratchlm.tokenizers.word import split_words
-    family = get_family(model)
+    family = get_family(MODELS.get(model, model))
     if family.data != "classify":
         raise UserError(f"model {model} is not a classifier; choose bow, bilstm or transformer")
     if folds < 1:
@@ -112,8 +116,8 @@ def cross_validate(data_name, model: str, out: Path, folds: int = 10, augment: s
                                                                     "model.class_weights=balanced")]
     train_config, model_dict = resolve_config(family, corpus=data.name, preset=preset, overrides=overrides)
     train_config.validate()
-    splits = (textdata.cross_validation_splits(data.labels, folds, seed=seed) if folds > 1
-              else [textdata.train_dev_test_split(data.labels, seed=seed)])
+    splits = (textdata.cross_validation_splits(data.labels, folds, seed=seed, dev_fraction=dev_fraction) if folds > 1
+              else [textdata.train_dev_test_split(data.labels, dev_fraction=dev_fraction, seed=seed)])
     vectors = model_dict.get("init_embeddings") or None
     word_vectors = None
     if vectors:
@@ -132,7 +136,8 @@ def cross_validate(data_name, model: str, out: Path, folds: int = 10, augment: s
             run_dir = out if folds == 1 else out / f"fold-{i + 1:02d}"
             fold = _train_fold(data, tokens, (train, dev, test), run_dir, family, train_config, model_dict,
                                augment, vectors, word_vectors, min_count, balanced,
-                               {"data": str(data_name), "folds": folds, "fold": i + 1, "split_seed": seed},
+                               {"data": str(data_name), "folds": folds, "fold": i + 1, "split_seed": seed,
+                                "dev_fraction": dev_fraction},
                                progress=progress if folds == 1 else (progress or False), log=log)
             results.append(fold)
             log(f"fold {i + 1}/{len(splits)}: " + ", ".join(f"{m} {fold[m]:.4f}" for m in METRICS) +

@@ -108,9 +108,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            f"{_CLS}:BagOfEmbeddings", f"{_CLS}:BagOfEmbeddingsConfig", data="classify", default_preset="sentiment-bow"),
     Family("bilstm", "classifier: bidirectional LSTM over real tokens, pooled or final states",
            f"{_CLS}:BiLSTM", f"{_CLS}:BiLSTMConfig", data="classify", default_preset="sentiment-bilstm"),
-    Family("transformer", "classifier: Transformer encoder, [CLS] token or masked mean pooling",
+    Family("transformer-classifier", "classifier: Transformer encoder, [CLS] token or masked mean pooling",
            f"{_CLS}:TransformerClassifier", f"{_CLS}:TransformerClassifierConfig", data="classify",
-           default_preset="sentiment-transformer"),
+           default_preset="sentiment-transformer-classifier"),
 ]}
 
 
