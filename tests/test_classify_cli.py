@@ -58,6 +58,8 @@ def test_kfold_tests_every_example_once_and_summarizes(tmp_path):
         assert f["accuracy"] == pytest.approx(np.mean(labels[f["test_index"]] == np.array(f["test_predicted"])))
     metrics = [json.loads(line) for line in (tmp_path / "cv" / "fold-01" / "metrics.jsonl").read_text().splitlines()]
     assert any("val_accuracy" in m for m in metrics if m["kind"] == "eval")
+    labelled = scratchlm("classify", "--run", tmp_path / "cv", "good food")    # the folds' mean probability
+    assert labelled.returncode == 0 and labelled.stdout.split("\t")[0] in ("pos", "neg"), labelled.stderr
     again = scratchlm("classify", "--data", data, "--model", "bow", "--folds", "3", "--out", tmp_path / "cv", *FAST)
     assert_one_line_error(again, "already holds")
 
