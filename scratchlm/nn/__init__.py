@@ -11,4 +11,4 @@ __all__ = ["Module", "ModuleList", "ModuleDict", "Parameter", "Linear", "Embeddi
            "GELU", "MLP", "CausalSelfAttention", "Block", "SinusoidalPositionalEncoding", "functional",
            "record_outputs", "seed_init", "deferred_init", "RNN", "LSTM", "GRU",
            "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder",
-           "TransformerDecoder", "Transformer"]
+           "TransformerDecoder", "Transformer", "RNN", "LSTM", "GRU"]
