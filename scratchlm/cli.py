@@ -521,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "/v1/chat/completions (OpenAI's shapes, streaming), a web page at /.")
     add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
+    from scratchlm.commands import classify; classify.register(commands)  # noqa: E702
+    from scratchlm.commands import word2vec; word2vec.register(commands)  # noqa: E702
     return parser
 
 

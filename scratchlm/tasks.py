@@ -177,7 +177,105 @@ def as_task(prepared):
 
 def split_sizes(task) -> dict:
     """``{"train_tokens": n, ...}`` for config.json's data section."""
+    if isinstance(task, Classification):
+        return {f"{s}_examples": int(len(task.labels[s])) for s in task.splits}
     if isinstance(task, DocumentLM):
         return {**{f"{s}_documents": len(task.documents[s]) for s in task.splits},
                 **{f"{s}_tokens": task.tokens(s) for s in task.splits}}
     return {f"{s}_tokens": int(len(task.streams[s])) for s in task.splits}
+
+
+# ================================================================ labelled sentences (classifiers)
+
+class ClassificationSampler:
+    """Shuffled passes over a split: ``batch(step) -> (ids (B, T), mask (B, T), labels (B,))``.
+
+    Step s is batch s mod n_batches of pass s // n_batches, whose order is drawn from (seed, pass);
+    augmentation (training only) draws from (seed, s). So, as ``BatchSampler``, a batch is a
+    function of the step alone and resuming needs no saved state."""
+
+    def __init__(self, task: "Classification", split: str, batch_size: int, seed: int, augment: bool):
+        self.task, self.split, self.seed, self.augment = task, split, int(seed), augment
+        self.batch_size, self.block_size = int(batch_size), task.max_len
+        self.n = len(task.labels[split])
+        self.per_pass = -(-self.n // self.batch_size)
+
+    def batch(self, step: int):
+        epoch, k = divmod(int(step), self.per_pass)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        rows = order[k * self.batch_size:(k + 1) * self.batch_size]
+        rng = np.random.default_rng([self.seed, int(step), 1]) if self.augment else None
+        return self.task.batch(self.split, rows, rng)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "batch_size": self.batch_size, "split": self.split}
+
+
+class Classification:
+    """Labelled texts by split for a classifier (``scratchlm.models.classifier``).
+
+    ``tokens[split]``: each example's word tokens (``WordTokenizer.tokenize``); ``labels[split]``:
+    int class ids. A batch is ``(ids, mask, labels)``, ids padded with 0 (``<pad>``) and cut to
+    ``max_len`` tokens. ``augmenter`` (``scratchlm.augment.Augmenter``) rewrites the tokens of
+    *training* batches on the fly; dev ("val") and test examples are never augmented. The eval
+    hook scores the whole val split: its accuracy is the trainer's model-selection score.
+    The training-loss estimate at evals draws training batches, so it sees augmented ones too.
+    """
+
+    def __init__(self, tokens: dict, labels: dict, tokenizer, max_len: int, augmenter=None, vectors=None):
+        self.tokens = {s: [list(t) for t in v] for s, v in tokens.items()}
+        self.labels = {s: np.asarray(v, dtype=np.int64) for s, v in labels.items()}
+        self.splits = tuple(self.tokens)
+        self.tokenizer, self.max_len, self.augmenter, self.vectors = tokenizer, int(max_len), augmenter, vectors
+
+    def _ids(self, tokens) -> list:
+        stoi, unk = self.tokenizer.stoi, self.tokenizer.unk_id
+        return [stoi.get(w, unk) for w in tokens]
+
+    def batch(self, split: str, rows, rng=None):
+        from scratchlm.textdata import pad_batch
+        tokens = [self.tokens[split][r] for r in rows]
+        labels = self.labels[split][rows]
+        if rng is not None and self.augmenter is not None and split == "train":
+            tokens = self.augmenter.batch(tokens, rng, labels.tolist())
+        ids, mask = pad_batch([self._ids(t) for t in tokens], pad_id=self.tokenizer.pad_id, max_len=self.max_len)
+        return backend.to_device(ids), backend.to_device(mask), backend.to_device(labels)
+
+    def sampler(self, split: str, batch_size: int, block_size: int, seed: int) -> ClassificationSampler:
+        if split not in self.tokens:
+            raise UserError(f"this data has no {split!r} split (it has {', '.join(self.splits)})")
+        return ClassificationSampler(self, split, batch_size, seed, augment=split == "train")
+
+    @staticmethod
+    def loss(model, batch):
+        return model(*batch)[1]
+
+    def whole_split(self, split: str, batch_size: int, block_size: int = 0):
+        """Every example once, in order; yields ((ids, mask, labels), batch rows)."""
+        n = len(self.labels[split])
+        for start in range(0, n, batch_size):
+            rows = np.arange(start, min(n, start + batch_size))
+            yield self.batch(split, rows), len(rows)
+
+    def probabilities(self, model, split: str, batch_size: int = 256) -> np.ndarray:
+        """(N, K) class probabilities of every example of ``split`` (eval mode)."""
+        return np.concatenate([model.probabilities(ids, mask)
+                               for (ids, mask, _), _ in self.whole_split(split, batch_size)])
+
+    def eval_metrics(self, model) -> dict:
+        """Accuracy and mean loss over the whole val split; ``selection_score`` (higher is better)
+        is the accuracy, ties broken by the lower loss (1e-4 x loss is below one example's worth)."""
+        p = self.probabilities(model, "val")
+        y = self.labels["val"]
+        accuracy = float((p.argmax(1) == y).mean())
+        loss = float(-np.log(np.maximum(p[np.arange(len(y)), y], 1e-12)).mean())
+        return {"val_accuracy": accuracy, "val_loss_all": loss, "selection_score": accuracy - 1e-4 * loss}
+
+    def init_model(self, model) -> None:
+        """Start the embedding from word vectors (``vectors``: a word2vec text file), if given."""
+        if not self.vectors:
+            return
+        from scratchlm.models.word2vec import embedding_from_vectors
+        table, _ = embedding_from_vectors(self.tokenizer.itos, self.vectors, model.config.n_embd,
+                                          np.random.default_rng(0), scale=0.1)
+        model.set_embeddings(table)

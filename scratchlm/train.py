@@ -163,6 +163,8 @@ class Trainer:
                          if c.decay_lr else constant_lr(c.learning_rate))
         # the data: a task (scratchlm.tasks) hands out the batches; a Prepared is a stream task
         self.task = as_task(prepared)
+        if not resume and hasattr(self.task, "init_model"):            # e.g. word vectors -> embedding
+            self.task.init_model(self.model)
         self.sampler = self.task.sampler("train", c.batch_size, c.block_size, seed=c.seed)
         # Evals draw the same eval_iters batches every time (fixed seeds), so evals are comparable.
         self.eval_samplers = {split: self.task.sampler(split, c.batch_size, c.block_size, seed=c.seed + 1_000_000 + k)
@@ -173,12 +175,14 @@ class Trainer:
         self.peak = peak_flops()
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.iteration, self.best_val_loss, self.last_val_loss, self.last_saved = 0, None, None, None
+        self.best_score = None              # a task's selection_score (classifiers: dev accuracy)
         self.evaluated_at: set[int] = set()
         header = (self.run_dir, config, model_config, None if resume else tokenizer, data_info or {}, self.family.name)
         if resume:
             state = load_checkpoint(self.run_dir, self.model, self.optimizer)
             self.iteration, self.best_val_loss = state["iteration"], state.get("best_val_loss")
             self.last_val_loss, self.last_saved = state.get("last_val_loss"), state["iteration"]
+            self.best_score = state.get("best_score")
             if self.dist.is_main:
                 kept = keep_metrics_before(self.metrics_path, self.iteration)     # reads (and refuses) before writing
                 write_run_header(*header)                                       # new max_iters etc.
@@ -235,6 +239,8 @@ class Trainer:
                         loss = self.task.loss(self.model, sampler.batch(k))
                         total = total + loss.data
                     losses[split] = float(total) / self.config.eval_iters
+                if hasattr(self.task, "eval_metrics"):                # whole-split scores (accuracy, ...)
+                    losses.update(self.task.eval_metrics(self.model))
         finally:
             self.model.train()
         return losses
@@ -345,9 +351,18 @@ class Trainer:
         if self.best_val_loss is None or val < self.best_val_loss:
             self.best_val_loss = val
         self.evaluated_at.add(it)
+        extra = {k: v for k, v in losses.items() if k not in ("train", "val")}
         self._write_metrics({"kind": "eval", "iter": it, "train_loss": losses["train"], "val_loss": val,
-                             "perplexity": math.exp(min(val, 700.0)), "lr": self.schedule(it)})
+                             "perplexity": math.exp(min(val, 700.0)), "lr": self.schedule(it), **extra})
         message = f"iter {it:>5}: train loss {losses['train']:.4f}, val loss {val:.4f}"
+        if "val_accuracy" in extra:
+            message += f", val accuracy {extra['val_accuracy']:.4f}"
+        score = extra.get("selection_score")
+        if score is not None and (self.best_score is None or score > self.best_score):
+            # model selection: the weights of the best eval so far, beside the latest checkpoint
+            from scratchlm.checkpoint import save_safetensors
+            save_safetensors(self.run_dir / "best.safetensors", self.model.state_dict(), metadata={"iteration": str(it)})
+            self.best_score = score
         if bar is not None:
             bar.write(message)
         elif self.progress is not False:
@@ -360,8 +375,9 @@ class Trainer:
             return
         save_checkpoint(self.run_dir, self.model, self.optimizer, {
             "format": TRAINER_FORMAT, "iteration": it, "best_val_loss": self.best_val_loss,
-            "last_val_loss": self.last_val_loss, "seed": self.config.seed, "backend": backend.get_backend(),
-            "tokens_seen": it * self.tokens_per_iter, "nproc": self.dist.world, "sampler": self.sampler.state_dict(),
+            "last_val_loss": self.last_val_loss, "best_score": self.best_score, "seed": self.config.seed,
+            "backend": backend.get_backend(), "tokens_seen": it * self.tokens_per_iter, "nproc": self.dist.world,
+            "sampler": self.sampler.state_dict(),
             "rng": "none saved: micro-batch it*accum+m draws from backend.step_seed(seed, it*accum+m) and "
                    "BatchSampler.batch(it*accum+m)"})
         self.last_saved = it
@@ -477,6 +493,8 @@ def _prepare_run(config, run_dir, corpus, tokenizer, resume, progress, cache_dir
         tok = load_tokenizer(run_dir / "tokenizer.json")
     else:
         model = get_family(model or DEFAULT_MODEL).name
+        if get_family(model).data != "lm":
+            raise UserError(f"model {model} is a text classifier; train it with scratchlm classify --model {model}")
         if corpus is None:
             raise UserError("no corpus given; pass --corpus NAME|PATH (e.g. --corpus pydoc)")
     text = corpus if hasattr(corpus, "text") else load_corpus(corpus)

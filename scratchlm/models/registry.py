@@ -12,7 +12,8 @@ One trainer serves every family (``scratchlm.train``); a family only says how to
   always lived in ``TrainConfig`` (nanoGPT's flat key space; presets and old runs rely on it).
 - ``data``: which batches it trains on. Every language model says ``"lm"``: batches of token ids
   ``(x, y)`` (B, T), y the next tokens, -100 where a document's padding is (see ``scratchlm.tasks``).
-  The families still to come (seq2seq, classifier, VAE, GAN) will name their own kind there.
+  Classifiers say ``"classify"`` (``scratchlm classify``; ``scratchlm.tasks.Classification``).
+  The families still to come (seq2seq, VAE, GAN) will name their own kind there.
 - ``presets``: the preset chosen when ``--preset`` is not given: ``"<corpus>-<model>"`` if such a
   file exists in ``scratchlm/presets`` (e.g. ``names-lstm.json``), else the family's default.
 
@@ -65,8 +66,8 @@ class Family:
         """The keys ``--set`` may give this family's model (vocab_size comes from the tokenizer)."""
         if self.config_class is None:
             return list(TrainConfig.MODEL_KEYS)
-        return [f.name for f in dataclasses.fields(self.config_class)
-                if f.name != "vocab_size" and f.name not in self.fixed and f.name not in self.synced]
+        return [f.name for f in dataclasses.fields(self.config_class)      # num_classes: from the labels
+                if f.name not in ("vocab_size", "num_classes") and f.name not in self.fixed and f.name not in self.synced]
 
     def preset_for(self, corpus) -> str | None:
         """``<corpus>-<model>`` when that preset exists, else the family's default (None: the defaults)."""
@@ -88,6 +89,7 @@ def _import(path: str):
 
 
 _RNN = "scratchlm.models.rnn"
+_CLS = "scratchlm.models.classifier"
 FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("bigram", "a table of next-token logits per token (what counting bigrams gives)",
            f"{_RNN}:BigramLM", f"{_RNN}:BigramLMConfig", synced=("block_size",)),
@@ -101,6 +103,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            fixed={"cell": "gru"}, synced=("block_size",)),
     Family("gpt", "the decoder-only Transformer (GPT-2 layout)", "scratchlm.models.gpt:GPT", None,
            default_preset="nano-cpu"),
+    # classifiers (scratchlm classify): labelled sentences, not token streams
+    Family("bow", "classifier: bag of embeddings, masked mean/max pooling, linear head",
+           f"{_CLS}:BagOfEmbeddings", f"{_CLS}:BagOfEmbeddingsConfig", data="classify", default_preset="sentiment-bow"),
+    Family("bilstm", "classifier: bidirectional LSTM over real tokens, pooled or final states",
+           f"{_CLS}:BiLSTM", f"{_CLS}:BiLSTMConfig", data="classify", default_preset="sentiment-bilstm"),
+    Family("transformer-classifier", "classifier: Transformer encoder, [CLS] token or masked mean pooling",
+           f"{_CLS}:TransformerClassifier", f"{_CLS}:TransformerClassifierConfig", data="classify",
+           default_preset="sentiment-transformer-classifier"),
 ]}
 
 
