@@ -390,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="default numpy")
     add_progress(p)
     p.set_defaults(func=cmd_demo)
+    from scratchlm.commands import attention, translate; translate.register(commands); attention.register(commands)
     return parser
 
 

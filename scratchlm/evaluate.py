@@ -60,6 +60,10 @@ def evaluate_run(run_dir, split: str = "val", batch_size: int | None = None, wri
     from scratchlm.runs import load_model
     from scratchlm.tasks import make_task
     run_dir = Path(run_dir)
+    from scratchlm.runs import read_run_config
+    if read_run_config(run_dir).get("model") == "seq2seq":                 # translation: BLEU & co.
+        from scratchlm.pairs import evaluate_translation
+        return evaluate_translation(run_dir, split, batch_size, write)
     model, tokenizer, header = load_model(run_dir)
     data, train = header["data"], header["train"]
     splits = data.get("splits", ["train", "val"])

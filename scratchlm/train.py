@@ -206,6 +206,8 @@ class Trainer:
                         loss = self.task.loss(self.model, sampler.batch(k))
                         total = total + loss.data
                     losses[split] = float(total) / self.config.eval_iters
+                if hasattr(self.task, "eval_metrics"):          # a task's own figures (seq2seq: dev BLEU)
+                    losses.update(self.task.eval_metrics(self.model))
         finally:
             self.model.train()
         return losses
@@ -309,9 +311,11 @@ class Trainer:
         if self.best_val_loss is None or val < self.best_val_loss:
             self.best_val_loss = val
         self.evaluated_at.add(it)
+        extra = {k: v for k, v in losses.items() if k not in ("train", "val")}
         self._write_metrics({"kind": "eval", "iter": it, "train_loss": losses["train"], "val_loss": val,
-                             "perplexity": math.exp(min(val, 700.0)), "lr": self.schedule(it)})
-        message = f"iter {it:>5}: train loss {losses['train']:.4f}, val loss {val:.4f}"
+                             "perplexity": math.exp(min(val, 700.0)), "lr": self.schedule(it), **extra})
+        message = f"iter {it:>5}: train loss {losses['train']:.4f}, val loss {val:.4f}" + \
+            "".join(f", {k.replace('_', ' ')} {v:.2f}" for k, v in extra.items())
         if bar is not None:
             bar.write(message)
         elif self.progress is not False:

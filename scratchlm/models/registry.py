@@ -12,7 +12,8 @@ One trainer serves every family (``scratchlm.train``); a family only says how to
   always lived in ``TrainConfig`` (nanoGPT's flat key space; presets and old runs rely on it).
 - ``data``: which batches it trains on. Every language model says ``"lm"``: batches of token ids
   ``(x, y)`` (B, T), y the next tokens, -100 where a document's padding is (see ``scratchlm.tasks``).
-  The families still to come (seq2seq, classifier, VAE, GAN) will name their own kind there.
+  ``"pairs"``: the seq2seq family's (src, tgt_in, tgt_out) batches (``scratchlm.pairs``). The
+  families still to come (classifier, VAE, GAN) will name their own kind there.
 - ``presets``: the preset chosen when ``--preset`` is not given: ``"<corpus>-<model>"`` if such a
   file exists in ``scratchlm/presets`` (e.g. ``names-lstm.json``), else the family's default.
 
@@ -98,6 +99,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            fixed={"cell": "gru"}, synced=("block_size",)),
     Family("gpt", "the decoder-only Transformer (GPT-2 layout)", "scratchlm.models.gpt:GPT", None,
            default_preset="nano-cpu"),
+    Family("seq2seq", "the encoder-decoder Transformer (translation; scratchlm translate train)",
+           "scratchlm.models.seq2seq:Seq2SeqTransformer", "scratchlm.models.seq2seq:Seq2SeqConfig", data="pairs"),
 ]}
 
 
