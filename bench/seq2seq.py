@@ -143,14 +143,14 @@ def train_torch(task, train_config, model_config, threads: int):
         opt.step()
         times.append(time.perf_counter() - start)
     twin.eval()
-    return TorchAdapter(twin, model_config), 1000 * statistics.median(times), float(loss)
+    return TorchAdapter(twin, model_config), 1000 * statistics.median(times), float(loss.detach())
 
 
 # ================================================================ scoring
 
-def score(model, task, beam: int, split: str):
+def score(model, task, beam: int, split: str, use_cache: bool = True):
     t0 = time.perf_counter()
-    result = task.scores(model, split, beam=beam)
+    result = task.scores(model, split, beam=beam, use_cache=use_cache)
     result["seconds"] = time.perf_counter() - t0
     result["sentences_per_s"] = result["sentences"] / result["seconds"]
     result.pop("examples")
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
                     "final_train_loss": last}
             for split in ("val", "test"):
                 for beam in (1, 4):
-                    twin[f"{split}_beam{beam}"] = score(_NoCache(adapter), task, beam, split)
+                    twin[f"{split}_beam{beam}"] = score(_NoCache(adapter), task, beam, split, use_cache=False)
             results["torch"] = twin
     print_table(results)
     out = ROOT / "bench" / "results" / "seq2seq.json"

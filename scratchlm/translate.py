@@ -220,7 +220,8 @@ def beam_search(model, src, beam: int = 4, alpha: float = 0.6, max_len: int | No
     return out
 
 
-def decode(model, src, beam: int = 1, alpha: float = 0.6, max_len: int | None = None, batch_size: int = 64):
+def decode(model, src, beam: int = 1, alpha: float = 0.6, max_len: int | None = None, batch_size: int = 64,
+           use_cache: bool = True):
     """The best hypothesis of each source row (greedy when beam == 1), ``batch_size`` sentences a
     batch, rows sorted by length first so a batch pads little. src: a list of id lists."""
     order = sorted(range(len(src)), key=lambda i: len(src[i]))
@@ -232,9 +233,9 @@ def decode(model, src, beam: int = 1, alpha: float = 0.6, max_len: int | None = 
         for row, i in enumerate(chunk):
             ids[row, :len(src[i])] = src[i]
         if beam == 1:
-            hyps = greedy_search(model, ids, max_len)
+            hyps = greedy_search(model, ids, max_len, use_cache=use_cache)
         else:
-            hyps = [nbest[0][0] for nbest in beam_search(model, ids, beam, alpha, max_len)]
+            hyps = [nbest[0][0] for nbest in beam_search(model, ids, beam, alpha, max_len, use_cache=use_cache)]
         for row, i in enumerate(chunk):
             out[i] = hyps[row]
     return out

@@ -69,7 +69,7 @@ def gpt_maps(model, tokenizer, text: str, layer=None):
         tok = model.transformer.wte(idx)
         pos = backend.xp.arange(len(ids))
         x = tok + (model.transformer.wpe(pos) if "wpe" in model.transformer else model.transformer.sinusoidal(pos))
-        for block in blocks[:layer]:
+        for block in list(blocks)[:layer]:
             x = block(x)
         attn = blocks[layer].attn
         B, T, C = x.shape
