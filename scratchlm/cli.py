@@ -212,7 +212,6 @@ def cmd_bench(args) -> int:
 # ================================================================ summary
 
 def cmd_summary(args) -> int:
-    from scratchlm.models import GPT
     from scratchlm.config import read_preset
     from scratchlm.models.registry import build_model, run_model, summary_text
     from scratchlm.runs import read_run_config
@@ -225,11 +224,13 @@ def cmd_summary(args) -> int:
                 f"{header['data'].get('tokenizer', '?')})"
         model = build_model(family.name, model_config, seed=0)
     else:
+        from scratchlm.models.registry import get_family, resolve_config
         preset = read_preset(args.preset)
-        config = _config_from(args)
+        family = get_family(preset.get("model", "gpt"))
+        config, model_values = resolve_config(family, preset=args.preset, overrides=args.set)
         vocab_size = args.vocab_size or preset.get("vocab_size", 65)
-        model = GPT(config.model_config(vocab_size), seed=0)
-        where = f"preset {args.preset} with vocab_size {vocab_size}" + \
+        model = build_model(family.name, family.model_config(config, model_values, vocab_size), seed=0)
+        where = f"preset {args.preset} (model {family.name}) with vocab_size {vocab_size}" + \
                 ("" if args.vocab_size else " (its typical tokenizer; change with --vocab-size)")
     print(f"{where}")
     print(summary_text(model))

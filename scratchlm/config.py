@@ -196,5 +196,10 @@ def read_preset(name: str) -> dict:
 
 
 def load_preset(name: str) -> TrainConfig:
-    """The preset's TrainConfig (preset values are overrides of TrainConfig's defaults)."""
-    return TrainConfig.from_dict(read_preset(name)["config"], where=f"preset {name}")
+    """The preset's TrainConfig (preset values are overrides of TrainConfig's defaults). GPT presets
+    only: another family's preset goes through ``scratchlm.models.registry.resolve_config``."""
+    data = read_preset(name)
+    if data.get("model", "gpt") != "gpt":
+        raise UserError(f"preset {name} is for model {data['model']}, not the GPT; "
+                        f"use it with scratchlm train --model {data['model']} --preset {name}")
+    return TrainConfig.from_dict(data["config"], where=f"preset {name}")

@@ -15,6 +15,10 @@ steerable:
    change when a token is appended (attention is causal), so each layer keeps them in a
    preallocated (B, H, block_size, D) buffer: one *prefill* over the prompt, then each *decode
    step* runs the model on one token at its absolute position and attends over the cache.
+   A recurrent model (RNN, LSTM, GRU; the bigram and MLP rungs too) has no keys to keep: its
+   state after the tokens seen so far is its cache (``RecurrentState``: ``model.init_state(B)``,
+   then ``model.step(token, state)``), one fixed-size step per token, and no window to slide.
+   ``new_cache(model)`` picks the kind; prefill, decode_step and the loop below serve both.
 3. **The loop** (``iter_tokens``, ``generate``) with a sliding window: a GPT with learned position
    embeddings cannot see more than block_size tokens (``wpe`` has block_size rows), and its cached
    keys depend on their absolute positions, so the cache cannot simply be shifted. When the next

@@ -5,6 +5,18 @@
     config = load_preset("nano-cpu")                      # a TrainConfig
     result = train(config, out_dir="runs/nano", corpus="tinyshakespeare", tokenizer="char")
 
+One loop serves every model. What differs between models lives in two small objects:
+
+- the model, built by its family (``scratchlm.models.registry``: name -> config dataclass,
+  constructor, data kind, presets; ``train(..., model="lstm")``, ``scratchlm train --model lstm``);
+- the task (``scratchlm.tasks``), which hands out the batches and says what the loss of one is:
+  ``task.sampler(split, B, T, seed).batch(step)`` and ``task.loss(model, batch)`` (language models:
+  ``model(x, y)[1]``), plus ``task.whole_split`` for ``scratchlm eval``. A token stream and a corpus
+  of documents (names) are the two language-model tasks; a seq2seq, classifier, VAE or GAN family
+  brings its own task (pairs, labels, images) and the loop below does not change. A model whose
+  update is not "one loss, one optimizer" (a GAN) will define ``train_step(trainer, it)``, to be
+  called in place of ``Trainer.train_step``'s body; no family needs it yet, so it is not wired.
+
 The loop lives here; its neighbours hold the rest of a run: ``scratchlm.config`` the knobs
 (``TrainConfig``, ``--set`` overrides, presets) and ``scratchlm.runs`` the run folder it writes
 (config.json, tokenizer.json, model/optimizer safetensors, trainer.json, metrics.jsonl, loss.png).
