@@ -3,7 +3,7 @@
     python bench/seq2seq.py                        # the eng-fra-seq2seq preset, both sides, ~2 x 12 minutes
     python bench/seq2seq.py --iters 300 --skip-torch
 
-Both sides train the same architecture (shared char vocabulary, embeddings scaled by sqrt(C),
+Both sides train the same architecture (shared word vocabulary, embeddings scaled by sqrt(C),
 sinusoidal positions, torch.nn.Transformer post-LN, tied head), with the same recipe (AdamW,
 decayed matrices only, cosine schedule with warmup, grad clip, label smoothing, dropout), on the
 same batches (the PairTask sampler's, drawn from (seed, step)), for the same iterations. scratchlm
@@ -160,7 +160,8 @@ def score(model, task, beam: int, split: str, use_cache: bool = True):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iters", type=positive_int, help="training iterations (default: the preset's)")
-    parser.add_argument("--tokenizer", choices=["char", "word"], default="char")
+    parser.add_argument("--tokenizer", choices=["char", "word"], default="word",
+                        help="default word (the eng-fra default: see the README)")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a preset override")

@@ -201,6 +201,7 @@ def prepare_sources(vocab, max_len: int, sentences, note, numbers=None):
 
 def translate_command(args) -> int:
     from scratchlm import backend
+    from scratchlm.pairs import _pad
     from scratchlm.translate import beam_search, greedy_search
     if args.beam < 1:
         raise UserError(f"--beam must be at least 1 (1 = greedy), got {args.beam}")
@@ -222,9 +223,7 @@ def translate_command(args) -> int:
     ids = prepare_sources(vocab, model.config.max_len, [sentences[i] for i in keep], note, [i + 1 for i in keep])
     out = {i: [""] for i in range(len(sentences))}
     for start in range(0, len(ids), 64):
-        chunk = ids[start:start + 64]
-        from scratchlm.pairs import _pad
-        src = _pad(chunk)
+        src = _pad(ids[start:start + 64])                                   # (B, S), sentences in order
         if args.beam == 1:
             texts = [[vocab.decode(h)] for h in greedy_search(model, src)]
         else:
