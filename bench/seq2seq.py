@@ -29,6 +29,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
+
+def _threads_from_argv(default: int = 2) -> int:
+    """--threads N, read before NumPy loads: BLAS fixes its thread count at import."""
+    for i, arg in enumerate(sys.argv[:-1]):
+        if arg == "--threads" and sys.argv[i + 1].isdigit():
+            return int(sys.argv[i + 1])
+    return default
+
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ.setdefault(_var, str(_threads_from_argv()))
+
 import numpy as np  # noqa: E402
 
 
@@ -162,7 +174,8 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=positive_int, help="training iterations (default: the preset's)")
     parser.add_argument("--tokenizer", choices=["char", "word"], default="word",
                         help="default word (the eng-fra default: see the README)")
-    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--threads", type=positive_int, default=2,
+                        help="BLAS/Numba threads and torch threads, both sides (default 2; 1 on a busy machine)")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a preset override")
     args = parser.parse_args(argv)
