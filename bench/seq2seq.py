@@ -178,6 +178,7 @@ def main(argv=None) -> int:
                         help="BLAS/Numba threads and torch threads, both sides (default 2; 1 on a busy machine)")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a preset override")
+    parser.add_argument("--out", metavar="DIR", help="keep scratchlm's run folder there (default: a temp dir)")
     args = parser.parse_args(argv)
 
     from scratchlm.commands.translate import train_translation
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
     results = {"tokenizer": args.tokenizer, "sets": args.set}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        run = train_translation("eng-fra", Path(tmp) / "run", sets, iters=args.iters, progress=False,
+        run = train_translation("eng-fra", Path(args.out or Path(tmp) / "run"), sets, iters=args.iters, progress=False,
                                 log=lambda *a: None)
         train_s = time.perf_counter() - t0
         model, vocab, header = load_model(run.run_dir)
