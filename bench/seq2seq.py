@@ -94,13 +94,9 @@ def torch_twin(config, seed: int):
             memory, pad = self.encode(src)
             logits = self.decode(tgt_in, memory, pad)
             return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1),
-                                                     ignore_index=0, label_smoothing=c_label_smoothing(self.c))
+                                                     ignore_index=0, label_smoothing=float(self.c.label_smoothing))
 
     return Twin(config)
-
-
-def c_label_smoothing(c):
-    return float(c.label_smoothing)
 
 
 class TorchAdapter:

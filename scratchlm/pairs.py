@@ -260,8 +260,9 @@ class PairTask:
         from scratchlm import metrics
         sources, hyps, refs = self.translate_split(model, split, beam, alpha, use_cache=use_cache)
         rouge = metrics.rouge(hyps, refs)                                 # best reference per type
-        return {"sentences": len(sources), "bleu": float(metrics.bleu(hyps, refs)), "chrf": float(metrics.chrf(hyps, refs)),
-                "rougeL": float(rouge["rougeL"]), "exact_match": float(np.mean([h in r for h, r in zip(hyps, refs)])),
+        return {"sentences": len(sources), "bleu": float(metrics.bleu(hyps, refs)),
+                "chrf": float(metrics.chrf(hyps, refs)), "rougeL": float(rouge["rougeL"]),
+                "exact_match": float(np.mean([h in r for h, r in zip(hyps, refs)])),
                 "beam": beam, "examples": [{"source": s, "hypothesis": h, "references": r}
                                            for s, h, r in list(zip(sources, hyps, refs))[:5]]}
 

@@ -311,3 +311,13 @@ def test_task_batches_frame_targets_and_count_tokens():
         sum(len(p.target) + 1 for p in data.splits["val"])
     a, b = task.sampler("train", 4, 0, seed=1), task.sampler("train", 4, 0, seed=1)
     np.testing.assert_array_equal(backend.to_numpy(a.batch(5)[0]), backend.to_numpy(b.batch(5)[0]))
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import scratchlm.models.seq2seq
+    import scratchlm.tokenizers.pairs
+    for module in (scratchlm.models.seq2seq, scratchlm.tokenizers.pairs):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

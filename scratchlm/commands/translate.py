@@ -12,7 +12,6 @@ seq2seq model's keys (d_model, nhead, ...) and the training keys.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 

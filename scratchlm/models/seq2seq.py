@@ -61,9 +61,9 @@ class Seq2SeqConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ModelArgumentError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.src_vocab_size, bool) or not isinstance(self.src_vocab_size, (int, np.integer)) \
-                or self.src_vocab_size < 0:
-            raise ModelArgumentError(f"src_vocab_size must be 0 (shared) or a positive integer, got {self.src_vocab_size!r}")
+        size = self.src_vocab_size
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
+            raise ModelArgumentError(f"src_vocab_size must be 0 (shared) or a positive integer, got {size!r}")
         if self.d_model % self.nhead:
             raise ModelArgumentError(f"d_model ({self.d_model}) must be divisible by nhead ({self.nhead})")
         for name in ("dropout", "label_smoothing"):
