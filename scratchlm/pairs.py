@@ -274,7 +274,8 @@ def evaluate_translation(run_dir, split: str = "test", batch_size: int | None = 
     from pathlib import Path
 
     from scratchlm.checkpoint import read_json, write_json_atomic
-    from scratchlm.evaluate import perplexity, whole_split_loss
+    from scratchlm.evaluate import whole_split_loss
+    from scratchlm.metrics import perplexity
     from scratchlm.runs import load_model
     run_dir = Path(run_dir)
     model, vocab, header = load_model(run_dir)
