@@ -173,6 +173,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=positive_int, default=2,
                         help="BLAS/Numba threads and torch threads, both sides (default 2; 1 on a busy machine)")
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--torch-only", action="store_true", help="only the PyTorch side (the same data and config)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a preset override")
     parser.add_argument("--out", metavar="DIR", help="keep scratchlm's run folder there (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -182,6 +183,8 @@ def main(argv=None) -> int:
     from scratchlm.runs import load_model, read_metrics
     sets = list(args.set) + [f"tokenizer={args.tokenizer}"]
     results = {"tokenizer": args.tokenizer, "sets": args.set}
+    if args.torch_only:
+        return torch_only(args, sets, results)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         run = train_translation("eng-fra", Path(args.out or Path(tmp) / "run"), sets, iters=args.iters, progress=False,
@@ -219,6 +222,38 @@ def main(argv=None) -> int:
     out = ROOT / "bench" / "results" / "seq2seq.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     results["machine"] = {"cpus": os.cpu_count(), "loadavg": os.getloadavg()}
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def torch_only(args, sets, results) -> int:
+    """The PyTorch column alone: the data, vocabulary and config ``translate train`` would build."""
+    from scratchlm.commands.translate import _split_data_keys
+    from scratchlm.models.registry import get_family, resolve_config
+    from scratchlm.models.seq2seq import Seq2SeqConfig
+    from scratchlm.pairs import PairTask, load_pairs
+    from scratchlm.tokenizers.pairs import PairVocab
+    data_keys, rest = _split_data_keys(sets)
+    train_config, model_dict = resolve_config(get_family("seq2seq"), "eng-fra", None, rest)
+    if args.iters:
+        train_config = train_config.with_value("max_iters", args.iters, where="--iters")
+    data = load_pairs("eng-fra")
+    train = data.splits["train"]
+    vocab = PairVocab.from_texts([p.source for p in train] + [p.target for p in train], data_keys["tokenizer"])
+    task = PairTask(data, vocab)
+    config = Seq2SeqConfig.from_dict({"max_len": task.needed_len(), **model_dict, "vocab_size": vocab.vocab_size})
+    t0 = time.perf_counter()
+    adapter, ms, last = train_torch(task, train_config, config, args.threads)
+    twin = {"ms_per_iter": ms, "train_s": time.perf_counter() - t0, "iters": train_config.max_iters,
+            "final_train_loss": last}
+    for split in ("val", "test"):
+        for beam in (1, 4):
+            twin[f"{split}_beam{beam}"] = score(_NoCache(adapter), task, beam, split, use_cache=False)
+    results["torch"] = twin
+    print_table(results)
+    out = ROOT / "bench" / "results" / "seq2seq-torch.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
