@@ -523,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
     from scratchlm.commands import classify; classify.register(commands)  # noqa: E702
     from scratchlm.commands import word2vec; word2vec.register(commands)  # noqa: E702
+    from scratchlm.commands import attention, translate; translate.register(commands); attention.register(commands)
     return parser
 
 

@@ -51,6 +51,10 @@ def evaluate_run(run_dir, split: str = "val", batch_size: int | None = None, wri
     from scratchlm.runs import load_model
     from scratchlm.tasks import make_task
     run_dir = Path(run_dir)
+    from scratchlm.runs import read_run_config
+    if read_run_config(run_dir).get("model") == "seq2seq":                 # translation: BLEU & co.
+        from scratchlm.pairs import evaluate_translation
+        return evaluate_translation(run_dir, split, batch_size, write)
     if (run_dir / "best.safetensors").exists() and "label_names" in read_json(run_dir / "config.json").get("data", {}):
         raise UserError(f"{run_dir} is a classifier run: its test-split accuracy, precision, recall and F1 are in "
                         f"{run_dir / 'eval.json'} (written by scratchlm classify); label text with "

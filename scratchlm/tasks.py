@@ -6,6 +6,7 @@ The trainer (``scratchlm.train``) owns the loop; a task owns the data side of it
     task.sampler(split, B, T, seed)      an object with .batch(step) -> batch, .state_dict()
     task.loss(model, batch)              the scalar loss Tensor of one batch
     task.whole_split(split, B, T)        every example of a split once: yields (batch, weight)
+    task.eval_metrics(model)             optional: more figures for the eval lines, {"val_bleu": 31.2}
 
 Language models have two tasks, both giving batches ``(x, y)`` of token ids (B, T):
 

@@ -239,7 +239,7 @@ class Trainer:
                         loss = self.task.loss(self.model, sampler.batch(k))
                         total = total + loss.data
                     losses[split] = float(total) / self.config.eval_iters
-                if hasattr(self.task, "eval_metrics"):                # whole-split scores (accuracy, ...)
+                if hasattr(self.task, "eval_metrics"):          # a task's own figures (accuracy, dev BLEU)
                     losses.update(self.task.eval_metrics(self.model))
         finally:
             self.model.train()
@@ -354,9 +354,8 @@ class Trainer:
         extra = {k: v for k, v in losses.items() if k not in ("train", "val")}
         self._write_metrics({"kind": "eval", "iter": it, "train_loss": losses["train"], "val_loss": val,
                              "perplexity": math.exp(min(val, 700.0)), "lr": self.schedule(it), **extra})
-        message = f"iter {it:>5}: train loss {losses['train']:.4f}, val loss {val:.4f}"
-        if "val_accuracy" in extra:
-            message += f", val accuracy {extra['val_accuracy']:.4f}"
+        message = f"iter {it:>5}: train loss {losses['train']:.4f}, val loss {val:.4f}" + \
+            "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in extra.items() if k != "selection_score")
         score = extra.get("selection_score")
         if score is not None and (self.best_score is None or score > self.best_score):
             # model selection: the weights of the best eval so far, beside the latest checkpoint

@@ -12,8 +12,9 @@ One trainer serves every family (``scratchlm.train``); a family only says how to
   always lived in ``TrainConfig`` (nanoGPT's flat key space; presets and old runs rely on it).
 - ``data``: which batches it trains on. Every language model says ``"lm"``: batches of token ids
   ``(x, y)`` (B, T), y the next tokens, -100 where a document's padding is (see ``scratchlm.tasks``).
-  Classifiers say ``"classify"`` (``scratchlm classify``; ``scratchlm.tasks.Classification``).
-  The families still to come (seq2seq, VAE, GAN) will name their own kind there.
+  Classifiers say ``"classify"`` (``scratchlm classify``; ``scratchlm.tasks.Classification``);
+  the seq2seq family says ``"pairs"``: (src, tgt_in, tgt_out) batches (``scratchlm.pairs``). The
+  families still to come (VAE, GAN) will name their own kind there.
 - ``presets``: the preset chosen when ``--preset`` is not given: ``"<corpus>-<model>"`` if such a
   file exists in ``scratchlm/presets`` (e.g. ``names-lstm.json``), else the family's default.
 
@@ -111,6 +112,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("transformer-classifier", "classifier: Transformer encoder, [CLS] token or masked mean pooling",
            f"{_CLS}:TransformerClassifier", f"{_CLS}:TransformerClassifierConfig", data="classify",
            default_preset="sentiment-transformer-classifier"),
+    Family("seq2seq", "the encoder-decoder Transformer (translation; scratchlm translate train)",
+           "scratchlm.models.seq2seq:Seq2SeqTransformer", "scratchlm.models.seq2seq:Seq2SeqConfig", data="pairs"),
 ]}
 
 

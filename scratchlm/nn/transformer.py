@@ -193,28 +193,48 @@ class TransformerDecoderLayer(Module, _FeedForward):
         self.dropout3 = Dropout(dropout)
         self._act = _activation(activation)
 
-    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal):
+    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal, cache=None):
+        if cache is not None:           # decoding: the new positions' keys join the cached ones
+            q = self.self_attn.project_query(x)
+            k, v = cache.append(*self.self_attn.project_key_value(x))          # (B, H, past + T, D)
+            x, _ = self.self_attn.attend(q, k, v, attn_mask=cache.causal_mask(q.shape[2]))
+            return self.dropout1(x)
         x, _ = self.self_attn(x, x, x, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
                               need_weights=False, is_causal=is_causal)
         return self.dropout1(x)
 
-    def _mha_block(self, x, memory, attn_mask, key_padding_mask, is_causal):
+    def _mha_block(self, x, memory, attn_mask, key_padding_mask, is_causal, cache=None):
+        if cache is not None:           # decoding: the memory's keys/values are projected once
+            q = self.multihead_attn.project_query(x)
+            k, v = cache.memory_key_value(self.multihead_attn, memory)        # (B, H, S, D)
+            x, weights = self.multihead_attn.attend(q, k, v, key_padding_mask=key_padding_mask,
+                                                    attn_mask=attn_mask, need_weights=cache.keep_weights,
+                                                    average_attn_weights=False)
+            cache.record_weights(weights)                                       # (B, H, T, S) or None
+            return self.dropout2(x)
         x, _ = self.multihead_attn(x, memory, memory, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
                                    need_weights=False, is_causal=is_causal)
         return self.dropout2(x)
 
     def forward(self, tgt: Tensor, memory: Tensor, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-                memory_key_padding_mask=None, tgt_is_causal: bool = False, memory_is_causal: bool = False) -> Tensor:
+                memory_key_padding_mask=None, tgt_is_causal: bool = False, memory_is_causal: bool = False,
+                cache=None) -> Tensor:
+        """``cache`` (inference only; e.g. ``scratchlm.translate.LayerCache``): tgt holds the positions
+        after the ``cache.length`` ones cached; self-attention sees them all (``cache.append(k, v)``,
+        ``cache.causal_mask(T)``), cross-attention takes ``cache.memory_key_value(attn, memory)``
+        (projected once) and hands its per-head weights to ``cache.record_weights``."""
         if not self.batch_first:
             tgt, memory = tgt.transpose(0, 1), memory.transpose(0, 1)       # (B, T, C), (B, S, C)
         x = tgt
         if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
-            x = x + self._mha_block(self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+            x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal, cache)
+            x = x + self._mha_block(self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal,
+                                    cache)
             x = x + self.dropout3(self._ff_block(self.norm3(x)))
         else:
-            x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
-            x = self.norm2(x + self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal))
+            x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal, cache))
+            x = self.norm2(x + self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal,
+                                               cache))
             x = self.norm3(x + self.dropout3(self._ff_block(x)))
         return x if self.batch_first else x.transpose(0, 1)
 

@@ -15,6 +15,7 @@ from scratchlm.errors import UserError
 from scratchlm.tokenizers.base import Tokenizer, from_dict, load
 from scratchlm.tokenizers.bpe import ByteLevelBPE, StreamDecoder, pretokenize
 from scratchlm.tokenizers.char import CharTokenizer
+from scratchlm.tokenizers.pairs import PairVocab  # noqa: F401  (registers the "pairs" type: seq2seq runs)
 from scratchlm.tokenizers.word import DEFAULT_MIN_COUNT, WordTokenizer
 
 DEFAULT_BPE_VOCAB = 1024

@@ -1,0 +1,300 @@
+"""Translation on eng-fra: scratchlm's Seq2SeqTransformer against the same model in plain PyTorch.
+
+    python bench/seq2seq.py                        # the eng-fra-seq2seq preset, both sides, ~2 x 12 minutes
+    python bench/seq2seq.py --iters 300 --skip-torch
+
+Both sides train the same architecture (shared word vocabulary, embeddings scaled by sqrt(C),
+sinusoidal positions, torch.nn.Transformer post-LN, tied head), with the same recipe (AdamW,
+decayed matrices only, cosine schedule with warmup, grad clip, label smoothing, dropout), on the
+same batches (the PairTask sampler's, drawn from (seed, step)), for the same iterations. scratchlm
+trains through the shared Trainer (a run folder in a temp dir). Printed per side: ms/iter
+(median of the logged windows), dev and test BLEU for greedy and beam 4 (alpha 0.6; every
+distinct source sentence against all its references), chrF and exact match on test, and decode
+sentences/s on test. The PyTorch side decodes with scratchlm's search code over an adapter that
+recomputes the prefix each step (no cache), so its decode rate is not compared.
+Writes bench/results/seq2seq.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
+
+
+def _threads_from_argv(default: int = 2) -> int:
+    """--threads N, read before NumPy loads: BLAS fixes its thread count at import."""
+    for i, arg in enumerate(sys.argv[:-1]):
+        if arg == "--threads" and sys.argv[i + 1].isdigit():
+            return int(sys.argv[i + 1])
+    return default
+
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ.setdefault(_var, str(_threads_from_argv()))
+
+import numpy as np  # noqa: E402
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+# ================================================================ the PyTorch twin
+
+def torch_twin(config, seed: int):
+    """The same model as Seq2SeqTransformer (shared vocabulary, sinusoidal positions) in torch.nn."""
+    import math
+
+    import torch
+    import torch.nn as tnn
+
+    class Twin(tnn.Module):
+        def __init__(self, c):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.c = c
+            self.embed = tnn.Embedding(c.vocab_size, c.d_model)
+            tnn.init.normal_(self.embed.weight, std=1 / math.sqrt(c.d_model))
+            pos = np.arange(c.max_len)[:, None] / 10000.0 ** (np.arange(0, c.d_model, 2) / c.d_model)
+            table = np.zeros((c.max_len, c.d_model))
+            table[:, 0::2], table[:, 1::2] = np.sin(pos), np.cos(pos[:, :c.d_model // 2])
+            self.register_buffer("pe", torch.tensor(table, dtype=torch.float32))
+            self.drop = tnn.Dropout(c.dropout)
+            self.transformer = tnn.Transformer(c.d_model, c.nhead, c.num_encoder_layers, c.num_decoder_layers,
+                                               c.dim_feedforward, c.dropout, c.activation, batch_first=True,
+                                               norm_first=c.norm_first)
+
+        def embed_ids(self, ids):
+            return self.drop(self.embed(ids) * math.sqrt(self.c.d_model) + self.pe[:ids.shape[1]])
+
+        def encode(self, src):
+            pad = src == 0
+            return self.transformer.encoder(self.embed_ids(src), src_key_padding_mask=pad), pad
+
+        def decode(self, tgt_in, memory, pad):
+            T = tgt_in.shape[1]
+            mask = torch.triu(torch.ones((T, T), dtype=torch.bool), diagonal=1)
+            h = self.transformer.decoder(self.embed_ids(tgt_in), memory, tgt_mask=mask,
+                                         tgt_key_padding_mask=tgt_in == 0, memory_key_padding_mask=pad)
+            return h @ self.embed.weight.T
+
+        def forward(self, src, tgt_in, tgt_out):
+            memory, pad = self.encode(src)
+            logits = self.decode(tgt_in, memory, pad)
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1),
+                                                     ignore_index=0, label_smoothing=float(self.c.label_smoothing))
+
+    return Twin(config)
+
+
+class TorchAdapter:
+    """What scratchlm.translate's searches call (encode / decode without a cache) on the twin."""
+
+    def __init__(self, twin, config):
+        self.twin, self.config = twin, config
+
+    def encode(self, src):
+        import torch
+
+        from scratchlm.tensor import Tensor
+        with torch.no_grad():
+            memory, pad = self.twin.encode(torch.as_tensor(np.asarray(src)))
+        return Tensor(memory.numpy()), pad.numpy()
+
+    def decode(self, ids, memory, pad, cache=None):
+        import torch
+
+        from scratchlm.tensor import Tensor
+        with torch.no_grad():
+            logits = self.twin.decode(torch.as_tensor(np.asarray(ids)), torch.as_tensor(np.asarray(memory.data)),
+                                      torch.as_tensor(np.asarray(pad)))
+        return Tensor(logits.numpy())
+
+
+def train_torch(task, train_config, model_config, threads: int):
+    import torch
+
+    from scratchlm.optim import cosine_with_warmup
+    torch.set_num_threads(threads)
+    c = train_config
+    twin = torch_twin(model_config, c.seed)
+    matrices = [p for p in twin.parameters() if p.ndim >= 2]
+    others = [p for p in twin.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": c.weight_decay},
+                             {"params": others, "weight_decay": 0.0}], lr=c.learning_rate, betas=(c.beta1, c.beta2),
+                            eps=1e-8)
+    schedule = cosine_with_warmup(c.learning_rate, c.warmup_iters, c.lr_decay_iters, c.min_lr)
+    sampler = task.sampler("train", c.batch_size, 0, seed=c.seed)
+    times = []
+    twin.train()
+    for it in range(c.max_iters):
+        start = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = schedule(it)
+        src, tgt_in, tgt_out = (torch.as_tensor(np.asarray(a)) for a in sampler.batch(it))
+        loss = twin(src, tgt_in, tgt_out)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), c.grad_clip)
+        opt.step()
+        times.append(time.perf_counter() - start)
+    twin.eval()
+    return TorchAdapter(twin, model_config), 1000 * statistics.median(times), float(loss.detach())
+
+
+# ================================================================ scoring
+
+def score(model, task, beam: int, split: str, use_cache: bool = True):
+    t0 = time.perf_counter()
+    result = task.scores(model, split, beam=beam, use_cache=use_cache)
+    result["seconds"] = time.perf_counter() - t0
+    result["sentences_per_s"] = result["sentences"] / result["seconds"]
+    result.pop("examples")
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--iters", type=positive_int, help="training iterations (default: the preset's)")
+    parser.add_argument("--tokenizer", choices=["char", "word"], default="word",
+                        help="default word (the eng-fra default: see the README)")
+    parser.add_argument("--threads", type=positive_int, default=2,
+                        help="BLAS/Numba threads and torch threads, both sides (default 2; 1 on a busy machine)")
+    parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--torch-only", action="store_true", help="only the PyTorch side (the same data and config)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a preset override")
+    parser.add_argument("--out", metavar="DIR", help="keep scratchlm's run folder there (default: a temp dir)")
+    args = parser.parse_args(argv)
+
+    from scratchlm.commands.translate import train_translation
+    from scratchlm.pairs import PairTask, load_pairs
+    from scratchlm.runs import load_model, read_metrics
+    sets = list(args.set) + [f"tokenizer={args.tokenizer}"]
+    results = {"tokenizer": args.tokenizer, "sets": args.set}
+    if args.torch_only:
+        return torch_only(args, sets, results)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        run = train_translation("eng-fra", Path(args.out or Path(tmp) / "run"), sets, iters=args.iters, progress=False,
+                                log=lambda *a: None)
+        train_s = time.perf_counter() - t0
+        model, vocab, header = load_model(run.run_dir)
+        train_lines = [m for m in read_metrics(Path(run.run_dir) / "metrics.jsonl") if m.get("kind") == "train"]
+        from scratchlm.config import TrainConfig
+        train_config = TrainConfig.from_dict(header["train"])
+    data = load_pairs("eng-fra")
+    task = PairTask(data, vocab, max_len=model.config.max_len)
+    ours = {"ms_per_iter": statistics.median(m["ms_per_iter"] for m in train_lines[5:] or train_lines),
+            "train_s": train_s, "iters": run.iteration, "final_train_loss": train_lines[-1]["train_loss"],
+            "parameters": model.num_parameters()}
+    for split in ("val", "test"):
+        for beam in (1, 4):
+            ours[f"{split}_beam{beam}"] = score(model, task, beam, split)
+    results["scratchlm"] = ours
+    results["config"] = {"train": header["train"], "model": header["model_config"]}
+    if not args.skip_torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            print("torch is not installed: the PyTorch column is skipped")
+        else:
+            t0 = time.perf_counter()
+            adapter, ms, last = train_torch(task, train_config, model.config, args.threads)
+            twin = {"ms_per_iter": ms, "train_s": time.perf_counter() - t0, "iters": train_config.max_iters,
+                    "final_train_loss": last}
+            for split in ("val", "test"):
+                for beam in (1, 4):
+                    twin[f"{split}_beam{beam}"] = score(_NoCache(adapter), task, beam, split, use_cache=False)
+            results["torch"] = twin
+    print_table(results)
+    out = ROOT / "bench" / "results" / "seq2seq.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results["machine"] = {"cpus": os.cpu_count(), "loadavg": os.getloadavg()}
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def torch_only(args, sets, results) -> int:
+    """The PyTorch column alone: the data, vocabulary and config ``translate train`` would build."""
+    from scratchlm.commands.translate import _split_data_keys
+    from scratchlm.models.registry import get_family, resolve_config
+    from scratchlm.models.seq2seq import Seq2SeqConfig
+    from scratchlm.pairs import PairTask, load_pairs
+    from scratchlm.tokenizers.pairs import PairVocab
+    data_keys, rest = _split_data_keys(sets)
+    train_config, model_dict = resolve_config(get_family("seq2seq"), "eng-fra", None, rest)
+    if args.iters:
+        train_config = train_config.with_value("max_iters", args.iters, where="--iters")
+    data = load_pairs("eng-fra")
+    train = data.splits["train"]
+    vocab = PairVocab.from_texts([p.source for p in train] + [p.target for p in train], data_keys["tokenizer"])
+    task = PairTask(data, vocab)
+    config = Seq2SeqConfig.from_dict({"max_len": task.needed_len(), **model_dict, "vocab_size": vocab.vocab_size})
+    t0 = time.perf_counter()
+    adapter, ms, last = train_torch(task, train_config, config, args.threads)
+    twin = {"ms_per_iter": ms, "train_s": time.perf_counter() - t0, "iters": train_config.max_iters,
+            "final_train_loss": last}
+    for split in ("val", "test"):
+        for beam in (1, 4):
+            twin[f"{split}_beam{beam}"] = score(_NoCache(adapter), task, beam, split, use_cache=False)
+    results["torch"] = twin
+    print_table(results)
+    out = ROOT / "bench" / "results" / "seq2seq-torch.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+class _NoCache:
+    """The twin through the searches with use_cache=False (it has no DecoderCache)."""
+
+    def __init__(self, adapter):
+        self.adapter, self.config = adapter, adapter.config
+
+    def encode(self, src):
+        return self.adapter.encode(src)
+
+    def decode(self, ids, memory, pad, cache=None):
+        return self.adapter.decode(ids, memory, pad)
+
+
+def print_table(results):
+    sides = [s for s in ("scratchlm", "torch") if s in results]
+    rows = [("train ms/iter (median)", lambda r: f"{r['ms_per_iter']:.1f}"),
+            ("train seconds", lambda r: f"{r['train_s']:.0f}"),
+            ("iterations", lambda r: f"{r['iters']}"),
+            ("final train loss", lambda r: f"{r['final_train_loss']:.3f}")]
+    for split in ("val", "test"):
+        for beam in (1, 4):
+            name = "greedy" if beam == 1 else "beam 4"
+            rows.append((f"{split} BLEU {name}", lambda r, k=f"{split}_beam{beam}": f"{r[k]['bleu']:.2f}"))
+    rows += [("test chrF greedy", lambda r: f"{r['test_beam1']['chrf']:.2f}"),
+             ("test exact match greedy", lambda r: f"{100 * r['test_beam1']['exact_match']:.1f}%"),
+             ("test decode sent/s greedy", lambda r: f"{r['test_beam1']['sentences_per_s']:.1f}"),
+             ("test decode sent/s beam 4", lambda r: f"{r['test_beam4']['sentences_per_s']:.1f}")]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'':{width}}  " + "  ".join(f"{s:>10}" for s in sides) + ("  ratio" if len(sides) == 2 else ""))
+    for label, cell in rows:
+        cells = [cell(results[s]) for s in sides]
+        ratio = ""
+        if len(sides) == 2 and label.startswith("train ms"):
+            ratio = f"  {results['scratchlm']['ms_per_iter'] / results['torch']['ms_per_iter']:.2f}x"
+        print(f"{label:{width}}  " + "  ".join(f"{c:>10}" for c in cells) + ratio)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
