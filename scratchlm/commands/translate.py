@@ -101,6 +101,7 @@ def train_translation(data: str | None, out, sets=(), preset=None, resume: bool 
     from scratchlm.config import TrainConfig, apply_overrides
     from scratchlm.models.registry import get_family, resolve_config, route, run_model
     from scratchlm.pairs import PairTask, default_level, load_pairs
+    from scratchlm.runguard import check_out_folder, open_run_for_writing
     from scratchlm.runs import read_run_config
     from scratchlm.tokenizers import load as load_tokenizer
     from scratchlm.tokenizers.pairs import PairVocab
@@ -129,8 +130,7 @@ def train_translation(data: str | None, out, sets=(), preset=None, resume: bool 
     else:
         if data is None:
             raise UserError("translate train needs --data eng-fra|copy|reverse|dates")
-        if (run_dir / "trainer.json").exists():
-            raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        check_out_folder(run_dir)          # before the corpus and vocabulary: a refusal costs nothing
         config, model_config = resolve_config(family, data, preset, sets)
         reverse, level = data_keys.get("reverse", False), data_keys.get("tokenizer", default_level(data))
     pairs = load_pairs(data, reverse=reverse)
@@ -157,11 +157,13 @@ def train_translation(data: str | None, out, sets=(), preset=None, resume: bool 
                  "tokenizer": level, "reverse": reverse, "splits": list(task.splits),
                  **{f"{s}_pairs": len(pairs.splits[s]) for s in task.splits},
                  **{f"{s}_tokens": task.tokens(s) for s in task.splits}}
-    trainer = Trainer(config, vocab, task, run_dir, data_info, resume=resume, progress=progress, log=log,
-                      model="seq2seq", model_config=model_config)
-    if resume and progress is not False:
-        log(f"resuming {run_dir} at iteration {trainer.iteration} of {config.max_iters}")
-    return trainer.fit()
+    # everything is validated: now the run-folder guard (lock, re-check under it), then the writes
+    with open_run_for_writing(run_dir, resume=resume):
+        trainer = Trainer(config, vocab, task, run_dir, data_info, resume=resume, progress=progress, log=log,
+                          model="seq2seq", model_config=model_config)
+        if resume and progress is not False:
+            log(f"resuming {run_dir} at iteration {trainer.iteration} of {config.max_iters}")
+        return trainer.fit()
 
 
 # ================================================================ translate

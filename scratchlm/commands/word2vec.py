@@ -77,11 +77,11 @@ def cmd_word2vec(args) -> int:
     from scratchlm.tokenizers.word import split_words
     settings = _settings(args.set)
     Word2VecConfig(**settings).validate()                                  # refuse bad values before reading
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder; choose a folder")
+    from scratchlm.runguard import check_out_folder, open_run_for_writing
+    out = check_out_folder(args.out)             # a file, or a folder holding a run: refused before reading
     sentences = [split_words(s) for s in corpus_sentences(args.corpus)]
-    stats = train_word2vec([s for s in sentences if s], out, progress=sys.stderr.isatty(), **settings)
+    with open_run_for_writing(out):              # the one run-folder guard: lock, re-check, then write
+        stats = train_word2vec([s for s in sentences if s], out, progress=sys.stderr.isatty(), **settings)
     print(f"{stats['vocab_size']} words in the vocabulary, {stats['words_per_s']:,.0f} words/s, "
           f"{stats['seconds']:.1f} s; wrote {stats['vectors']}")
     return 0
