@@ -3,6 +3,7 @@ from . import functional
 from .modules import (GELU, MLP, Block, CausalSelfAttention, Dropout, Embedding, LayerNorm, Linear, Module,
                       ModuleDict, ModuleList, Parameter, SinusoidalPositionalEncoding, deferred_init, record_outputs,
                       seed_init)
+from .rnn import GRU, LSTM, RNN
 from .transformer import (MultiheadAttention, Transformer, TransformerDecoder, TransformerDecoderLayer,
                           TransformerEncoder, TransformerEncoderLayer)
 
@@ -10,4 +11,4 @@ __all__ = ["Module", "ModuleList", "ModuleDict", "Parameter", "Linear", "Embeddi
            "GELU", "MLP", "CausalSelfAttention", "Block", "SinusoidalPositionalEncoding", "functional",
            "record_outputs", "seed_init", "deferred_init",
            "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder",
-           "TransformerDecoder", "Transformer"]
+           "TransformerDecoder", "Transformer", "RNN", "LSTM", "GRU"]
