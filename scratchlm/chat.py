@@ -36,6 +36,7 @@ from scratchlm.generate import SamplingArgumentError, check_sampling_args, strea
 
 REPLY_STOPS = ["\n\n", "<|endoftext|>"]
 TURN_END = "\n\n"          # after a reply, before the next line of the user
+RECURRENT_WINDOW = 1024   # a recurrent model (no window) rereads at most this much of the conversation
 
 HELP = """commands:
   /help        this list
@@ -75,8 +76,13 @@ class ChatSession:
         self.replies = 0           # replies since the start, /reset or /seed (reply n uses seed + n)
 
     # ------------------------------------------------------------- context
+    def window(self) -> int:
+        """The model's window; a recurrent model has none, and rereads at most RECURRENT_WINDOW tokens."""
+        from scratchlm.generate import context_window
+        return context_window(self.model) or RECURRENT_WINDOW
+
     def context_limit(self) -> int:
-        block_size = self.model.config.block_size
+        block_size = self.window()
         return block_size - min(self.controls["max_new_tokens"], block_size // 2)
 
     def context_ids(self, text: str) -> list[int]:
@@ -121,7 +127,7 @@ class ChatSession:
         if name == "/context":
             used = len(self.context_ids(self.history))
             return (f"context: {used} of {self.context_limit()} tokens kept for the conversation "
-                    f"(window {self.model.config.block_size}; {self.replies} replies so far)")
+                    f"(window {self.window()}; {self.replies} replies so far)")
         setters = {"/temp": ("temperature", float), "/topk": ("top_k", int), "/topp": ("top_p", float),
                    "/max": ("max_new_tokens", int), "/seed": ("seed", int)}
         if name not in setters:
@@ -179,8 +185,8 @@ def run_chat(args) -> int:
             import readline  # noqa: F401  (input() gains line editing and history)
         except ImportError:
             pass
-        n_params = model.num_parameters(non_embedding=False)
-        print(f"chatting with {args.run} ({n_params:,} parameters, a {model.config.block_size}-token window). "
+        from scratchlm.models.registry import num_parameters
+        print(f"chatting with {args.run} ({num_parameters(model):,} parameters, a {session.window()}-token window). "
               f"/help for commands, Ctrl-C stops a reply, Ctrl-D leaves.")
     notes = sys.stdout if interactive else sys.stderr    # piped: stdout holds replies only
     lines = iter(sys.stdin.readline, "") if not interactive else None

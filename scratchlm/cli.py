@@ -1,7 +1,9 @@
-"""The ``scratchlm`` command: train, sample, chat, summary, demo.
+"""The ``scratchlm`` command: train, eval, sample, chat, summary, demo.
 
     scratchlm demo
     scratchlm train --corpus tinyshakespeare --tokenizer char --preset nano-cpu --out runs/nano
+    scratchlm train --model lstm --corpus names --out runs/names-lstm     # preset names-lstm
+    scratchlm eval --run runs/names-lstm --split test
     scratchlm sample --run runs/nano --prompt "ROMEO:"
     scratchlm summary --preset gpt2-124m
 
@@ -53,27 +55,45 @@ def _config_from(args):
 
 def cmd_train(args) -> int:
     from scratchlm.config import TrainConfig, apply_overrides
+    from scratchlm.models.registry import get_family, resolve_config, route, run_model
     from scratchlm.runs import read_run_config
     from scratchlm.train import train
     if args.resume:
-        # a resumed run keeps its saved config; --set, --iters and --backend may still change the
-        # non-architecture keys (e.g. train longer)
+        # a resumed run keeps its saved config and model; --set, --iters and --backend may still
+        # change the non-architecture keys (e.g. train longer)
         header = read_run_config(args.out)
-        config = apply_overrides(TrainConfig.from_dict(header["train"], where=f"{args.out}/config.json"), args.set)
-        if args.iters is not None:
-            config = config.with_value("max_iters", args.iters, where="--iters")
-        if args.backend:
-            config = config.with_value("backend", args.backend, where="--backend")
-        config.validate()
+        family, _ = run_model(header, where=f"{args.out}/config.json")
+        train_pairs, model_values = route(family, args.set)
+        config = apply_overrides(TrainConfig.from_dict(header["train"], where=f"{args.out}/config.json"), train_pairs)
     else:
         if args.corpus is None:
             raise UserError("train needs --corpus NAME|PATH (e.g. --corpus pydoc), or --resume to continue a run")
-        config = _config_from(args)
+        family = get_family(args.model or "gpt")
+        config, model_values = resolve_config(family, args.corpus, args.preset, args.set)
+    if args.iters is not None:
+        config = config.with_value("max_iters", args.iters, where="--iters")
+    if args.backend:
+        config = config.with_value("backend", args.backend, where="--backend")
+    config.validate()
     result = train(config, args.out, corpus=args.corpus, tokenizer=args.tokenizer, resume=args.resume,
-                   progress=args.progress)
+                   progress=args.progress, model=args.model if args.resume else family.name,
+                   model_config=model_values)
     val = f"{result.last_val_loss:.4f}" if result.last_val_loss is not None else "n/a"
     print(f"done: {result.iteration} iterations in {result.elapsed_s:.1f} s, val loss {val}; run in {result.run_dir}")
-    print(f"sample from it: scratchlm sample --run {result.run_dir} --prompt \"...\"")
+    print(f"sample from it: scratchlm sample --run {result.run_dir}; score it: scratchlm eval --run {result.run_dir}")
+    return 0
+
+
+# ================================================================ eval
+
+def cmd_eval(args) -> int:
+    from scratchlm.evaluate import evaluate_run
+    _use_backend(args.backend)
+    report = evaluate_run(args.run, split=args.split, batch_size=args.batch_size)
+    bits = f", {report['bits_per_char']:.4f} bits/char" if "bits_per_char" in report else \
+        f", {report['bits_per_token']:.4f} bits/token"
+    print(f"{args.run} ({report['model']}, {report['corpus']}) {args.split}: loss {report['loss']:.4f} over "
+          f"{report['tokens']:,} tokens, perplexity {report['perplexity']:.3f}{bits}; wrote {Path(args.run) / 'eval.json'}")
     return 0
 
 
@@ -83,7 +103,7 @@ def prompt_ids(tokenizer, prompt: str, block_size: int, note=None) -> list[int]:
     """The prompt's token ids, cropped to the model's window (its last ``block_size`` tokens) with a note."""
     from scratchlm.generate import encode_prompt
     ids = encode_prompt(tokenizer, prompt)
-    if len(ids) > block_size:
+    if block_size is not None and len(ids) > block_size:         # None: a recurrent model, no window
         if note is not None:
             note(f"note: the prompt is {len(ids)} tokens, longer than block_size {block_size}; "
                  f"using its last {block_size} tokens")
@@ -112,22 +132,35 @@ def _stderr_note(message: str) -> None:
 
 
 def cmd_sample(args) -> int:
-    """Stream the continuation of --prompt to stdout (KV-cached decoding); Ctrl-C stops it (exit 130)."""
-    from scratchlm.generate import stream_text, until_interrupted
+    """Stream the continuation of --prompt to stdout (KV-cached or recurrent-state decoding); Ctrl-C
+    stops it (exit 130). A run on a document corpus (names) prints --num-samples new documents,
+    each started at the boundary token (after --prompt, if given) and ended at the next one."""
+    from scratchlm.generate import context_window, encode_prompt, stream_text, until_interrupted
     from scratchlm.runs import load_model
     _use_backend(args.backend)
-    model, tokenizer, _ = load_model(args.run)
-    ids = prompt_ids(tokenizer, args.prompt, model.config.block_size, note=_stderr_note)
-    pieces = stream_text(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                         seed=args.seed)
-    if not args.stream:
-        pieces = ["".join(until_interrupted(pieces))]
-    sys.stdout.write(args.prompt)
-    for piece in until_interrupted(pieces) if args.stream else pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    model, tokenizer, header = load_model(args.run)
+    documents = header["data"].get("split") is not None
+    window = context_window(model)
+    controls = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    if documents:
+        prompt = "\n" + args.prompt                     # the boundary token starts every document
+        ids = encode_prompt(tokenizer, prompt)
+        for k in range(args.num_samples if args.num_samples is not None else 10):
+            pieces = stream_text(model, tokenizer, ids, stop="\n", seed=args.seed + k, **controls)
+            sys.stdout.write(args.prompt + "".join(until_interrupted(pieces)) + "\n")
+            sys.stdout.flush()
+        return 0
+    ids = prompt_ids(tokenizer, args.prompt, window, note=_stderr_note)
+    for k in range(args.num_samples if args.num_samples is not None else 1):
+        pieces = stream_text(model, tokenizer, ids, seed=args.seed + k, **controls)
+        if not args.stream:
+            pieces = ["".join(until_interrupted(pieces))]
+        sys.stdout.write(args.prompt)
+        for piece in until_interrupted(pieces) if args.stream else pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
     return 0
 
 
@@ -179,26 +212,27 @@ def cmd_bench(args) -> int:
 # ================================================================ summary
 
 def cmd_summary(args) -> int:
-    from scratchlm.models import GPT, GPTConfig
+    from scratchlm.models import GPT
     from scratchlm.config import read_preset
+    from scratchlm.models.registry import build_model, run_model, summary_text
     from scratchlm.runs import read_run_config
     if (args.preset is None) == (args.run is None):
         raise UserError("summary needs exactly one of --preset NAME or --run DIR")
     if args.run is not None:
         header = read_run_config(args.run)
-        model_config = GPTConfig.from_dict(header["model"])
-        where = f"run {args.run} (corpus {header['data'].get('corpus_name', '?')}, tokenizer " \
+        family, model_config = run_model(header, where=f"{args.run}/config.json")
+        where = f"run {args.run}: model {family.name} (corpus {header['data'].get('corpus_name', '?')}, tokenizer " \
                 f"{header['data'].get('tokenizer', '?')})"
+        model = build_model(family.name, model_config, seed=0)
     else:
         preset = read_preset(args.preset)
         config = _config_from(args)
         vocab_size = args.vocab_size or preset.get("vocab_size", 65)
-        model_config = config.model_config(vocab_size)
+        model = GPT(config.model_config(vocab_size), seed=0)
         where = f"preset {args.preset} with vocab_size {vocab_size}" + \
                 ("" if args.vocab_size else " (its typical tokenizer; change with --vocab-size)")
-    model = GPT(model_config, seed=0)
     print(f"{where}")
-    print(model.summary(file=None))
+    print(summary_text(model))
     return 0
 
 
@@ -277,13 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-progress", dest="progress", action="store_const", const=False,
                        help="no bar and no per-iteration lines")
 
-    p = commands.add_parser("train", help="train a GPT on a corpus (or continue a run with --resume)",
-                            description="Train a GPT on a corpus into a run folder. Config keys use nanoGPT's "
-                                        "names; --set key=value overrides any of them.")
+    from scratchlm.models.registry import FAMILIES
+    models = ", ".join(FAMILIES)
+    p = commands.add_parser("train", help="train a model (GPT, LSTM, ...) on a corpus (or continue a run with --resume)",
+                            description="Train a language model on a corpus into a run folder. Config keys use "
+                                        "nanoGPT's names; --set key=value overrides any of them (the training "
+                                        "keys, or the model's own).")
+    p.add_argument("--model", metavar="NAME", help=f"the model family: {models} (default gpt)")
     p.add_argument("--corpus", metavar="NAME|PATH",
                    help="a registered corpus (pydoc, stdlib, tinyshakespeare), a UTF-8 text file or a folder")
     p.add_argument("--tokenizer", default="char", metavar="char|bpe[:VOCAB]", help="default: char")
-    p.add_argument("--preset", default="nano-cpu", metavar="NAME", help=f"one of: {presets} (default nano-cpu)")
+    p.add_argument("--preset", metavar="NAME", help=f"one of: {presets} (default: <corpus>-<model> if it exists, "
+                                                    "e.g. names-lstm; else nano-cpu for gpt and the model's defaults)")
     p.add_argument("--out", required=True, metavar="DIR", help="the run folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set learning_rate=3e-4 (repeatable)")
@@ -300,7 +339,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print each piece of text as soon as it is decoded (default); --no-stream prints "
                         "the whole text at the end")
+    p.add_argument("--num-samples", type=int, metavar="N",
+                   help="how many samples (default 1; 10 new documents for a document corpus such as names)")
     p.set_defaults(func=cmd_sample)
+
+    p = commands.add_parser("eval", help="a run's loss, perplexity and bits per token over a whole split",
+                            description="Score every token of a split once (not sampled batches) and write "
+                                        "DIR/eval.json.")
+    p.add_argument("--run", required=True, metavar="DIR", help="a run folder written by scratchlm train")
+    p.add_argument("--split", choices=["val", "test", "train"], default="val",
+                   help="default val; test exists for corpora with a fixed split (names)")
+    p.add_argument("--batch-size", type=int, metavar="B", help="rows per forward (default: the run's, >= 32)")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="default numpy")
+    p.set_defaults(func=cmd_eval)
 
     from scratchlm.chat import add_chat_arguments
     p = commands.add_parser("chat", help="talk to a trained run, one line at a time",
@@ -348,7 +399,7 @@ def main(argv=None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
-            raise UserError("choose a command: train, sample, chat, summary or demo (see 'scratchlm --help'; "
+            raise UserError("choose a command: train, eval, sample, chat, summary or demo (see 'scratchlm --help'; "
                             "start with 'scratchlm demo')")
         return args.func(args) or 0
     except (UserError, backend.BackendUnavailable) as exc:

@@ -22,6 +22,7 @@ import hashlib
 import http.client
 import json
 import os
+import random
 import re
 import sysconfig
 import tempfile
@@ -63,11 +64,12 @@ class CorpusSource:
     """A named corpus: what it is and how to obtain it."""
     name: str
     description: str
-    obtain: str                   # "builtin" (ships with Python) or "download"
+    obtain: str                   # "builtin" (ships with Python), "package" (scratchlm.datasets) or "download"
     url: str | None = None
     sha256: str | None = None
     filename: str | None = None   # name in the cache folder, for downloads
     license: str = ""
+    split: str | None = None      # a fixed split of its documents (one per line): "makemore"
 
 
 STDLIB_MAX_BYTES = 4_000_000      # keep the code corpus practical: ~4 MB of source
@@ -90,6 +92,12 @@ REGISTRY: dict[str, CorpusSource] = {s.name: s for s in [
         url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
         sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
         filename="tinyshakespeare.txt", license="public domain text"),
+    CorpusSource(
+        name="names",
+        description="32,032 first names, one per line (makemore's names.txt), with makemore's lecture split "
+                    "80/10/10 train/dev/test; trained one name per document, framed by a boundary token",
+        obtain="package", filename="names.txt", license="MIT (makemore); see scratchlm/datasets/README.md",
+        split="makemore"),
 ]}
 
 
@@ -101,6 +109,7 @@ class Corpus:
     source: str                        # where it came from: a path, a URL, a module
     files: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    split: str | None = None           # a registered corpus's fixed document split (see split_documents)
 
     def __repr__(self) -> str:
         return f"Corpus(name={self.name!r}, chars={len(self.text):,}, sha256={self.sha256[:12]}..)"
@@ -221,6 +230,12 @@ def load_corpus(name_or_path) -> Corpus:
             return _load_pydoc()
         if key == "stdlib":
             return _load_stdlib()
+        if source.obtain == "package":
+            from scratchlm.datasets import dataset_path
+            path = dataset_path(source.filename)
+            corpus = _make_corpus(source.name, _read_text_file(path), path)
+            corpus.split = source.split
+            return corpus
         return _load_download(source)
     path = Path(key).expanduser()
     if path.is_dir():
@@ -229,6 +244,26 @@ def load_corpus(name_or_path) -> Corpus:
         return _make_corpus(path.stem, _read_text_file(path), path)
     raise UserError(f"corpus {key!r} is neither a registered name ({', '.join(REGISTRY)}) "
                     f"nor an existing file or folder")
+
+
+def makemore_split(words: list[str]) -> dict[str, list[str]]:
+    """makemore's lecture split: ``random.seed(42); random.shuffle(words)``, then the first 80%
+    train, the next 10% dev (our "val"), the last 10% test. ``random.Random(42)`` draws the same
+    numbers as the seeded global generator, without touching it."""
+    words = list(words)
+    random.Random(42).shuffle(words)
+    n1, n2 = int(0.8 * len(words)), int(0.9 * len(words))
+    return {"train": words[:n1], "val": words[n1:n2], "test": words[n2:]}
+
+
+def split_documents(corpus: Corpus) -> dict[str, list[str]] | None:
+    """The fixed split of a document corpus (one document per line), or None for a token stream."""
+    split = getattr(corpus, "split", None)
+    if split is None:
+        return None
+    if split == "makemore":
+        return makemore_split(corpus.text.splitlines())
+    raise ValueError(f"unknown document split {split!r}")
 
 
 # ---------------------------------------------------------------- download

@@ -193,26 +193,79 @@ class KVCache:
             layer.length = 0
 
 
+class RecurrentState:
+    """The "KV cache" of a recurrent model (RNN, LSTM, GRU; also the bigram and MLP models, whose
+    state is the last few tokens): its state after the tokens seen so far. A transformer must
+    keep every past key and value because attention looks back at all of them; a recurrent model
+    has folded the past into a fixed-size state, so one ``model.step(token, state)`` per new token
+    is the whole work, O(1) per token however long the text is.
+
+    The model provides ``init_state(B)`` and ``step(tokens (B,), state) -> (logits (B, V), state)``.
+    """
+
+    def __init__(self, model, batch_size: int = 1):
+        self.model, self.batch_size = model, batch_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.state, self.length = self.model.init_state(self.batch_size), 0
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Feed tokens (B,) host ints; return the next-token logits (B, V) on the host, float64."""
+        logits, self.state = self.model.step(backend.to_device(np.asarray(tokens, dtype=np.int64)), self.state)
+        self.length += 1
+        data = logits.data if isinstance(logits, Tensor) else logits
+        return backend.to_numpy(data).astype(np.float64)                        # (B, V)
+
+
+def is_recurrent(model) -> bool:
+    """Does ``model`` decode with a state (``init_state`` / ``step``) rather than a KV cache?"""
+    return hasattr(model, "init_state") and hasattr(model, "step")
+
+
+def context_window(model) -> int | None:
+    """How many past tokens the model can see: a GPT's block_size; None (unbounded) for a model
+    that carries a state (a bigram or MLP model sees a fixed few, and its state keeps them)."""
+    return None if is_recurrent(model) else model.config.block_size
+
+
+def new_cache(model, batch_size: int = 1):
+    """The decoding cache that fits ``model``: a ``RecurrentState`` or a GPT's ``KVCache``."""
+    if is_recurrent(model):
+        return RecurrentState(model, batch_size)
+    return KVCache(model.config, batch_size, model.transformer.wte.weight.dtype)
+
+
 def _last_logits(model, ids: np.ndarray, cache: KVCache | None) -> np.ndarray:
     """Run ``model`` on host ids (B, T) (after what ``cache`` holds) and return the logits of the
-    last position on the host, (B, V) float64. Only that position goes through the head."""
+    last position on the host, (B, V) float64. A GPT sends only that position through the head."""
+    if not hasattr(model, "_features"):                                      # any other LM: a full forward
+        logits, _ = model(backend.to_device(ids))                            # (B, T, V)
+        return backend.to_numpy(logits.data[:, -1, :]).astype(np.float64)    # (B, V)
     features = model._features(backend.to_device(ids), cache=cache)          # (B, T, C)
     last = model.lm_head(features[:, -1:, :])                                # (B, 1, V)
     return backend.to_numpy(last.data[:, 0, :]).astype(np.float64)          # (B, V)
 
 
-def prefill(model, ids: np.ndarray, cache: KVCache) -> np.ndarray:
-    """Empty ``cache``, run the whole context ids (B, T <= block_size) through ``model`` (causal
-    attention, as without a cache) filling it; return the next-token logits (B, V) on the host."""
+def prefill(model, ids: np.ndarray, cache) -> np.ndarray:
+    """Empty ``cache``, run the whole context ids (B, T) through ``model`` filling it; return the
+    next-token logits (B, V) on the host. A GPT's causal attention takes the T tokens at once (T <=
+    block_size); a recurrent state steps through them."""
     cache.reset()
     with no_grad():
+        if isinstance(cache, RecurrentState):
+            for t in range(ids.shape[1]):
+                logits = cache.step(ids[:, t])
+            return logits
         return _last_logits(model, ids, cache)
 
 
-def decode_step(model, token: np.ndarray, cache: KVCache) -> np.ndarray:
+def decode_step(model, token: np.ndarray, cache) -> np.ndarray:
     """Run one new token per row, token (B,), at position ``cache.length`` against the cache;
     return the next-token logits (B, V) on the host."""
     with no_grad():
+        if isinstance(cache, RecurrentState):
+            return cache.step(np.asarray(token).reshape(-1))
         return _last_logits(model, np.asarray(token).reshape(-1, 1), cache)
 
 
@@ -246,7 +299,7 @@ def iter_tokens(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k
     tokens). Dropout is off; the model's training mode is restored when the loop ends or is
     closed. The arguments are checked here, before the first token is asked for.
     """
-    block_size = model.config.block_size
+    block_size = context_window(model)
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, None, seed,
                         window_keep, block_size)
     ids = _prompt_ids(model, idx)
@@ -257,11 +310,10 @@ def iter_tokens(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k
 
 def _token_loop(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, use_cache,
                 keep):
-    block_size = model.config.block_size
+    block_size = context_window(model)                              # None: a recurrent model, no window
     rng = np.random.default_rng(seed)
-    dtype = model.transformer.wte.weight.dtype                      # the cache holds what the model computes
-    cache = KVCache(model.config, ids.shape[0], dtype) if use_cache else None
-    start = max(0, ids.shape[1] - block_size)
+    cache = new_cache(model, ids.shape[0]) if use_cache else None
+    start = 0 if block_size is None else max(0, ids.shape[1] - block_size)
 
     def full_window():
         return prefill(model, ids[:, start:], cache) if use_cache else _forward_window(model, ids[:, start:])
@@ -277,7 +329,7 @@ def _token_loop(model, ids, max_new_tokens, temperature, top_k, top_p, repetitio
             yield token
             if step == max_new_tokens - 1:
                 break                                      # no forward for a token nobody asks for
-            if ids.shape[1] - start > block_size:          # the new token does not fit: slide
+            if block_size is not None and ids.shape[1] - start > block_size:    # it does not fit: slide
                 start = ids.shape[1] - keep
                 logits = full_window()
             elif use_cache:
@@ -369,7 +421,7 @@ def stream_text(model, tokenizer, prompt, max_new_tokens: int = 200, temperature
     and restores the model's mode. The arguments are checked when it is called.
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
-                        window_keep, model.config.block_size)
+                        window_keep, context_window(model))
     stops = [] if stop is None else ([stop] if isinstance(stop, str) else list(stop))
     ids = np.asarray([encode_prompt(tokenizer, prompt)], dtype=np.int64)           # (1, T)
     steps = iter_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,

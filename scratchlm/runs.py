@@ -2,7 +2,9 @@
 
 A run folder holds everything needed to continue it or sample from it, and nothing is pickled:
 
-    config.json            {"model": GPTConfig, "train": TrainConfig, "data": corpus + tokenizer spec}
+    config.json            {"model": family name, "model_config": its config, "train": TrainConfig,
+                            "data": corpus + tokenizer spec + split sizes}; the older layout
+                            {"model": GPTConfig, ...} reads as a GPT run
     tokenizer.json         the tokenizer, as JSON
     model.safetensors      the weights (Hugging Face GPT-2 names); metadata: iteration
     optimizer.safetensors  AdamW moments (exp_avg, exp_avg_sq) per parameter; metadata: iteration
@@ -30,13 +32,16 @@ TRAINER_FORMAT = "scratchlm.trainer/1"
 RUN_FILES = ("config.json", "tokenizer.json", "model.safetensors", "optimizer.safetensors", "trainer.json")
 
 
-def write_run_header(run_dir: Path, config: TrainConfig, model_config, tokenizer, data: dict) -> None:
-    """config.json and tokenizer.json, when a run starts (config.json again on resume: new max_iters...)."""
+def write_run_header(run_dir: Path, config: TrainConfig, model_config, tokenizer, data: dict,
+                     model: str = "gpt") -> None:
+    """config.json and tokenizer.json, when a run starts (config.json again on resume: new max_iters...).
+    ``model`` is the family name (``scratchlm.models.registry``), ``model_config`` its config object."""
     from scratchlm.checkpoint import write_json_atomic
     run_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
         tokenizer.save(run_dir / "tokenizer.json")
-    write_json_atomic(run_dir / "config.json", {"format": RUN_FORMAT, "model": model_config.to_dict(),
+    write_json_atomic(run_dir / "config.json", {"format": RUN_FORMAT, "model": model,
+                                                "model_config": model_config.to_dict(),
                                                 "train": config.to_dict(), "data": data})
 
 
@@ -49,7 +54,9 @@ def read_run_config(run_dir) -> dict:
     if not isinstance(header, dict) or header.get("format") != RUN_FORMAT:
         raise UserError(f"{run_dir}/config.json is not a scratchlm run config (format "
                         f"{header.get('format') if isinstance(header, dict) else None!r}, expected {RUN_FORMAT!r})")
-    for key in ("model", "train", "data"):
+    if not isinstance(header.get("model"), (dict, str)):
+        raise UserError(f"{run_dir}/config.json lacks its 'model' section; the file is damaged")
+    for key in ("train", "data"):
         if not isinstance(header.get(key), dict):
             raise UserError(f"{run_dir}/config.json lacks its {key!r} section; the file is damaged")
     return header
@@ -107,13 +114,15 @@ def load_checkpoint(run_dir: Path, model, optimizer) -> dict:
 
 
 def load_model(run_dir, seed: int = 0):
-    """(model, tokenizer, run config) of a saved run, weights loaded, in eval mode -- for sampling."""
-    from scratchlm.models import GPT, GPTConfig
+    """(model, tokenizer, run config) of a saved run, weights loaded, in eval mode -- for sampling.
+    Any model family (config.json names it; ``scratchlm.models.registry``)."""
+    from scratchlm.models.registry import build_model, run_model
     from scratchlm.tokenizers import load as load_tokenizer
     run_dir = Path(run_dir)
     header = read_run_config(run_dir)
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    model = GPT(GPTConfig.from_dict(header["model"]), seed=seed)
+    family, model_config = run_model(header, where=f"{run_dir}/config.json")
+    model = build_model(family.name, model_config, seed=seed)
     if model.config.vocab_size != tokenizer.vocab_size:
         raise UserError(f"{run_dir}: the model has {model.config.vocab_size} tokens but tokenizer.json has "
                         f"{tokenizer.vocab_size}; the files come from different runs")

@@ -122,40 +122,48 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, tokenizer, prepared, run_dir, data_info: dict | None = None,
-                 resume: bool = False, progress: bool | None = None, log=print):
-        from scratchlm.data import BatchSampler
-        from scratchlm.models import GPT
+                 resume: bool = False, progress: bool | None = None, log=print, model: str = "gpt",
+                 model_config=None):
+        from scratchlm.models.registry import build_model, flops_per_token, get_family, optimizer_groups
         from scratchlm.optim import AdamW, constant_lr, cosine_with_warmup
+        from scratchlm.tasks import as_task
         self.config, self.tokenizer, self.run_dir = config, tokenizer, Path(run_dir)
         self.progress, self.log = progress, log
         c = config
         backend.keep_freed_host_memory()        # NumPy temporaries reuse warm pages (see backend)
-        self.model = GPT(c.model_config(tokenizer.vocab_size), seed=c.seed)
+        # the model: its family builds it from a config object (or from overrides in a dict)
+        self.family = get_family(model)
+        if model_config is None or isinstance(model_config, dict):
+            model_config = self.family.model_config(c, model_config or {}, tokenizer.vocab_size)
+        self.model = build_model(self.family.name, model_config, seed=c.seed)
         self.params = list(self.model.parameters())
-        self.optimizer = AdamW(self.model.configure_optimizer_groups(c.weight_decay), lr=c.learning_rate,
+        self.optimizer = AdamW(optimizer_groups(self.model, c.weight_decay), lr=c.learning_rate,
                                betas=(c.beta1, c.beta2), eps=1e-8, weight_decay=c.weight_decay)
         self.schedule = (cosine_with_warmup(c.learning_rate, c.warmup_iters, c.lr_decay_iters, c.min_lr)
                          if c.decay_lr else constant_lr(c.learning_rate))
-        self.sampler = BatchSampler(prepared.train, c.batch_size, c.block_size, seed=c.seed, name="train split")
+        # the data: a task (scratchlm.tasks) hands out the batches; a Prepared is a stream task
+        self.task = as_task(prepared)
+        self.sampler = self.task.sampler("train", c.batch_size, c.block_size, seed=c.seed)
         # Evals draw the same eval_iters batches every time (fixed seeds), so evals are comparable.
-        self.eval_samplers = {
-            split: BatchSampler(tokens, c.batch_size, c.block_size, seed=c.seed + 1_000_000 + k, name=f"{split} split")
-            for k, (split, tokens) in enumerate((("train", prepared.train), ("val", prepared.val)))}
-        self.tokens_per_iter = c.batch_size * c.block_size * c.gradient_accumulation_steps
-        self.flops_per_iter = self.model.flops_per_token() * self.tokens_per_iter
+        self.eval_samplers = {split: self.task.sampler(split, c.batch_size, c.block_size, seed=c.seed + 1_000_000 + k)
+                              for k, split in enumerate(("train", "val"))}
+        # positions per iteration (a document batch is as wide as its longest document, padding included)
+        self.tokens_per_iter = c.batch_size * self.sampler.block_size * c.gradient_accumulation_steps
+        self.flops_per_iter = flops_per_token(self.model) * self.tokens_per_iter
         self.peak = peak_flops()
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.iteration, self.best_val_loss, self.last_val_loss, self.last_saved = 0, None, None, None
         self.evaluated_at: set[int] = set()
+        header = (self.run_dir, config, model_config, None if resume else tokenizer, data_info or {}, self.family.name)
         if resume:
             state = load_checkpoint(self.run_dir, self.model, self.optimizer)
-            write_run_header(self.run_dir, config, self.model.config, None, data_info or {})   # new max_iters etc.
+            write_run_header(*header)                                           # new max_iters etc.
             self.iteration, self.best_val_loss = state["iteration"], state.get("best_val_loss")
             self.last_val_loss, self.last_saved = state.get("last_val_loss"), state["iteration"]
             kept = keep_metrics_before(self.metrics_path, self.iteration)
             self.evaluated_at = {m["iter"] for m in kept if m.get("kind") == "eval"}
         else:
-            write_run_header(self.run_dir, config, self.model.config, tokenizer, data_info or {})
+            write_run_header(*header)
             self.metrics_path.write_text("", encoding="utf-8")
 
     # ------------------------------------------------------------ one iteration (the profiled part)
@@ -171,8 +179,8 @@ class Trainer:
             group["lr"] = lr
         loss_sum = 0.0
         for micro in range(accum):
-            x, y = self.sampler.batch(it * accum + micro)           # (B, T), (B, T)
-            _, loss = self.model(x, y)
+            batch = self.sampler.batch(it * accum + micro)          # LMs: x, y (B, T)
+            loss = self.task.loss(self.model, batch)
             (loss / accum).backward()                               # grads add up to the mean's
             loss_sum = loss_sum + loss.data                         # stays on the device
         grad_norm = None
@@ -195,7 +203,7 @@ class Trainer:
                     for k in range(self.config.eval_iters):
                         if interrupt is not None and interrupt.requested:
                             return None
-                        _, loss = self.model(*sampler.batch(k))
+                        loss = self.task.loss(self.model, sampler.batch(k))
                         total = total + loss.data
                     losses[split] = float(total) / self.config.eval_iters
         finally:
@@ -333,13 +341,18 @@ class Trainer:
 # ================================================================ the entry point
 
 def train(config: TrainConfig, out_dir, corpus=None, tokenizer: str = "char", resume: bool = False,
-          progress: bool | None = None, cache_dir=None, overwrite: bool = False, log=print) -> TrainResult:
+          progress: bool | None = None, cache_dir=None, overwrite: bool = False, log=print,
+          model: str | None = None, model_config: dict | None = None) -> TrainResult:
     """Train (or, with ``resume=True``, continue) the run in ``out_dir``; see the module docstring.
 
     ``corpus`` is a registered name, a path, or a ``Corpus``; on resume it defaults to the run's.
+    ``model`` names the family (``scratchlm.models.registry``; default gpt, on resume the run's) and
+    ``model_config`` its overrides (a dict of the family's config keys; the GPT reads ``config``).
     ``progress``: True/False forces the bar on/off; None shows it on a terminal and prints lines otherwise.
     """
-    from scratchlm.data import load_corpus, prepare
+    from scratchlm.data import load_corpus
+    from scratchlm.models.registry import DEFAULT_MODEL, run_model
+    from scratchlm.tasks import make_task, split_sizes
     from scratchlm.tokenizers import load as load_tokenizer, make_tokenizer
     config.validate()
     run_dir = Path(out_dir)
@@ -351,14 +364,26 @@ def train(config: TrainConfig, out_dir, corpus=None, tokenizer: str = "char", re
     if resume:
         header = read_run_config(run_dir)
         saved = TrainConfig.from_dict(header["train"], where=f"{run_dir}/config.json")
-        changed = [k for k in TrainConfig.MODEL_KEYS if getattr(saved, k) != getattr(config, k)]
+        family, saved_model = run_model(header, where=f"{run_dir}/config.json")
+        if model is not None and model != family.name:
+            raise UserError(f"{run_dir} holds a {family.name} run, not {model}; --resume keeps the run's model")
+        if model_config and family.config_class is not None:
+            saved_dict = saved_model.to_dict()
+            for key, value in model_config.items():
+                if saved_dict.get(key) != value:
+                    raise UserError(f"--resume cannot change the architecture ({key}: {saved_dict.get(key)!r} "
+                                    f"in the run, {value!r} now); start a new run instead")
+        keys = TrainConfig.MODEL_KEYS if family.config_class is None else ("block_size",)
+        changed = [k for k in keys if getattr(saved, k) != getattr(config, k)]
         if changed:
             raise UserError(f"--resume cannot change the architecture ({changed[0]}: {getattr(saved, changed[0])!r} "
                             f"in the run, {getattr(config, changed[0])!r} now); start a new run instead")
+        model, model_config = family.name, (None if family.config_class is None else saved_model)
         corpus = corpus if corpus is not None else header["data"].get("corpus")
         tokenizer = header["data"].get("tokenizer", tokenizer)         # the run's spec, not the default
         tok = load_tokenizer(run_dir / "tokenizer.json")
     else:
+        model = model or DEFAULT_MODEL
         if (run_dir / "trainer.json").exists() and not overwrite:
             raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
         if corpus is None:
@@ -369,11 +394,12 @@ def train(config: TrainConfig, out_dir, corpus=None, tokenizer: str = "char", re
                         f"(sha256 {text.sha256[:12]}.. vs {header['data']['corpus_sha256'][:12]}..)")
     if not resume:
         tok = make_tokenizer(tokenizer, text.text, progress=bool(progress))
-    prepared = prepare(text, tok, cache_dir=cache_dir)
+    task = make_task(text, tok, cache_dir=cache_dir)
     data_info = {"corpus": corpus if isinstance(corpus, str) else str(getattr(corpus, "source", text.name)),
                  "corpus_name": text.name, "corpus_sha256": text.sha256, "tokenizer": tokenizer,
-                 "train_tokens": int(len(prepared.train)), "val_tokens": int(len(prepared.val))}
-    trainer = Trainer(config, tok, prepared, run_dir, data_info, resume=resume, progress=progress, log=log)
+                 "split": text.split, "splits": list(task.splits), **split_sizes(task)}
+    trainer = Trainer(config, tok, task, run_dir, data_info, resume=resume, progress=progress, log=log,
+                      model=model, model_config=model_config)
     if resume and progress is not False:
         log(f"resuming {run_dir} at iteration {trainer.iteration} of {config.max_iters}")
     return trainer.fit()

@@ -168,7 +168,7 @@ def test_corrupt_config_json(workspace, tmp_path):
 def test_checkpoint_of_another_architecture(workspace, tmp_path):
     run = copy_run(workspace, tmp_path)
     header = json.loads((run / "config.json").read_text())
-    header["model"]["n_embd"] = 32                          # the weights are n_embd 16
+    header["model_config"]["n_embd"] = 32                          # the weights are n_embd 16
     (run / "config.json").write_text(json.dumps(header))
     assert_one_line_error(cli("sample", "--run", run, "--prompt", "the"), "model.safetensors", "shape")
 

@@ -66,7 +66,7 @@ def test_training_writes_every_run_file_and_parsable_metrics(tmp_path, corpus_fi
     assert train_lines[0]["lr"] == pytest.approx(3e-3 * 1 / 3)
     assert train_lines[2]["lr"] == pytest.approx(3e-3)
     # a char model starts near ln(vocab) and the loss falls
-    vocab = json.loads((run / "config.json").read_text())["model"]["vocab_size"]
+    vocab = json.loads((run / "config.json").read_text())["model_config"]["vocab_size"]
     assert eval_lines[0]["val_loss"] == pytest.approx(math.log(vocab), abs=0.3)
     state = json.loads((run / "trainer.json").read_text())
     assert state["iteration"] == config.max_iters

@@ -1,0 +1,89 @@
+"""``scratchlm eval``: a run's loss over a WHOLE split -- every token scored once, not a sample.
+
+    from scratchlm.evaluate import evaluate_run
+    report = evaluate_run("runs/names-lstm", split="test")   # also written to runs/names-lstm/eval.json
+    report["loss"], report["perplexity"], report["bits_per_token"]
+
+The training log's val_loss is a mean over ``eval_iters`` random batches: cheap, and fine for
+watching a run, but it is an estimate. This is the figure to report: the summed negative
+log-likelihood of every predicted token of the split divided by their number,
+
+    loss = -(1/N) sum_i log p(t_i | context_i)        (nats per token)
+    perplexity = exp(loss),   bits per token = loss / ln 2
+
+For a document corpus (``names``) each document is scored from its boundary token to its closing
+boundary, padding excluded: makemore's per-character loss over the split. For a token stream the
+split is cut into consecutive windows of block_size tokens, each scored from its own start (so the
+first tokens of a window see a short context). For a char-level run a token is a character, and
+bits per token are bits per character.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from scratchlm import backend
+from scratchlm.errors import UserError
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp(mean negative log-likelihood), capped where exp overflows. (scratchlm.metrics.perplexity,
+    when the metrics module is present, is the one definition; this falls back to math.exp.)"""
+    try:
+        from scratchlm.metrics import perplexity as metrics_perplexity
+    except ImportError:
+        return math.exp(min(mean_nll, 700.0))
+    return float(metrics_perplexity(mean_nll))
+
+
+def whole_split_loss(model, task, split: str, batch_size: int, block_size: int) -> tuple[float, int]:
+    """(mean loss per predicted token, number of predicted tokens) over every example of ``split``."""
+    from scratchlm.tensor import no_grad
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            for batch, n in task.whole_split(split, batch_size, block_size):
+                loss = task.loss(model, batch)                     # mean over the batch's n targets
+                total += float(backend.to_numpy(loss.data)) * n
+                count += n
+    finally:
+        model.train(was_training)
+    return total / count, count
+
+
+def evaluate_run(run_dir, split: str = "val", batch_size: int | None = None, write: bool = True) -> dict:
+    """Score ``split`` of the run in ``run_dir``; writes ``eval.json`` there (with ``write``)."""
+    from scratchlm.checkpoint import read_json, write_json_atomic
+    from scratchlm.data import load_corpus
+    from scratchlm.runs import load_model
+    from scratchlm.tasks import make_task
+    run_dir = Path(run_dir)
+    model, tokenizer, header = load_model(run_dir)
+    data, train = header["data"], header["train"]
+    splits = data.get("splits", ["train", "val"])
+    if split not in splits:
+        raise UserError(f"run {run_dir} was trained on {data.get('corpus_name', '?')!r}, which has no {split!r} "
+                        f"split (it has {', '.join(splits)}); corpora with a fixed split, such as names, have "
+                        f"a test split; use --split val")
+    corpus = load_corpus(data["corpus"])
+    if data.get("corpus_sha256") not in (None, corpus.sha256):
+        raise UserError(f"the corpus {data['corpus']!r} differs from the one run {run_dir} was trained on; "
+                        f"evaluate with the original file")
+    task = make_task(corpus, tokenizer)
+    block_size = int(train.get("block_size", 64))
+    batch_size = batch_size or max(32, int(train.get("batch_size", 32)))
+    loss, count = whole_split_loss(model, task, split, batch_size, block_size)
+    report = {"run": str(run_dir), "model": header["model"] if isinstance(header["model"], str) else "gpt",
+              "split": split, "corpus": data.get("corpus_name"), "tokens": count, "loss": loss,
+              "perplexity": perplexity(loss), "bits_per_token": loss / math.log(2)}
+    if data.get("tokenizer") == "char":
+        report["bits_per_char"] = report["bits_per_token"]
+    if write:
+        path = run_dir / "eval.json"
+        previous = read_json(path) if path.exists() else {}
+        results = previous if isinstance(previous, dict) else {}
+        results[split] = report                              # one entry per split evaluated
+        write_json_atomic(path, results)
+    return report
