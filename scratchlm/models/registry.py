@@ -98,6 +98,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            fixed={"cell": "gru"}, synced=("block_size",)),
     Family("gpt", "the decoder-only Transformer (GPT-2 layout)", "scratchlm.models.gpt:GPT", None,
            default_preset="nano-cpu"),
+    Family("vae", "sentence VAE (Bowman et al. 2016): LSTM encoder -> Gaussian z -> LSTM decoder",
+           "scratchlm.models.vae:SentenceVAE", "scratchlm.models.vae:VAEConfig", synced=("block_size",),
+           data="sentences"),
 ]}
 
 
