@@ -390,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="default numpy")
     add_progress(p)
     p.set_defaults(func=cmd_demo)
+    from scratchlm.commands import vae; vae.register(commands)  # noqa: E702
+    from scratchlm.commands import gan; gan.register(commands)  # noqa: E702
     return parser
 
 

@@ -234,14 +234,17 @@ class SentenceVAE(nn.Module):
             self.train(was)
 
     def _sentence_nll(self, x, y, z):
-        """-log p(y | x, z) summed per sentence (B,), host float64 (no tape)."""
-        logits = backend.to_numpy(self.decode(x, z).data).astype(np.float64)  # (B, T, V)
-        targets = backend.to_numpy(y)
-        top = logits.max(axis=-1, keepdims=True)
-        log_z = top[..., 0] + np.log(np.exp(logits - top).sum(axis=-1))        # (B, T)
+        """-log p(y | x, z) summed per sentence (B,), host float64 (no tape). The per-row log-sum-exp
+        comes from the cross-entropy kernel (one fused pass over the logits)."""
+        from ..kernels import cross_entropy as cross_entropy_kernel
+        logits = self.decode(x, z).data                                         # (B, T, V)
+        B, T, V = logits.shape
+        rows, targets = logits.reshape(B * T, V), y.reshape(-1)
+        _, lse = cross_entropy_kernel.forward(rows, targets, IGNORE_INDEX)      # (B T,)
         real = targets != IGNORE_INDEX
-        picked = np.take_along_axis(logits, np.where(real, targets, 0)[..., None], axis=-1)[..., 0]
-        return np.where(real, log_z - picked, 0.0).sum(axis=1)
+        picked = backend.xp.take_along_axis(rows, backend.xp.where(real, targets, 0)[:, None], axis=1)[:, 0]
+        nll = backend.xp.where(real, lse - picked, 0.0).reshape(B, T)
+        return backend.to_numpy(nll).astype(np.float64).sum(axis=1)
 
     # ------------------------------------------------------------ decoding: prior samples, reconstructions, homotopies
 
@@ -250,21 +253,11 @@ class SentenceVAE(nn.Module):
 
     def decode_z(self, z, boundary: int, max_len: int | None = None, temperature: float = 1.0, seed: int = 0):
         """Sentences (lists of token ids, boundary cut off) decoded from z (B, D) host or device,
-        by ``scratchlm.generate.iter_tokens`` (temperature 0 = greedy)."""
-        from ..generate import iter_tokens
+        by the library's sampler (``scratchlm.generate.sample_documents``; temperature 0 = greedy)."""
+        from ..generate import sample_documents
         z = np.asarray(backend.to_numpy(z.data if isinstance(z, Tensor) else z), dtype=np.float64)
-        B, max_len = z.shape[0], max_len or self.config.block_size
-        prompt = np.full((B, 1), boundary, dtype=np.int64)
-        rows, done = [[] for _ in range(B)], np.zeros(B, dtype=bool)
-        for token in iter_tokens(self.decoder_for(z), prompt, max_len, temperature=temperature, seed=seed):
-            for b in np.flatnonzero(~done):
-                if token[b] == boundary:
-                    done[b] = True
-                else:
-                    rows[b].append(int(token[b]))
-            if done.all():
-                break
-        return rows
+        return sample_documents(self.decoder_for(z), boundary, z.shape[0], max_len or self.config.block_size,
+                                temperature=temperature, seed=seed)
 
     def sample(self, n: int, boundary: int, temperature: float = 1.0, seed: int = 0):
         """n sentences from the prior: z ~ N(0, I) (drawn from ``seed``), then decoded."""
