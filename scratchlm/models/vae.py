@@ -196,7 +196,8 @@ class SentenceVAE(nn.Module):
         kl_dims = kl.mean(axis=0)                                               # (D,) batch mean per dimension
         if self.config.free_bits > 0:
             floor = self.config.free_bits
-            kl_dims = F.where(kl_dims.data > floor, kl_dims, Tensor(backend.xp.full(kl_dims.shape, floor, dtype=kl_dims.dtype)))
+            floors = Tensor(backend.xp.full(kl_dims.shape, floor, dtype=kl_dims.dtype))
+            kl_dims = F.where(kl_dims.data > floor, kl_dims, floors)            # max(KL_d, floor): no gradient below
         beta = self.config.kl_weight(it)
         loss = (recon + beta * kl_dims.sum() * B) / tokens
         return loss, {"recon": recon.data / B, "kl": kl.data.sum() / B, "kl_weight": beta}
@@ -213,7 +214,8 @@ class SentenceVAE(nn.Module):
             with no_grad():
                 x, y = _index_array(x, "idx"), _index_array(y, "targets")
                 mu, logvar = self.encode(y)                                     # (B, D)
-                mu_h, lv_h = backend.to_numpy(mu.data).astype(np.float64), backend.to_numpy(logvar.data).astype(np.float64)
+                mu_h = backend.to_numpy(mu.data).astype(np.float64)
+                lv_h = backend.to_numpy(logvar.data).astype(np.float64)
                 rng = np.random.default_rng(seed)
                 log_w, recon_first = [], None
                 for i in range(k):
