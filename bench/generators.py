@@ -138,7 +138,9 @@ def plot(rows: dict, path: Path) -> str:
     for name, (b4, sb4) in TEXYGEN.items():
         if sb4 is not None:
             ax.plot(sb4, b4, marker="x", color="gray", markersize=8, linestyle="none")
-            ax.annotate(f"Texygen {name}", (sb4, b4), textcoords="offset points", xytext=(6, 4), color="gray")
+            ax.annotate(f"Texygen {name}", (sb4, b4), textcoords="offset points", xytext=(-30, 6), color="gray",
+                        fontsize=8)
+    ax.margins(x=0.12, y=0.12)
     ax.set_xlabel("self-BLEU-4 of 500 samples (lower = more diverse)")
     ax.set_ylabel("BLEU-4 against the 10,000 test captions (higher = closer to real)")
     ax.set_title("coco captions: quality against diversity")
@@ -171,19 +173,19 @@ def main() -> int:
     if not rows:
         print(f"no runs in {args.runs}; pass --train to train them (about {args.budget_min:g} minutes each)")
         return 1
-    head = (f"{'model':<13} {'test NLL':>10} {'BLEU-2':>7} {'BLEU-3':>7} {'BLEU-4':>7} {'BLEU-5':>7} {'sBLEU-2':>8} "
+    head = (f"{'model':<16} {'test NLL':>10} {'BLEU-2':>7} {'BLEU-3':>7} {'BLEU-4':>7} {'BLEU-5':>7} {'sBLEU-2':>8} "
             f"{'sBLEU-3':>8} {'sBLEU-4':>8} {'sBLEU-5':>8} {'B4/Texygen':>10} {'train min':>9}")
     print(f"coco (Texygen's captions): 1,000 samples, BLEU vs 10,000 test captions, self-BLEU of 500; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(head)
     for name, r in rows.items():
         nll = f"{r['nll']:.3f}" + ("*" if r["nll_kind"] != "exact" else " ")
-        print(f"{name:<13} {nll:>10} " + " ".join(f"{r[f'bleu{n}']:>7.3f}" for n in (2, 3, 4, 5)) + " " +
+        print(f"{name:<16} {nll:>10} " + " ".join(f"{r[f'bleu{n}']:>7.3f}" for n in (2, 3, 4, 5)) + " " +
               " ".join(f"{r[f'self_bleu{n}']:>8.3f}" for n in (2, 3, 4, 5)) +
               f" {r['bleu4'] / TEXYGEN['MLE'][0]:>10.2f} {r['minutes']:>9.1f}")
     for name, (b4, sb4) in TEXYGEN.items():
-        print(f"{'Texygen ' + name:<13} {'':>10} {'':>7} {'':>7} {b4:>7.3f} {'':>7} {'':>8} {'':>8} "
-              f"{sb4 if sb4 is not None else float('nan'):>8.3f}")
+        self_bleu4 = f"{sb4:>8.3f}" if sb4 is not None else f"{'-':>8}"
+        print(f"{'Texygen ' + name:<16} {'':>10} {'':>7} {'':>7} {b4:>7.3f} {'':>7} {'':>8} {'':>8} {self_bleu4}")
     print("* the VAE's test NLL is its importance-weighted upper bound (nats per word, boundary included)")
     if "VAE (prior)" in rows:
         v = rows["VAE (prior)"]
