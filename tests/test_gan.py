@@ -152,3 +152,10 @@ def test_discriminator_learns_an_easy_distinction():
         opt.step()
         opt.zero_grad()
     assert float(accuracy) == 1.0 and loss.item() < 0.1 * first
+
+
+def test_config_parameter_count_matches_the_model():
+    config = GANConfig(vocab_size=V, block_size=7, n_embd=4, n_hidden=6, d_embd=3, d_widths="1,2,3", d_filters=4)
+    assert config.num_parameters() == sum(p.size for p in SeqGAN(config).parameters())
+    parts = config.memory_estimate(batch_size=2)
+    assert parts["parameters"] == 4 * config.num_parameters() and parts["activations"] > 0

@@ -230,3 +230,10 @@ def test_sample_reconstruct_interpolate_shapes():
     assert len(path) == 5
     ends = model.reconstruct(pair, boundary=B_)
     assert path[0] == ends[0] and path[-1] == ends[1]              # t = 0 and 1 are the two posterior means
+
+
+def test_config_parameter_count_matches_the_model():
+    config = VAEConfig(vocab_size=V, block_size=6, n_embd=4, n_hidden=5, n_latent=2, n_layer=2)
+    assert config.num_parameters() == sum(p.size for p in SentenceVAE(config).parameters())
+    parts = config.memory_estimate(batch_size=2)
+    assert parts["parameters"] == 4 * config.num_parameters() and parts["activations"] > 0

@@ -88,6 +88,25 @@ class GANConfig(_Config):
     def widths(self) -> list[int]:
         return [int(w) for w in str(self.d_widths).split(",") if w.strip()]
 
+    def generator_config(self) -> RNNLMConfig:
+        return RNNLMConfig(vocab_size=self.vocab_size, block_size=self.block_size, n_embd=self.n_embd,
+                           n_hidden=self.n_hidden, n_layer=self.n_layer, dropout=self.dropout, cell="lstm")
+
+    def num_parameters(self) -> int:
+        V, C, F, widths = self.vocab_size, self.d_embd, self.d_filters, self.widths()
+        return (self.generator_config().num_parameters() + V * C + sum(k * C * F + F for k in widths)
+                + len(widths) * F + 1)
+
+    def memory_estimate(self, batch_size: int, block_size: int | None = None, bytes_per_value: int = 4) -> dict:
+        """The generator's (RNNLMConfig's), plus the policy gradient's log-softmax B T V, plus the
+        discriminator on 2B sentences: embeddings, and per width k its windows and activations
+        2B T (k C_D + F)."""
+        B, T = batch_size, block_size or self.block_size
+        generator = self.generator_config().memory_estimate(B, T, 1)["activations"]
+        discriminator = 2 * B * T * (self.d_embd + sum(k * self.d_embd + self.d_filters for k in self.widths()))
+        activations = generator + B * T * self.vocab_size + discriminator
+        return self._memory(self.num_parameters(), activations, bytes_per_value)
+
     def phase(self, it: int) -> str:
         if it < self.g_pretrain_iters:
             return "mle"
@@ -123,9 +142,7 @@ class SeqGAN(nn.Module):
     def __init__(self, config: GANConfig, seed: int = 0):
         self.config = c = config
         rng = np.random.default_rng(seed)
-        self.generator = RNNLM(RNNLMConfig(vocab_size=c.vocab_size, block_size=c.block_size, n_embd=c.n_embd,
-                                           n_hidden=c.n_hidden, n_layer=c.n_layer, dropout=c.dropout, cell="lstm"),
-                               seed=int(rng.integers(2 ** 31)))
+        self.generator = RNNLM(c.generator_config(), seed=int(rng.integers(2 ** 31)))
         self.discriminator = Discriminator(c.vocab_size, c.d_embd, c.widths(), c.d_filters, c.d_dropout, rng)
 
     # ------------------------------------------------------------ G as a language model

@@ -101,6 +101,17 @@ class VAEConfig(_Config):
         return (V * C + lstm(C) + 2 * (H * D + D) + L * (D * H + H) + lstm(C + D)
                 + (L - 1) * lstm(H) + H * V + V)
 
+    def memory_estimate(self, batch_size: int, block_size: int | None = None, bytes_per_value: int = 4) -> dict:
+        """As RNNLMConfig's (what the fused LSTM ops save) for the decoder, whose first layer reads
+        C + D, plus the encoder layer (input B T C, h and c buffers B (T+1) H, gates 4 B T H, output)."""
+        from .rnn import RNNLMConfig
+        B, T = batch_size, block_size or self.block_size
+        decoder = RNNLMConfig(vocab_size=self.vocab_size, block_size=T, n_embd=self.n_embd + self.n_latent,
+                              n_hidden=self.n_hidden, n_layer=self.n_layer, cell="lstm")
+        encoder = B * T * self.n_embd + 3 * B * (T + 1) * self.n_hidden + 4 * B * T * self.n_hidden
+        activations = decoder.memory_estimate(B, T, 1)["activations"] + encoder
+        return self._memory(self.num_parameters(), activations, bytes_per_value)
+
 
 class SentenceVAE(nn.Module):
     """Embedding -> encoder LSTM -> (mu, log sigma^2) -> z -> decoder LSTM on [E x_t; z] -> head.
