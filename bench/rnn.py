@@ -4,6 +4,7 @@ CPU, and the sampling speed of an LSTM language model decoding one token at a ti
     python bench/rnn.py                      # B=32, T in {64, 256}, H in {128, 256, 512}, 1 and 2 layers
     python bench/rnn.py --quick              # T=64, H=256 only
     python bench/rnn.py --threads 1          # BLAS, Numba and torch pinned to one thread (a busy machine)
+    python bench/rnn.py --sampling-only      # only the sampling line
 
 What is timed (float32, batch_first, input size = H, random weights and inputs):
 - layers: one forward over (B, T, H) and one backward of out.sum() (gradients of the input and of
@@ -13,7 +14,7 @@ What is timed (float32, batch_first, input size = H, random weights and inputs):
   it, process CPU time (the sum over threads: steadier than wall time on a shared machine).
 - sampling: RNNLM(cell=lstm) with ``--lm`` sizes, batch 1, one thread: ``model.step`` per token
   plus drawing the token (temperature 1, NumPy generator), tokens/s over ``--tokens`` tokens,
-  median of three runs; and the same loop in torch (Embedding -> LSTM with carried (h, c) ->
+  median of three runs, by wall time and per CPU second; and the same loop in torch (Embedding -> LSTM with carried (h, c) ->
   Linear, one thread) as the peer.
 
 Writes bench/results/rnn.json.
@@ -44,6 +45,7 @@ def parse_args():
     parser.add_argument("--tokens", type=int, default=1000, help="tokens per sampling run")
     parser.add_argument("--lm", default="65,64,256,2",
                         help="sampling model: vocab_size,n_embd,n_hidden,n_layer (default 65,64,256,2)")
+    parser.add_argument("--sampling-only", action="store_true", help="skip the layer table")
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args()
 
@@ -108,40 +110,50 @@ def bench_sampling(args, torch, np, sl):
     V, C, H, L = (int(v) for v in args.lm.split(","))
     model = RNNLM(RNNLMConfig(vocab_size=V, n_embd=C, n_hidden=H, n_layer=L, cell="lstm")).eval()
 
+    def rates(start_wall, start_cpu):
+        """tokens/s by wall time and by process CPU time."""
+        return (args.tokens / (time.perf_counter() - start_wall), args.tokens / (time.process_time() - start_cpu))
+
     def ours_run():
         rng = np.random.default_rng(0)
         state, token = model.init_state(1), np.array([0])
-        start = time.perf_counter()
+        start = time.perf_counter(), time.process_time()
         with sl.no_grad():
             for _ in range(args.tokens):
                 logits, state = model.step(token, state)
                 token = sample_next_token(sl.backend.to_numpy(logits.data).astype(np.float64), 1.0, None, None, rng)
-        return args.tokens / (time.perf_counter() - start)
+        return rates(*start)
 
     def torch_run():
         rng = np.random.default_rng(0)
         emb, lstm, head = torch.nn.Embedding(V, C), torch.nn.LSTM(C, H, num_layers=L, batch_first=True), torch.nn.Linear(H, V)
         state, token = None, np.array([0])
-        start = time.perf_counter()
+        start = time.perf_counter(), time.process_time()
         with torch.no_grad():
             for _ in range(args.tokens):
                 out, state = lstm(emb(torch.from_numpy(token)[:, None]), state)
                 logits = head(out[:, 0]).numpy().astype(np.float64)
                 token = sample_next_token(logits, 1.0, None, None, rng)
-        return args.tokens / (time.perf_counter() - start)
+        return rates(*start)
+
+    def medians(run):
+        wall, cpu = zip(*(run() for _ in range(3)))
+        return sorted(wall)[1], sorted(cpu)[1]
 
     result = dict(vocab_size=V, n_embd=C, n_hidden=H, n_layer=L, tokens=args.tokens)
     previous_torch_threads = torch.get_num_threads() if torch is not None else None
     with threadpool_limits(1):
         if torch is not None:
             torch.set_num_threads(1)
-        result["ours_tokens_per_s"] = sorted(ours_run() for _ in range(3))[1]
+        result["ours_tokens_per_s"], result["ours_tokens_per_cpu_s"] = medians(ours_run)
         if torch is not None:
-            result["torch_tokens_per_s"] = sorted(torch_run() for _ in range(3))[1]
+            result["torch_tokens_per_s"], result["torch_tokens_per_cpu_s"] = medians(torch_run)
             torch.set_num_threads(previous_torch_threads)
-    line = f"sampling LSTM LM V={V} C={C} H={H} L={L}, batch 1, one thread: ours {result['ours_tokens_per_s']:,.0f} tokens/s"
+    line = (f"sampling LSTM LM V={V} C={C} H={H} L={L}, batch 1, one thread: ours {result['ours_tokens_per_s']:,.0f} "
+            f"tokens/s ({result['ours_tokens_per_cpu_s']:,.0f} per CPU second)")
     if torch is not None:
-        line += f", torch {result['torch_tokens_per_s']:,.0f} tokens/s"
+        line += (f", torch {result['torch_tokens_per_s']:,.0f} tokens/s "
+                 f"({result['torch_tokens_per_cpu_s']:,.0f} per CPU second)")
     print(line)
     return result
 
@@ -169,7 +181,7 @@ def main() -> int:
     print(f"B={args.batch}, float32, input size = H; ours: BLAS threads {args.threads or 'default'}; "
           f"torch {info['torch_version']}: {info['torch_threads']} threads; {info['cpu_count']} CPUs, "
           f"load average {info['load_average'][0]:.1f}")
-    rows = bench_layers(args, torch, np, sl, nn)
+    rows = [] if args.sampling_only else bench_layers(args, torch, np, sl, nn)
     sampling = bench_sampling(args, torch, np, sl)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"info": info, "rows": rows, "sampling": sampling}, indent=1))

@@ -20,8 +20,10 @@ and returns to the prompt; Ctrl-D or /quit exits with status 0.
 
 In a terminal there is a ``you>`` prompt with line editing and history (readline, where Python
 has it). With piped stdin there is no decoration: every non-empty line that is not a command gets
-exactly one reply on stdout (ended by a newline; a reply may itself contain single newlines), and
-what commands print goes to stderr, so stdout holds only replies:
+exactly one reply line on stdout (a newline inside a reply is written as the two characters
+``\\n``, a backslash as ``\\\\``; a line the tokenizer refuses gets an empty reply line and
+its error, positioned in that line, on stderr), and what commands print goes to stderr, so
+stdout holds only replies, line k answering the k-th non-command line:
 
     printf 'The list type\\n/temp 0\\nThe dict type\\n' | scratchlm chat --run runs/demo
 """
@@ -63,7 +65,7 @@ class ChatSession:
         self.controls = dict(temperature=temperature, top_k=top_k, top_p=top_p,
                              repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens)
         self.seed = seed
-        check_sampling_args(seed=seed, **self.controls)
+        check_chat_controls(self.controls, {}, seed)
         try:
             tokenizer.encode(TURN_END)
         except UserError:
@@ -93,9 +95,11 @@ class ChatSession:
     # ------------------------------------------------------------- one reply
     def reply(self, line: str):
         """Stream the reply to ``line`` (an iterator of text pieces). The conversation records
-        what was streamed when the iterator ends, is closed, or is interrupted."""
+        what was streamed when the iterator ends, is closed, or is interrupted. A line the
+        tokenizer refuses raises UserError, its position counted in ``line`` (not the conversation)."""
+        self.tokenizer.encode(line)           # a character outside the vocabulary raises here, located in the line
         text = self.history + line + "\n"
-        ids = self.context_ids(text)          # a character outside the vocabulary raises here
+        ids = self.context_ids(text)
         pieces = stream_text(self.model, self.tokenizer, ids, stop=REPLY_STOPS,
                              seed=self.seed + self.replies, **self.controls)
         return self._record(text, pieces)
@@ -128,8 +132,8 @@ class ChatSession:
             used = len(self.context_ids(self.history))
             return (f"context: {used} of {self.context_limit()} tokens kept for the conversation "
                     f"(window {self.window()}; {self.replies} replies so far)")
-        setters = {"/temp": ("temperature", float), "/topk": ("top_k", int), "/topp": ("top_p", float),
-                   "/max": ("max_new_tokens", int), "/seed": ("seed", int)}
+        setters = {command: (key, int if key in ("top_k", "max_new_tokens", "seed") else float)
+                   for key, command in COMMAND_OF.items()}
         if name not in setters:
             raise CommandError(f"unknown command {name!r}; /help lists the commands")
         key, kind = setters[name]
@@ -140,20 +144,37 @@ class ChatSession:
                                f"{name} {'1' if kind is int else '0.8'}") from None
         if key == "seed":
             try:
-                check_sampling_args(seed=value)
+                check_sampling_args(seed=value, names=COMMAND_OF)
             except SamplingArgumentError as exc:
                 raise CommandError(str(exc)) from None
             self.seed, self.replies = value, 0
             return f"seed = {value}"
-        if key == "max_new_tokens" and value < 1:
-            raise CommandError("/max needs an integer >= 1")
         controls = {**self.controls, key: value}
         try:
-            check_sampling_args(**controls)
+            check_chat_controls(controls, COMMAND_OF)
         except SamplingArgumentError as exc:
             raise CommandError(str(exc)) from None
         self.controls = controls
         return f"{key} = {value}"
+
+
+# what each control is typed as inside chat
+COMMAND_OF = {"temperature": "/temp", "top_k": "/topk", "top_p": "/topp", "max_new_tokens": "/max", "seed": "/seed"}
+
+
+def check_chat_controls(controls: dict, names: dict, seed: int = 0) -> None:
+    """``check_sampling_args`` plus chat's own rule, the same for ``--max-new-tokens`` and ``/max``:
+    a reply has at least one token (0 would answer every line with nothing)."""
+    check_sampling_args(seed=seed, names=names, **controls)
+    if controls["max_new_tokens"] < 1:
+        raise SamplingArgumentError(f"{names.get('max_new_tokens', 'max_new_tokens')} must be an integer >= 1 in "
+                                    f"chat (a reply needs a token), got {controls['max_new_tokens']}")
+
+
+def one_line(text: str) -> str:
+    """A reply piece as it goes down a pipe: each backslash doubled, each newline written as a
+    backslash and ``n``, so a reply is exactly one line."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
 class QuitChat(Exception):
@@ -168,17 +189,17 @@ class CommandError(Exception):
 
 def run_chat(args) -> int:
     """The chat loop on stdin/stdout for parsed ``args`` (see ``add_chat_arguments``); exit code."""
+    from scratchlm.cli import SAMPLING_FLAGS
     from scratchlm.runs import load_model
+    check_chat_controls({key: getattr(args, key) for key in SAMPLING_FLAGS if key != "seed"}, SAMPLING_FLAGS,
+                        args.seed)                          # before the model loads, by the flags' names
     try:
         backend.use_backend(args.backend)
     except backend.BackendUnavailable as exc:
         raise UserError(str(exc)) from None
     model, tokenizer, _ = load_model(args.run)
-    try:
-        session = ChatSession(model, tokenizer, args.temperature, args.top_k, args.top_p,
-                              args.repetition_penalty, args.seed, args.max_new_tokens)
-    except SamplingArgumentError as exc:
-        raise UserError(str(exc).replace("top_k", "--top-k").replace("top_p", "--top-p")) from None
+    session = ChatSession(model, tokenizer, args.temperature, args.top_k, args.top_p,
+                          args.repetition_penalty, args.seed, args.max_new_tokens)
     interactive = sys.stdin.isatty()
     if interactive:
         try:
@@ -218,16 +239,21 @@ def run_chat(args) -> int:
 
 
 def _print_reply(session: ChatSession, line: str, notes) -> None:
-    """Stream one reply to stdout; Ctrl-C stops it, a prompt the tokenizer refuses is a note."""
+    """Stream one reply to stdout; Ctrl-C stops it. A line the tokenizer refuses is a note, and
+    still gets its (empty) reply line on stdout, so piped replies stay one per line."""
     out = sys.stdout
     try:
         pieces = session.reply(line)
     except UserError as exc:
         print(" ".join(str(exc).split()), file=notes, flush=True)
+        if notes is not out:
+            out.write("\n")
+            out.flush()
         return
+    piped = notes is not out
     try:
         for piece in until_interrupted(pieces):   # Ctrl-C: raised between pieces, stream closed
-            out.write(piece)
+            out.write(one_line(piece) if piped else piece)
             out.flush()
         out.write("\n")
     except KeyboardInterrupt:                      # the conversation keeps what was shown

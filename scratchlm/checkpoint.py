@@ -78,6 +78,12 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)          # the only way to read it is to set it, then put it back
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def _atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     """Yield a binary file that replaces ``path`` only if the ``with`` block finishes.
@@ -91,6 +97,9 @@ def _atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     os.makedirs(directory, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; a run file gets the mode any file the user creates gets
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

@@ -8,21 +8,33 @@
     scratchlm summary --preset gpt2-124m
 
 Mistakes a user can make (a missing run folder, a corrupt checkpoint, an unknown preset or key, a
-bad value) end in one line on stderr, ``scratchlm: error: ...``, and exit status 2, with no
-traceback. Ctrl-C while training saves a checkpoint and exits with 130. Anything else is a bug
-and keeps its traceback.
+bad value, a path that cannot be written, a full disk, a config too big for the memory) end in one
+line on stderr, ``scratchlm: error: ...``, and exit status 2, with no traceback: ``main`` is the
+one place that turns them into that line. Output piped into a reader that closes early (``| head``)
+ends the command quietly with status 141 (128 + SIGPIPE, what a shell reports for Unix tools
+killed by a closed pipe). Ctrl-C exits with 130 (while training, after saving a checkpoint).
+Anything else is a bug and keeps its traceback.
+
+Commands that write a run folder (train, demo) go through ``scratchlm.runguard``: arguments and
+config checked first, then the folder's lock, then the writes.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import os
 import sys
 from pathlib import Path
 
+from scratchlm.backend import BackendUnavailable
 from scratchlm.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141            # 128 + SIGPIPE
+DEFAULT_PRESET = "nano-cpu"
+DEFAULT_TOKENIZER = "char"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,6 +42,22 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{message} (see '{self.prog} --help')")
+
+
+def whole_number(flag: str, minimum: int | None = None):
+    """An argparse ``type`` for an integer flag: the same parser as ``--set`` (``1e3`` is 1000)."""
+    def parse(text):
+        from scratchlm.config import parse_int
+        return parse_int(text, flag, minimum)
+    return parse
+
+
+def real_number(flag: str):
+    """An argparse ``type`` for a number flag: the same parser as ``--set``."""
+    def parse(text):
+        from scratchlm.config import parse_float
+        return parse_float(text, flag)
+    return parse
 
 
 def _use_backend(name: str) -> None:
@@ -42,7 +70,7 @@ def _use_backend(name: str) -> None:
 
 def _config_from(args):
     from scratchlm.config import apply_overrides, load_preset
-    config = load_preset(args.preset)
+    config = load_preset(args.preset or DEFAULT_PRESET)
     config = apply_overrides(config, args.set)
     if getattr(args, "iters", None) is not None:
         config = config.with_value("max_iters", args.iters, where="--iters")
@@ -56,11 +84,17 @@ def _config_from(args):
 def cmd_train(args) -> int:
     from scratchlm.config import TrainConfig, apply_overrides
     from scratchlm.models.registry import get_family, resolve_config, route, run_model
+    from scratchlm.runguard import check_out_folder
     from scratchlm.runs import read_run_config
     from scratchlm.train import train
     if args.resume:
         # a resumed run keeps its saved config and model; --set, --iters and --backend may still
-        # change the non-architecture keys (e.g. train longer)
+        # change the non-architecture keys (e.g. train longer); a flag it would ignore is refused
+        for flag, value in (("--preset", args.preset), ("--tokenizer", args.tokenizer)):
+            if value is not None:
+                raise UserError(f"--resume keeps the run's {flag[2:]}, so {flag} {value} would be ignored; "
+                                f"drop {flag}, or start a new run in another --out")
+        check_out_folder(args.out, may_hold_run=True, must_hold_run=True)
         header = read_run_config(args.out)
         family, _ = run_model(header, where=f"{args.out}/config.json")
         train_pairs, model_values = route(family, args.set)
@@ -75,8 +109,8 @@ def cmd_train(args) -> int:
     if args.backend:
         config = config.with_value("backend", args.backend, where="--backend")
     config.validate()
-    result = train(config, args.out, corpus=args.corpus, tokenizer=args.tokenizer, resume=args.resume,
-                   progress=args.progress, model=args.model if args.resume else family.name,
+    result = train(config, args.out, corpus=args.corpus, tokenizer=args.tokenizer or DEFAULT_TOKENIZER,
+                   resume=args.resume, progress=args.progress, model=args.model if args.resume else family.name,
                    model_config=model_values)
     val = f"{result.last_val_loss:.4f}" if result.last_val_loss is not None else "n/a"
     print(f"done: {result.iteration} iterations in {result.elapsed_s:.1f} s, val loss {val}; run in {result.run_dir}")
@@ -114,53 +148,78 @@ def prompt_ids(tokenizer, prompt: str, block_size: int, note=None) -> list[int]:
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """The options shared by ``sample`` and ``chat``: which run, the sampling controls, the backend."""
     parser.add_argument("--run", required=True, metavar="DIR", help="a run folder written by scratchlm train")
-    parser.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="default 200")
-    parser.add_argument("--temperature", type=float, default=0.8, metavar="T",
+    parser.add_argument("--max-new-tokens", type=whole_number("--max-new-tokens"), default=200, metavar="N",
+                        help="default 200")
+    parser.add_argument("--temperature", type=real_number("--temperature"), default=0.8, metavar="T",
                         help="default 0.8; lower is more conservative, 0 = greedy")
-    parser.add_argument("--top-k", type=int, default=200, metavar="K",
+    parser.add_argument("--top-k", type=whole_number("--top-k"), default=200, metavar="K",
                         help="keep the K likeliest tokens (0 = off; default 200)")
-    parser.add_argument("--top-p", type=float, default=None, metavar="P",
+    parser.add_argument("--top-p", type=real_number("--top-p"), default=None, metavar="P",
                         help="nucleus sampling: keep tokens up to mass P")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+    parser.add_argument("--repetition-penalty", type=real_number("--repetition-penalty"), default=1.0, metavar="R",
                         help="> 1 discourages tokens already in the context (default 1 = off)")
-    parser.add_argument("--seed", type=int, default=1337, metavar="S", help="default 1337")
+    parser.add_argument("--seed", type=whole_number("--seed"), default=1337, metavar="S", help="default 1337")
     parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="default numpy")
+
+
+# the flag each sampling control is typed as, for error messages
+SAMPLING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+                  "top_p": "--top-p", "repetition_penalty": "--repetition-penalty", "seed": "--seed"}
+
+
+def check_sampling_flags(args) -> None:
+    """Refuse a bad sampling flag by the name the user typed, before the model is loaded."""
+    from scratchlm.generate import check_sampling_args
+    check_sampling_args(**{key: getattr(args, key) for key in SAMPLING_FLAGS}, names=SAMPLING_FLAGS)
 
 
 def _stderr_note(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def _write_pieces(pieces, prompt: str, stream: bool) -> None:
+    """Print the prompt and the streamed pieces, then a newline (--no-stream: all at the end)."""
+    from scratchlm.generate import until_interrupted
+    held = []                                 # --no-stream: printed at the end, or at Ctrl-C
+    if stream:
+        sys.stdout.write(prompt)
+    try:
+        for piece in until_interrupted(pieces):
+            if stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            else:
+                held.append(piece)
+    finally:                                  # Ctrl-C too: what was generated is printed, then a newline,
+        if not stream:                        # so "stopped by Ctrl-C" (stderr) starts its own line
+            sys.stdout.write(prompt + "".join(held))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
 def cmd_sample(args) -> int:
     """Stream the continuation of --prompt to stdout (KV-cached or recurrent-state decoding); Ctrl-C
     stops it (exit 130). A run on a document corpus (names) prints --num-samples new documents,
     each started at the boundary token (after --prompt, if given) and ended at the next one."""
-    from scratchlm.generate import context_window, encode_prompt, stream_text, until_interrupted
+    from scratchlm.generate import context_window, encode_prompt, stream_text
     from scratchlm.runs import load_model
+    check_sampling_flags(args)
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
     _use_backend(args.backend)
     model, tokenizer, header = load_model(args.run)
     documents = header["data"].get("split") is not None
-    window = context_window(model)
     controls = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, repetition_penalty=args.repetition_penalty)
     if documents:
-        prompt = "\n" + args.prompt                     # the boundary token starts every document
-        ids = encode_prompt(tokenizer, prompt)
+        ids = encode_prompt(tokenizer, "\n" + args.prompt)     # the boundary token starts every document
         for k in range(args.num_samples if args.num_samples is not None else 10):
             pieces = stream_text(model, tokenizer, ids, stop="\n", seed=args.seed + k, **controls)
-            sys.stdout.write(args.prompt + "".join(until_interrupted(pieces)) + "\n")
-            sys.stdout.flush()
+            _write_pieces(pieces, args.prompt, args.stream)
         return 0
-    ids = prompt_ids(tokenizer, args.prompt, window, note=_stderr_note)
+    ids = prompt_ids(tokenizer, args.prompt, context_window(model), note=_stderr_note)
     for k in range(args.num_samples if args.num_samples is not None else 1):
-        pieces = stream_text(model, tokenizer, ids, seed=args.seed + k, **controls)
-        if not args.stream:
-            pieces = ["".join(until_interrupted(pieces))]
-        sys.stdout.write(args.prompt)
-        for piece in until_interrupted(pieces) if args.stream else pieces:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        _write_pieces(stream_text(model, tokenizer, ids, seed=args.seed + k, **controls), args.prompt, args.stream)
     return 0
 
 
@@ -179,11 +238,13 @@ def cmd_bench(args) -> int:
     from scratchlm import backend, kernels, optim
     from scratchlm.config import read_preset
     from scratchlm.models import GPT
+    from scratchlm.memory import check_fits_in_memory
     _use_backend(args.backend)
     kernels.use_reference(args.kernels == "off")
     backend.keep_freed_host_memory()
     config = _config_from(args)
-    vocab_size = args.vocab_size or read_preset(args.preset).get("vocab_size", 65)
+    vocab_size = args.vocab_size if args.vocab_size is not None else read_preset(args.preset).get("vocab_size", 65)
+    check_fits_in_memory(config.model_config(vocab_size), config.batch_size, config.block_size)
     model = GPT(config.model_config(vocab_size), seed=config.seed)
     optimizer = optim.AdamW(model.configure_optimizer_groups(config.weight_decay), lr=config.learning_rate,
                             betas=(config.beta1, config.beta2), weight_decay=config.weight_decay)
@@ -212,27 +273,39 @@ def cmd_bench(args) -> int:
 # ================================================================ summary
 
 def cmd_summary(args) -> int:
-    from scratchlm.models import GPT
-    from scratchlm.config import read_preset
-    from scratchlm.models.registry import build_model, run_model, summary_text
-    from scratchlm.runs import read_run_config
+    from scratchlm.config import TrainConfig, read_preset
+    from scratchlm.memory import check_fits_in_memory, describe, estimate_training_memory
+    from scratchlm.models.registry import build_model, summary_text
+    from scratchlm.runs import model_config_of, read_run_config
     if (args.preset is None) == (args.run is None):
         raise UserError("summary needs exactly one of --preset NAME or --run DIR")
     if args.run is not None:
+        for flag, value in (("--set", args.set), ("--vocab-size", args.vocab_size)):
+            if value:
+                raise UserError(f"summary --run shows the saved run as it is, so {flag} would be ignored; "
+                                f"drop it (it applies to summary --preset)")
         header = read_run_config(args.run)
-        family, model_config = run_model(header, where=f"{args.run}/config.json")
+        family, model_config = model_config_of(args.run, header)
+        config = TrainConfig.from_dict(header["train"], where=f"{args.run}/config.json")
         where = f"run {args.run}: model {family.name} (corpus {header['data'].get('corpus_name', '?')}, tokenizer " \
                 f"{header['data'].get('tokenizer', '?')})"
-        model = build_model(family.name, model_config, seed=0)
     else:
+        from scratchlm.models.registry import get_family, resolve_config
         preset = read_preset(args.preset)
-        config = _config_from(args)
-        vocab_size = args.vocab_size or preset.get("vocab_size", 65)
-        model = GPT(config.model_config(vocab_size), seed=0)
-        where = f"preset {args.preset} with vocab_size {vocab_size}" + \
+        family = get_family(preset.get("model", "gpt"))
+        config, model_values = resolve_config(family, preset=args.preset, overrides=args.set)
+        vocab_size = args.vocab_size if args.vocab_size is not None else preset.get("vocab_size", 65)
+        model_config = family.model_config(config, model_values, vocab_size)
+        where = f"preset {args.preset} (model {family.name}) with vocab_size {vocab_size}" + \
                 ("" if args.vocab_size else " (its typical tokenizer; change with --vocab-size)")
+    # the table allocates the weights and runs one row through them: refuse before, if that cannot fit
+    check_fits_in_memory(model_config, 1, config.block_size, components=("parameters", "activations"))
+    estimate = estimate_training_memory(model_config, config.batch_size, config.block_size)
+    model = build_model(family.name, model_config, seed=0)
     print(f"{where}")
     print(summary_text(model))
+    print(f"memory for one training step at batch_size {config.batch_size}, block_size {config.block_size} "
+          f"(float32): {describe(estimate)}")
     return 0
 
 
@@ -242,11 +315,11 @@ DEMO_PROMPT = "The "
 
 
 def cmd_demo(args) -> int:
-    import time
     from scratchlm.data import load_corpus, prepare
-    from scratchlm.generate import generate_text
     from scratchlm.tokenizers import make_tokenizer
     from scratchlm.config import load_preset
+    from scratchlm.memory import check_fits_in_memory
+    from scratchlm.runguard import open_run_for_writing
     from scratchlm.train import Trainer
     config = load_preset("demo")
     if args.iters is not None:
@@ -254,15 +327,38 @@ def cmd_demo(args) -> int:
         config = dataclasses.replace(config, max_iters=args.iters, lr_decay_iters=args.iters,
                                      warmup_iters=min(config.warmup_iters, args.iters // 10))
     config = config.with_value("backend", args.backend, where="--backend").validate()
-    _use_backend(config.backend)
     out = Path(args.out)
+    data = {}
 
-    corpus = load_corpus("pydoc")
-    tokenizer = make_tokenizer("char", corpus.text)
-    prepared = prepare(corpus, tokenizer)
-    data_info = {"corpus": "pydoc", "corpus_name": corpus.name, "corpus_sha256": corpus.sha256, "tokenizer": "char",
-                 "train_tokens": int(len(prepared.train)), "val_tokens": int(len(prepared.val))}
-    trainer = Trainer(config, tokenizer, prepared, out, data_info, progress=args.progress)
+    def validate():                        # everything checked before the run folder is touched
+        _use_backend(config.backend)
+        corpus = load_corpus("pydoc")
+        tokenizer = make_tokenizer("char", corpus.text)
+        check_fits_in_memory(config.model_config(tokenizer.vocab_size), config.batch_size, config.block_size)
+        prepared = prepare(corpus, tokenizer)
+        data.update(corpus=corpus, tokenizer=tokenizer, prepared=prepared, info={
+            "corpus": "pydoc", "corpus_name": corpus.name, "corpus_sha256": corpus.sha256, "tokenizer": "char",
+            "train_tokens": int(len(prepared.train)), "val_tokens": int(len(prepared.val)), "written_by": "demo"})
+
+    # demo replaces its own earlier demo run in --out; any other run is kept (refused by the guard)
+    with open_run_for_writing(out, validate=validate, overwrite=_holds_demo_run(out)):
+        return _run_demo(args, config, out, Trainer(config, data["tokenizer"], data["prepared"], out, data["info"],
+                                                    progress=args.progress), data["corpus"], data["tokenizer"])
+
+
+def _holds_demo_run(out: Path) -> bool:
+    from scratchlm.checkpoint import read_json
+    try:
+        header = read_json(out / "config.json")
+    except UserError:
+        return False
+    return isinstance(header, dict) and isinstance(header.get("data"), dict) and \
+        header["data"].get("written_by") == "demo"
+
+
+def _run_demo(args, config, out, trainer, corpus, tokenizer) -> int:
+    import time
+    from scratchlm.generate import generate_text
     n_params = sum(int(p.data.size) for p in trainer.params)
     print(f"scratchlm demo: a {n_params:,}-parameter GPT ({config.n_layer} layers, {config.n_head} heads, "
           f"{config.n_embd} channels) learns Python's documentation ({len(corpus.text):,} characters of "
@@ -304,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "train on a text corpus, sample from the result.",
                      epilog="Start with: scratchlm demo")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.set_defaults(command_names=commands.choices)        # every command, for the no-command message
 
     def add_progress(p):
         p.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
@@ -320,14 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="NAME", help=f"the model family: {models} (default gpt)")
     p.add_argument("--corpus", metavar="NAME|PATH",
                    help="a registered corpus (pydoc, stdlib, tinyshakespeare), a UTF-8 text file or a folder")
-    p.add_argument("--tokenizer", default="char", metavar="char|bpe[:VOCAB]", help="default: char")
+    p.add_argument("--tokenizer", metavar="char|bpe[:VOCAB]", help=f"default: {DEFAULT_TOKENIZER}")
     p.add_argument("--preset", metavar="NAME", help=f"one of: {presets} (default: <corpus>-<model> if it exists, "
-                                                    "e.g. names-lstm; else nano-cpu for gpt and the model's defaults)")
+                                                    f"e.g. names-lstm; else {DEFAULT_PRESET} for gpt and the model's "
+                                                    "defaults)")
     p.add_argument("--out", required=True, metavar="DIR", help="the run folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set learning_rate=3e-4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
-    p.add_argument("--iters", type=int, metavar="N", help="train until iteration N (sets max_iters)")
+    p.add_argument("--iters", type=whole_number("--iters", 0), metavar="N",
+                   help="train until iteration N (sets max_iters)")
     p.add_argument("--backend", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (NVIDIA GPU)")
     add_progress(p)
     p.set_defaults(func=cmd_train)
@@ -364,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Per-layer table of a preset's or a run's model.")
     p.add_argument("--preset", metavar="NAME", help=f"one of: {presets}")
     p.add_argument("--run", metavar="DIR", help="a run folder")
-    p.add_argument("--vocab-size", type=int, metavar="V", help="vocabulary size for --preset (default: the preset's)")
+    p.add_argument("--vocab-size", type=whole_number("--vocab-size", 1), metavar="V",
+                   help="vocabulary size for --preset (default: the preset's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.set_defaults(func=cmd_summary)
 
@@ -372,10 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Forward, backward, clipping and AdamW on random tokens at a preset's "
                                         "shapes; prints ms/iter and tokens/s.")
     p.add_argument("--preset", default="nano-cpu", metavar="NAME", help=f"one of: {presets} (default nano-cpu)")
-    p.add_argument("--vocab-size", type=int, metavar="V", help="vocabulary size (default: the preset's)")
+    p.add_argument("--vocab-size", type=whole_number("--vocab-size", 1), metavar="V",
+                   help="vocabulary size (default: the preset's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--iters", type=int, default=20, metavar="N", help="timed steps (default 20)")
-    p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed steps first (default 3)")
+    p.add_argument("--iters", type=whole_number("--iters", 1), default=20, metavar="N", help="timed steps (default 20)")
+    p.add_argument("--warmup", type=whole_number("--warmup", 0), default=3, metavar="N",
+                   help="untimed steps first (default 3)")
     p.add_argument("--kernels", choices=["on", "off"], default="on", help="off: the NumPy references")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="default numpy")
     p.set_defaults(func=cmd_bench)
@@ -383,10 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="train a small GPT on Python's docs in a couple of minutes",
                             description="Train the `demo` preset on the pydoc corpus (ships with Python, no "
                                         "download), char-level, printing a sample before and after. "
-                                        "Overwrites the run in --out.")
+                                        "Replaces an earlier demo run in --out; any other run there is kept "
+                                        "(refused).")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="the run folder (default runs/demo)")
-    p.add_argument("--iters", type=int, metavar="N", help="iterations (default: the demo preset's)")
-    p.add_argument("--sample-tokens", type=int, default=300, metavar="N", help="length of each sample (default 300)")
+    p.add_argument("--iters", type=whole_number("--iters", 1), metavar="N", help="iterations (default: the demo preset's)")
+    p.add_argument("--sample-tokens", type=whole_number("--sample-tokens", 0), default=300, metavar="N",
+                   help="length of each sample (default 300)")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="default numpy")
     add_progress(p)
     p.set_defaults(func=cmd_demo)
@@ -395,19 +499,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# errno values of OSErrors a user causes (a path, a permission, a full disk): one line, exit 2
+USER_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ENOSPC,
+               errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP, errno.EFBIG, errno.EMFILE, errno.ENFILE, errno.ENOTEMPTY,
+               errno.EXDEV, getattr(errno, "EDQUOT", errno.ENOSPC)}
+OS_ERROR_FIX = {errno.ENOSPC: "free some disk space or choose another folder",
+                getattr(errno, "EDQUOT", errno.ENOSPC): "free some disk space or choose another folder",
+                errno.EACCES: "check the permissions or choose another folder",
+                errno.EPERM: "check the permissions or choose another folder",
+                errno.EROFS: "choose a folder on a writable file system"}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``[Errno 28] No space left on device`` -> "no space left on device: runs/x/model.safetensors; free ..." """
+    what = (exc.strerror or str(exc)).rstrip(".").lower()
+    where = ": " + " -> ".join(os.fspath(f) for f in (exc.filename, exc.filename2) if f is not None) \
+        if exc.filename is not None else ""
+    fix = OS_ERROR_FIX.get(exc.errno, "check the path")
+    return f"{what}{where}; {fix}"
+
+
+def _quiet_closed_stdout() -> None:
+    """stdout's reader is gone (``| head``): point stdout at /dev/null so the interpreter's final
+    flush does not raise again (the recipe of Python's signal documentation, "Note on SIGPIPE")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv=None) -> int:
-    from scratchlm import backend
+    """Run one command; the one place where user errors become a line and an exit status."""
+    def error(message) -> int:
+        print(f"scratchlm: error: {' '.join(str(message).split())}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
-            raise UserError("choose a command: train, eval, sample, chat, summary or demo (see 'scratchlm --help'; "
+            raise UserError(f"choose a command: {', '.join(args.command_names)} (see 'scratchlm --help'; "
                             "start with 'scratchlm demo')")
-        return args.func(args) or 0
-    except (UserError, backend.BackendUnavailable) as exc:
-        message = " ".join(str(exc).split())          # one line, whatever the message held
-        print(f"scratchlm: error: {message}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        status = args.func(args) or 0
+        sys.stdout.flush()                        # a closed pipe shows up here, not at exit
+        return status
+    except (UserError, BackendUnavailable) as exc:
+        return error(exc)
+    except BrokenPipeError:
+        _quiet_closed_stdout()
+        return EXIT_BROKEN_PIPE
+    except MemoryError as exc:
+        return error(f"out of memory ({exc or 'an allocation failed'}); lower batch_size, block_size or n_embd "
+                     f"('scratchlm summary' prints the estimate per component)")
+    except OSError as exc:
+        if exc.errno not in USER_ERRNOS:
+            raise                                 # not something the user can fix: a bug, keep the traceback
+        return error(describe_os_error(exc))
     except KeyboardInterrupt as exc:
         print(" ".join(str(exc).split()) or "interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -137,30 +137,48 @@ def _convert(key: str, value: Any, kind: type, where: str):
             return False
         raise UserError(f"{problem}; write true or false")
     if kind is int:
-        if isinstance(value, bool):
-            raise UserError(f"{problem}; write a whole number such as 2000")
-        if isinstance(value, int):
-            return value
-        try:
-            number = float(str(value).strip().replace("_", ""))     # accepts "2000", "2e3", "2_000"
-        except ValueError:
-            raise UserError(f"{problem}; write a whole number such as 2000") from None
-        if not number.is_integer():
-            raise UserError(f"{problem}; write a whole number such as 2000")
-        return int(number)
+        return parse_int(value, f"{where}: {key}")
     if kind is float:
-        if isinstance(value, bool):
-            raise UserError(f"{problem}; write a number such as 3e-4")
-        try:
-            number = float(str(value).strip()) if isinstance(value, str) else float(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{problem}; write a number such as 3e-4") from None
-        if not math.isfinite(number):
-            raise UserError(f"{problem}; write a finite number")
-        return number
+        return parse_float(value, f"{where}: {key}")
     if not isinstance(value, str):
         raise UserError(f"{problem}; write a word such as {getattr(TrainConfig, key)!r}")
     return value.strip()
+
+
+def parse_int(value: Any, what: str, minimum: int | None = None) -> int:
+    """The one whole-number parser of the command line and of configs: ``2000``, ``"2000"``,
+    ``"2e3"``, ``"2_000"`` are all 2000; ``"2.5"``, ``True``, ``"lots"`` are refused, naming ``what``
+    (a flag such as ``--max-new-tokens`` or a config key)."""
+    problem = f"{what}={value!r} is not a valid int; write a whole number such as 2000"
+    if isinstance(value, bool):
+        raise UserError(problem)
+    if isinstance(value, int):
+        number = value
+    else:
+        try:
+            as_float = float(str(value).strip().replace("_", ""))     # accepts "2000", "2e3", "2_000"
+        except ValueError:
+            raise UserError(problem) from None
+        if not as_float.is_integer():
+            raise UserError(problem)
+        number = int(as_float)
+    if minimum is not None and number < minimum:
+        raise UserError(f"{what} must be >= {minimum}, got {number}")
+    return number
+
+
+def parse_float(value: Any, what: str) -> float:
+    """The one real-number parser: ``3e-4``, ``"0.8"``; NaN and infinities are refused."""
+    problem = f"{what}={value!r} is not a valid float"
+    if isinstance(value, bool):
+        raise UserError(f"{problem}; write a number such as 3e-4")
+    try:
+        number = float(str(value).strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{problem}; write a number such as 3e-4") from None
+    if not math.isfinite(number):
+        raise UserError(f"{problem}; write a finite number")
+    return number
 
 
 def parse_overrides(pairs) -> list[tuple[str, str]]:
@@ -196,5 +214,10 @@ def read_preset(name: str) -> dict:
 
 
 def load_preset(name: str) -> TrainConfig:
-    """The preset's TrainConfig (preset values are overrides of TrainConfig's defaults)."""
-    return TrainConfig.from_dict(read_preset(name)["config"], where=f"preset {name}")
+    """The preset's TrainConfig (preset values are overrides of TrainConfig's defaults). GPT presets
+    only: another family's preset goes through ``scratchlm.models.registry.resolve_config``."""
+    data = read_preset(name)
+    if data.get("model", "gpt") != "gpt":
+        raise UserError(f"preset {name} is for model {data['model']}, not the GPT; "
+                        f"use it with scratchlm train --model {data['model']} --preset {name}")
+    return TrainConfig.from_dict(data["config"], where=f"preset {name}")

@@ -12,9 +12,11 @@ lives in the repository: ``pydoc`` and ``stdlib`` come with every CPython, ``tin
 is downloaded once (sha256-checked, resumable, atomic) into the user cache directory:
 ``$SCRATCHLM_CACHE``, else ``$XDG_CACHE_HOME/scratchlm``, else ``~/.cache/scratchlm``.
 
-Text files must be UTF-8. A file that is not is refused with the byte offset of the first bad
-byte (for either tokenizer: ``Corpus.text`` is a ``str``); inside a folder such files, and
-binary files (NUL bytes), are skipped and listed in ``Corpus.skipped``.
+Text files must be UTF-8 and hold no NUL bytes (a NUL marks a binary file). One rule,
+``text_file_problem``, judges a file alone or in a folder: given alone, a file that breaks it is
+refused with the reason (the byte offset of the first bad byte); inside a folder it is skipped,
+and ``Corpus.skipped`` lists each skipped file with its reason (``scratchlm train`` prints them
+as a note).
 """
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ import os
 import random
 import re
 import sysconfig
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -131,14 +132,17 @@ def _make_corpus(name, text, source, files=(), skipped=()) -> Corpus:
     return Corpus(name, text, sha, str(source), list(files), list(skipped))
 
 
-def decode_utf8(data: bytes, where) -> str:
-    """Strict UTF-8 decoding with an error that says where the first bad byte is."""
+def text_file_problem(data: bytes) -> str | None:
+    """Why these bytes are not a text corpus file (None: they are). The one rule for files given
+    alone and files inside a folder."""
+    nul = data.find(b"\0")
+    if nul >= 0:
+        return f"binary: a NUL byte at offset {nul}"
     try:
-        return data.decode("utf-8")
+        data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(
-            f"{where} is not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} ({exc.reason}); "
-            f"convert it first, e.g. iconv -f latin1 -t utf-8") from None
+        return f"not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} ({exc.reason})"
+    return None
 
 
 def _read_text_file(path: Path) -> str:
@@ -146,11 +150,17 @@ def _read_text_file(path: Path) -> str:
         data = path.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read corpus file {path}: {exc.strerror}") from None
-    return decode_utf8(data, f"corpus file {path}")
+    problem = text_file_problem(data)
+    if problem is not None:
+        fix = "convert it first, e.g. iconv -f latin1 -t utf-8" if problem.startswith("not UTF-8") \
+            else "give a text file"
+        raise UserError(f"corpus file {path} is {problem}; {fix}")
+    return data.decode("utf-8")
 
 
 def _text_files_under(folder: Path):
-    """(sorted relative paths of UTF-8 text files, relative paths skipped). Hidden entries ignored."""
+    """(sorted (relative path, text) of the text files, sorted "relative path (reason)" of those
+    skipped). Hidden entries are ignored."""
     keep, skipped = [], []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -158,20 +168,19 @@ def _text_files_under(folder: Path):
             if name.startswith("."):
                 continue
             path = Path(root) / name
+            relative = path.relative_to(folder).as_posix()
             try:
                 data = path.read_bytes()
-            except OSError:
-                skipped.append(path)
+            except OSError as exc:
+                skipped.append(f"{relative} (unreadable: {exc.strerror})")
                 continue
-            if b"\0" in data:
-                skipped.append(path)
-                continue
-            try:
-                keep.append((path.relative_to(folder).as_posix(), data.decode("utf-8")))
-            except UnicodeDecodeError:
-                skipped.append(path)
+            problem = text_file_problem(data)
+            if problem is None:
+                keep.append((relative, data.decode("utf-8")))
+            else:
+                skipped.append(f"{relative} ({problem})")
     keep.sort()
-    return keep, sorted(p.relative_to(folder).as_posix() for p in skipped)
+    return keep, sorted(skipped)
 
 
 def _load_folder(folder: Path) -> Corpus:
@@ -401,17 +410,8 @@ def tokenizer_sha256(tokenizer) -> str:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from scratchlm.checkpoint import atomic_write_bytes
+    atomic_write_bytes(path, data)
 
 
 def _open_stream(path: Path, dtype, n: int) -> np.ndarray:

@@ -26,16 +26,6 @@ from scratchlm import backend
 from scratchlm.errors import UserError
 
 
-def perplexity(mean_nll: float) -> float:
-    """exp(mean negative log-likelihood), capped where exp overflows. (scratchlm.metrics.perplexity,
-    when the metrics module is present, is the one definition; this falls back to math.exp.)"""
-    try:
-        from scratchlm.metrics import perplexity as metrics_perplexity
-    except ImportError:
-        return math.exp(min(mean_nll, 700.0))
-    return float(metrics_perplexity(mean_nll))
-
-
 def whole_split_loss(model, task, split: str, batch_size: int, block_size: int) -> tuple[float, int]:
     """(mean loss per predicted token, number of predicted tokens) over every example of ``split``."""
     from scratchlm.tensor import no_grad
@@ -57,6 +47,7 @@ def evaluate_run(run_dir, split: str = "val", batch_size: int | None = None, wri
     """Score ``split`` of the run in ``run_dir``; writes ``eval.json`` there (with ``write``)."""
     from scratchlm.checkpoint import read_json, write_json_atomic
     from scratchlm.data import load_corpus
+    from scratchlm.metrics import perplexity
     from scratchlm.runs import load_model
     from scratchlm.tasks import make_task
     run_dir = Path(run_dir)

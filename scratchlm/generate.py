@@ -15,6 +15,10 @@ steerable:
    change when a token is appended (attention is causal), so each layer keeps them in a
    preallocated (B, H, block_size, D) buffer: one *prefill* over the prompt, then each *decode
    step* runs the model on one token at its absolute position and attends over the cache.
+   A recurrent model (RNN, LSTM, GRU; the bigram and MLP rungs too) has no keys to keep: its
+   state after the tokens seen so far is its cache (``RecurrentState``: ``model.init_state(B)``,
+   then ``model.step(token, state)``), one fixed-size step per token, and no window to slide.
+   ``new_cache(model)`` picks the kind; prefill, decode_step and the loop below serve both.
 3. **The loop** (``iter_tokens``, ``generate``) with a sliding window: a GPT with learned position
    embeddings cannot see more than block_size tokens (``wpe`` has block_size rows), and its cached
    keys depend on their absolute positions, so the cache cannot simply be shifted. When the next
@@ -72,28 +76,36 @@ def _is_number(value) -> bool:
 
 
 def check_sampling_args(max_new_tokens=0, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                        stop=None, seed=0, window_keep=None, block_size=None) -> None:
-    """Refuse a bad control up front, with one line that names it and its valid range."""
+                        stop=None, seed=0, window_keep=None, block_size=None, names=None) -> None:
+    """Refuse a bad control up front, with one line that names it and its valid range.
+
+    ``names`` maps a parameter to what the user typed for it (``{"top_k": "--top-k"}`` on the
+    command line, ``{"top_k": "/topk"}`` in chat), so the message names that."""
+    names = names or {}
+
+    def name(key):
+        return names.get(key, key)
+
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise SamplingArgumentError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        raise SamplingArgumentError(f"{name('max_new_tokens')} must be an integer >= 0, got {max_new_tokens!r}")
     if not _is_number(temperature) or not 0 <= temperature < math.inf:
-        raise SamplingArgumentError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+        raise SamplingArgumentError(f"{name('temperature')} must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (not _is_int(top_k) or top_k < 0):
-        raise SamplingArgumentError(f"top_k must be None, 0 (both: off) or an integer >= 1 (1 = greedy), got {top_k!r}")
+        raise SamplingArgumentError(f"{name('top_k')} must be None, 0 (both: off) or an integer >= 1 (1 = greedy), got {top_k!r}")
     if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
-        raise SamplingArgumentError(f"top_p must be None (off) or a number in (0, 1] (1 = off), got {top_p!r}")
+        raise SamplingArgumentError(f"{name('top_p')} must be None (off) or a number in (0, 1] (1 = off), got {top_p!r}")
     if not _is_number(repetition_penalty) or not 0 < repetition_penalty < math.inf:
-        raise SamplingArgumentError(f"repetition_penalty must be a finite number > 0 (1 = off, > 1 discourages "
+        raise SamplingArgumentError(f"{name('repetition_penalty')} must be a finite number > 0 (1 = off, > 1 discourages "
                                     f"repeats), got {repetition_penalty!r}")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
         if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
-            raise SamplingArgumentError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+            raise SamplingArgumentError(f"{name('stop')} must be a non-empty string or a list of them, got {stop!r}")
     if not _is_int(seed) or seed < 0:
-        raise SamplingArgumentError(f"seed must be an integer >= 0, got {seed!r}")
+        raise SamplingArgumentError(f"{name('seed')} must be an integer >= 0, got {seed!r}")
     if window_keep is not None and (not _is_int(window_keep) or window_keep < 1
                                     or (block_size is not None and window_keep > block_size)):
-        raise SamplingArgumentError(f"window_keep must be None (= block_size) or an integer in [1, "
+        raise SamplingArgumentError(f"{name('window_keep')} must be None (= block_size) or an integer in [1, "
                                     f"{block_size if block_size is not None else 'block_size'}], got {window_keep!r}")
 
 

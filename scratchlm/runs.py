@@ -48,6 +48,8 @@ def write_run_header(run_dir: Path, config: TrainConfig, model_config, tokenizer
 def read_run_config(run_dir) -> dict:
     from scratchlm.checkpoint import read_json
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run folder; pass the folder scratchlm train wrote (--out)")
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist; train one with scratchlm train --out {run_dir}")
     header = read_json(run_dir / "config.json")
@@ -60,6 +62,16 @@ def read_run_config(run_dir) -> dict:
         if not isinstance(header.get(key), dict):
             raise UserError(f"{run_dir}/config.json lacks its {key!r} section; the file is damaged")
     return header
+
+
+def model_config_of(run_dir, header: dict):
+    """(model family, its config object) of a run (``registry.run_model``: the old layout reads as
+    the GPT); a damaged "model" section is an error naming config.json."""
+    from scratchlm.models.registry import run_model
+    try:
+        return run_model(header, where=f"{Path(run_dir) / 'config.json'}")
+    except (UserError, TypeError) as exc:
+        raise UserError(f"{Path(run_dir) / 'config.json'} is damaged: {exc}") from None
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, state: dict) -> None:
@@ -113,20 +125,58 @@ def load_checkpoint(run_dir: Path, model, optimizer) -> dict:
     return state
 
 
+# How long a reader waits for a save in progress to finish (model.safetensors renamed, trainer.json
+# not yet): a save takes milliseconds to seconds, so this is generous.
+CONSISTENT_READ_TIMEOUT_S = 10.0
+
+
+def read_consistent(run_dir: Path, model, timeout_s: float = CONSISTENT_READ_TIMEOUT_S) -> dict | None:
+    """Load model.safetensors into ``model`` so that it matches trainer.json; returns trainer.json's
+    state (None for a folder without one: a bare model).
+
+    A training saves model.safetensors, then optimizer.safetensors, then trainer.json, each by an
+    atomic rename, each tagged with the iteration. A reader that lands between two renames sees
+    the model of iteration k+1 and the trainer state of k: it reads both again until the tags
+    agree (every file it read is whole; only the set can be mixed) -- but only while a writer
+    holds the folder's lock. With no writer (or still after ``timeout_s``) the save was cut short
+    (the process was killed between two renames); the model file is whole, so it is used, with a
+    note on stderr.
+    """
+    import sys
+    import time
+    from scratchlm.checkpoint import read_json
+    from scratchlm.runguard import writer_active
+    deadline = time.monotonic() + timeout_s
+    while True:
+        trainer = run_dir / "trainer.json"
+        state = read_json(trainer) if trainer.exists() else None
+        iteration = load_weights(run_dir, model)
+        saved = state.get("iteration") if isinstance(state, dict) else None
+        if saved is None or saved == iteration:
+            return state
+        if not writer_active(run_dir) or time.monotonic() > deadline:
+            print(f"note: {run_dir}: model.safetensors is of iteration {iteration}, trainer.json of {saved} "
+                  f"(a save was cut short); using the model", file=sys.stderr)
+            return state
+        time.sleep(0.05)
+
+
 def load_model(run_dir, seed: int = 0):
     """(model, tokenizer, run config) of a saved run, weights loaded, in eval mode -- for sampling.
-    Any model family (config.json names it; ``scratchlm.models.registry``)."""
-    from scratchlm.models.registry import build_model, run_model
+    Any model family (config.json names it; ``scratchlm.models.registry``). The run config gains
+    ``"iteration"``: that of the weights (see ``read_consistent``)."""
+    from scratchlm.models.registry import build_model
     from scratchlm.tokenizers import load as load_tokenizer
     run_dir = Path(run_dir)
     header = read_run_config(run_dir)
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    family, model_config = run_model(header, where=f"{run_dir}/config.json")
+    family, model_config = model_config_of(run_dir, header)
     model = build_model(family.name, model_config, seed=seed)
     if model.config.vocab_size != tokenizer.vocab_size:
         raise UserError(f"{run_dir}: the model has {model.config.vocab_size} tokens but tokenizer.json has "
                         f"{tokenizer.vocab_size}; the files come from different runs")
-    load_weights(run_dir, model)
+    state = read_consistent(run_dir, model)
+    header = {**header, "iteration": state.get("iteration") if isinstance(state, dict) else None}
     model.eval()
     return model, tokenizer, header
 
@@ -139,15 +189,16 @@ def read_metrics(path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # split the bytes, not the text: one line of bad UTF-8 is that line's problem, like bad JSON
+    lines = [line for line in path.read_bytes().splitlines() if line.strip()]
     records = []
     for number, line in enumerate(lines, 1):
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             if number == len(lines):
                 break
-            raise UserError(f"{path} line {number} is not JSON; repair or delete that line") from None
+            raise UserError(f"{path} line {number} is not UTF-8 JSON; repair or delete that line") from None
         if not isinstance(record, dict) or not isinstance(record.get("iter"), int):
             raise UserError(f"{path} line {number} is not a metrics record (no integer 'iter'); repair or delete it")
         records.append(record)

@@ -5,6 +5,18 @@
     config = load_preset("nano-cpu")                      # a TrainConfig
     result = train(config, out_dir="runs/nano", corpus="tinyshakespeare", tokenizer="char")
 
+One loop serves every model. What differs between models lives in two small objects:
+
+- the model, built by its family (``scratchlm.models.registry``: name -> config dataclass,
+  constructor, data kind, presets; ``train(..., model="lstm")``, ``scratchlm train --model lstm``);
+- the task (``scratchlm.tasks``), which hands out the batches and says what the loss of one is:
+  ``task.sampler(split, B, T, seed).batch(step)`` and ``task.loss(model, batch)`` (language models:
+  ``model(x, y)[1]``), plus ``task.whole_split`` for ``scratchlm eval``. A token stream and a corpus
+  of documents (names) are the two language-model tasks; a seq2seq, classifier, VAE or GAN family
+  brings its own task (pairs, labels, images) and the loop below does not change. A model whose
+  update is not "one loss, one optimizer" (a GAN) will define ``train_step(trainer, it)``, to be
+  called in place of ``Trainer.train_step``'s body; no family needs it yet, so it is not wired.
+
 The loop lives here; its neighbours hold the rest of a run: ``scratchlm.config`` the knobs
 (``TrainConfig``, ``--set`` overrides, presets) and ``scratchlm.runs`` the run folder it writes
 (config.json, tokenizer.json, model/optimizer safetensors, trainer.json, metrics.jsonl, loss.png).
@@ -31,6 +43,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,10 +170,10 @@ class Trainer:
         header = (self.run_dir, config, model_config, None if resume else tokenizer, data_info or {}, self.family.name)
         if resume:
             state = load_checkpoint(self.run_dir, self.model, self.optimizer)
-            write_run_header(*header)                                           # new max_iters etc.
             self.iteration, self.best_val_loss = state["iteration"], state.get("best_val_loss")
             self.last_val_loss, self.last_saved = state.get("last_val_loss"), state["iteration"]
-            kept = keep_metrics_before(self.metrics_path, self.iteration)
+            kept = keep_metrics_before(self.metrics_path, self.iteration)     # reads (and refuses) before writing
+            write_run_header(*header)                                           # new max_iters etc.
             self.evaluated_at = {m["iter"] for m in kept if m.get("kind") == "eval"}
         else:
             write_run_header(*header)
@@ -370,18 +383,45 @@ def train(config: TrainConfig, out_dir, corpus=None, tokenizer: str = "char", re
     ``model`` names the family (``scratchlm.models.registry``; default gpt, on resume the run's) and
     ``model_config`` its overrides (a dict of the family's config keys; the GPT reads ``config``).
     ``progress``: True/False forces the bar on/off; None shows it on a terminal and prints lines otherwise.
+
+    Everything is checked before the run folder is touched (config, corpus, tokenizer, the
+    memory estimate, on resume the saved state and metrics), then the folder's lock is taken
+    (``scratchlm.runguard``): a refused call leaves the folder as it was.
     """
-    from scratchlm.data import load_corpus
-    from scratchlm.models.registry import DEFAULT_MODEL, run_model
+    from scratchlm.memory import check_fits_in_memory
+    from scratchlm.models.registry import get_family
+    from scratchlm.runguard import open_run_for_writing
+    run_dir = Path(out_dir)
+    ready = {}
+
+    def validate():
+        ready.update(_prepare_run(config, run_dir, corpus, tokenizer, resume, progress, cache_dir, model, model_config))
+        built = ready["model_config"]                     # overrides (a dict), or a resumed run's config
+        if built is None or isinstance(built, dict):
+            built = get_family(ready["model"]).model_config(config, built or {}, ready["tok"].vocab_size)
+        check_fits_in_memory(built, config.batch_size, config.block_size)
+
+    with open_run_for_writing(run_dir, resume=resume, validate=validate, overwrite=overwrite):
+        trainer = Trainer(config, ready["tok"], ready["task"], run_dir, ready["data_info"], resume=resume,
+                          progress=progress, log=log, model=ready["model"], model_config=ready["model_config"])
+        if resume and progress is not False:
+            log(f"resuming {run_dir} at iteration {trainer.iteration} of {config.max_iters}")
+        return trainer.fit()
+
+
+def _prepare_run(config, run_dir, corpus, tokenizer, resume, progress, cache_dir, model, model_config) -> dict:
+    """The checks and the data of ``train``, reading only: nothing in ``run_dir`` is written."""
+    from scratchlm.checkpoint import read_json
+    from scratchlm.data import REGISTRY, load_corpus
+    from scratchlm.models.registry import DEFAULT_MODEL, get_family, run_model
+    from scratchlm.runs import read_metrics
     from scratchlm.tasks import make_task, split_sizes
     from scratchlm.tokenizers import load as load_tokenizer, make_tokenizer
     config.validate()
-    run_dir = Path(out_dir)
     try:
         backend.use_backend(config.backend)
     except backend.BackendUnavailable as exc:
         raise UserError(str(exc)) from None
-
     if resume:
         header = read_run_config(run_dir)
         saved = TrainConfig.from_dict(header["train"], where=f"{run_dir}/config.json")
@@ -400,27 +440,57 @@ def train(config: TrainConfig, out_dir, corpus=None, tokenizer: str = "char", re
             raise UserError(f"--resume cannot change the architecture ({changed[0]}: {getattr(saved, changed[0])!r} "
                             f"in the run, {getattr(config, changed[0])!r} now); start a new run instead")
         model, model_config = family.name, (None if family.config_class is None else saved_model)
-        corpus = corpus if corpus is not None else header["data"].get("corpus")
+        state = read_json(run_dir / "trainer.json")
+        iteration = state.get("iteration") if isinstance(state, dict) else None
+        if isinstance(iteration, int) and config.max_iters <= iteration:
+            raise UserError(f"the run is at iteration {iteration}; --iters (max_iters, now {config.max_iters}) "
+                            f"must be larger to train on, e.g. --iters {max(2 * iteration, iteration + 1)}")
+        read_metrics(run_dir / "metrics.jsonl")            # a damaged file is refused before anything changes
+        if corpus is None:
+            corpus = header["data"].get("corpus")
+            if (isinstance(corpus, str) and corpus not in REGISTRY and not Path(corpus).expanduser().exists()):
+                raise UserError(f"this run's corpus {corpus} is not there any more (moved, or a relative path "
+                                f"from another folder); pass --corpus PATH")
         tokenizer = header["data"].get("tokenizer", tokenizer)         # the run's spec, not the default
         tok = load_tokenizer(run_dir / "tokenizer.json")
     else:
-        model = model or DEFAULT_MODEL
-        if (run_dir / "trainer.json").exists() and not overwrite:
-            raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        model = get_family(model or DEFAULT_MODEL).name
         if corpus is None:
             raise UserError("no corpus given; pass --corpus NAME|PATH (e.g. --corpus pydoc)")
     text = corpus if hasattr(corpus, "text") else load_corpus(corpus)
+    if getattr(text, "skipped", None):            # a note, not an error: the rest of the folder is used
+        print(f"note: skipped {len(text.skipped)} file(s) of {text.source}: {'; '.join(text.skipped)}",
+              file=sys.stderr)
     if resume and header["data"].get("corpus_sha256") not in (None, text.sha256):
         raise UserError(f"the corpus {text.name!r} differs from the one this run was trained on "
                         f"(sha256 {text.sha256[:12]}.. vs {header['data']['corpus_sha256'][:12]}..)")
     if not resume:
         tok = make_tokenizer(tokenizer, text.text, progress=bool(progress))
+        _note_smaller_vocabulary(tokenizer, tok)
     task = make_task(text, tok, cache_dir=cache_dir)
-    data_info = {"corpus": corpus if isinstance(corpus, str) else str(getattr(corpus, "source", text.name)),
-                 "corpus_name": text.name, "corpus_sha256": text.sha256, "tokenizer": tokenizer,
-                 "split": text.split, "splits": list(task.splits), **split_sizes(task)}
-    trainer = Trainer(config, tok, task, run_dir, data_info, resume=resume, progress=progress, log=log,
-                      model=model, model_config=model_config)
-    if resume and progress is not False:
-        log(f"resuming {run_dir} at iteration {trainer.iteration} of {config.max_iters}")
-    return trainer.fit()
+    data_info = {"corpus": _corpus_spec(corpus, text), "corpus_name": text.name, "corpus_sha256": text.sha256,
+                 "tokenizer": tokenizer, "split": getattr(text, "split", None), "splits": list(task.splits),
+                 **split_sizes(task)}
+    return {"tok": tok, "task": task, "data_info": data_info, "model": model, "model_config": model_config}
+
+
+def _note_smaller_vocabulary(spec: str, tok) -> None:
+    """``bpe:N`` on a small corpus runs out of pairs to merge before N tokens: say what it got."""
+    from scratchlm.tokenizers import DEFAULT_BPE_VOCAB
+    kind, _, arg = spec.strip().lower().partition(":")
+    if kind == "bpe":
+        asked = int(arg) if arg else DEFAULT_BPE_VOCAB
+        if tok.vocab_size < asked:
+            print(f"note: --tokenizer {spec} asked for {asked:,} tokens; this corpus has pairs to merge for only "
+                  f"{tok.vocab_size:,}, so the vocabulary is {tok.vocab_size:,}", file=sys.stderr)
+
+
+def _corpus_spec(corpus, text) -> str:
+    """What config.json records to find the corpus again: a registered name as is, a path resolved
+    (so ``--resume`` works from any folder)."""
+    from scratchlm.data import REGISTRY
+    if isinstance(corpus, str) and corpus in REGISTRY:
+        return corpus
+    if isinstance(corpus, (str, os.PathLike)):
+        return str(Path(corpus).expanduser().resolve())
+    return str(getattr(corpus, "source", text.name))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from scratchlm import backend
-from scratchlm.chat import ChatSession, CommandError, QuitChat, REPLY_STOPS
+from scratchlm.chat import REPLY_STOPS, ChatSession, CommandError, QuitChat, one_line
 from scratchlm.checkpoint import save_safetensors
 from scratchlm.generate import stream_text
 from scratchlm.models import GPT
@@ -107,8 +107,10 @@ def test_commands_change_the_controls_and_refuse_bad_values(run_dir):
     assert session.controls == dict(temperature=0.0, top_k=5, top_p=0.5, repetition_penalty=1.0, max_new_tokens=7)
     assert session.seed == 9
     assert "/temp" in session.command("/help") and "/quit" in session.command("/help")
-    for bad, needle in [("/temp -1", "temperature"), ("/temp hot", "number"), ("/topk 1.5", "integer"),
-                        ("/topp 0", "top_p"), ("/max 0", ">= 1"), ("/seed -3", "seed"), ("/tmep 1", "/help")]:
+    # errors name the command the user typed, not the Python parameter
+    for bad, needle in [("/temp -1", "/temp must be"), ("/temp hot", "number"), ("/topk 1.5", "integer"),
+                        ("/topp 0", "/topp must be"), ("/max 0", ">= 1"), ("/seed -3", "/seed must be"),
+                        ("/tmep 1", "/help")]:
         with pytest.raises(CommandError, match=needle) as info:
             session.command(bad)
         assert "\n" not in str(info.value)
@@ -131,7 +133,7 @@ def test_piped_session_one_reply_per_line(run_dir):
     session.command("/temp 0")
     session.command("/max 6")
     expected += ["".join(session.reply("what now?")), "".join(session.reply("and then"))]
-    assert result.stdout == "".join(reply + "\n" for reply in expected)
+    assert result.stdout == "".join(one_line(reply) + "\n" for reply in expected)
     notes = result.stderr.splitlines()
     assert notes[:2] == ["temperature = 0.0", "max_new_tokens = 6"]
     assert notes[2].startswith("context: ") and "unknown command '/bogus'" in notes[3]
@@ -142,8 +144,34 @@ def test_piped_session_notes_unknown_characters_and_quits(run_dir):
     result = subprocess.run(chat_command(run_dir, "--max-new-tokens", "4"), input="HELLO\n/quit\nnever read\n",
                             capture_output=True, text=True, env=child_env(), timeout=120)
     assert result.returncode == 0
-    assert result.stdout == ""
+    assert result.stdout == "\n"                                    # its (empty) reply line
     assert "'H'" in result.stderr and "vocabulary" in result.stderr
+
+
+def test_piped_replies_stay_aligned_and_errors_point_into_the_typed_line(run_dir):
+    """Item 12: k non-command lines -> exactly k reply lines, even when one is refused (a
+    character outside the vocabulary) and replies contain newlines; the error's position is
+    counted in the line typed, not in the conversation before it."""
+    lines = ["hello there", "ab X", "what now?", "and then"]                # 'X' is not in ALPHABET
+    result = subprocess.run(chat_command(run_dir, "--max-new-tokens", "12", "--seed", "5"),
+                            input="".join(line + "\n" for line in lines), capture_output=True, text=True,
+                            env=child_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    replies = result.stdout.split("\n")
+    assert replies[-1] == "" and len(replies) - 1 == len(lines)             # one line per line typed
+    assert replies[1] == ""                                                 # the refused line's reply
+    assert "'X'" in result.stderr and "position 3" in result.stderr         # 'ab X': X is at 3
+    model, tokenizer, _ = load_model(run_dir)
+    session = ChatSession(model, tokenizer, max_new_tokens=12, seed=5)
+    expected = ["".join(session.reply(line)) for line in lines if "X" not in line]
+    assert [r for k, r in enumerate(replies[:-1]) if k != 1] == [one_line(r) for r in expected]
+
+
+def test_chat_max_new_tokens_zero_is_refused_like_max_zero(run_dir):
+    result = subprocess.run([sys.executable, "-m", "scratchlm", "chat", "--run", str(run_dir), "--max-new-tokens", "0"],
+                            input="hi\n", capture_output=True, text=True, env=child_env(), timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "--max-new-tokens must be an integer >= 1" in result.stderr
 
 
 def test_a_missing_run_is_one_line_and_status_2(tmp_path):

@@ -156,7 +156,7 @@ def test_damaged_checkpoint(workspace, tmp_path, damage, fragment):
     else:
         weights.unlink()
     assert_one_line_error(cli("sample", "--run", run, "--prompt", "the"), fragment)
-    assert_one_line_error(cli("train", "--resume", "--out", run, env_extra=workspace["env"]), fragment)
+    assert_one_line_error(cli("train", "--resume", "--out", run, "--iters", 8, env_extra=workspace["env"]), fragment)
 
 
 def test_corrupt_config_json(workspace, tmp_path):
@@ -219,7 +219,7 @@ def test_existing_run_without_resume(workspace):
 
 
 def test_bad_sampling_argument(workspace):
-    assert_one_line_error(cli("sample", "--run", workspace["run"], "--prompt", "the", "--top-p", "1.5"), "top_p")
+    assert_one_line_error(cli("sample", "--run", workspace["run"], "--prompt", "the", "--top-p", "1.5"), "--top-p")
 
 
 def test_prompt_with_characters_the_tokenizer_never_saw(workspace):

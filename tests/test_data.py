@@ -72,7 +72,22 @@ def test_folder_takes_its_text_files_sorted_and_skips_binary_and_hidden(tmp_path
     corpus = load_corpus(str(folder))
     assert corpus.files == ["a.md", "b.txt", "sub/c.py"]
     assert corpus.text == "ay\nbee\nsee = 1\n"
-    assert corpus.skipped == ["blob.bin", "latin.txt"]
+    assert corpus.skipped == ["blob.bin (binary: a NUL byte at offset 0)",
+                              "latin.txt (not UTF-8: byte 0xe9 at offset 3 (unexpected end of data))"]
+
+
+def test_a_file_is_judged_the_same_alone_and_in_a_folder(tmp_path):
+    """One rule for both: a NUL-byte file is refused alone and skipped (with the reason) in a folder."""
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"\x00" * 64)
+    with pytest.raises(UserError, match="binary: a NUL byte at offset 0"):
+        load_corpus(str(nul))
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "nul.txt").write_bytes(b"\x00" * 64)
+    (folder / "ok.txt").write_text("fine text\n", encoding="utf-8")
+    corpus = load_corpus(str(folder))
+    assert corpus.files == ["ok.txt"] and corpus.skipped == ["nul.txt (binary: a NUL byte at offset 0)"]
 
 
 def test_non_utf8_file_is_refused_with_the_byte_offset(tmp_path):

@@ -91,7 +91,9 @@ def test_attention_reference_matches_plain_softmax(case):
     # lse is the log of the softmax denominator: exp(s - lse) sums to 1 over the visible keys.
     scores = np.einsum("bhid,bhjd->bhij", q, k) * scale
     if causal:
-        scores = np.where(attention._causal_allowed(q.shape[2], k.shape[2]), scores, -np.inf)
+        t_query, t_key = q.shape[2], k.shape[2]           # the mask written here, not the module's helper
+        allowed = np.arange(t_key)[None, :] <= np.arange(t_query)[:, None] + (t_key - t_query)
+        scores = np.where(allowed, scores, -np.inf)
     np.testing.assert_allclose(np.exp(scores - lse[..., None]).sum(-1), 1.0, rtol=1e-12)
 
 

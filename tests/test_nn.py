@@ -131,12 +131,52 @@ def test_gelu_module_is_the_tanh_approximation(float64):
     np.testing.assert_allclose(nn.GELU()(sl.tensor(x)).numpy(), expected, atol=1e-12)
 
 
-def test_mlp_shapes_and_gradients(float64):
+def randomise(module, seed=5):
+    """Random values in every parameter (biases and LayerNorm gains too, which start at 0 and 1),
+    so a reference that mixes up two parameters cannot agree by accident."""
+    rng = np.random.default_rng(seed)
+    for p in module.parameters():
+        p.data[...] = backend.to_device(rng.standard_normal(p.shape))
+
+
+def gelu_tanh_reference(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def mlp_reference(x, c_fc_w, c_fc_b, c_proj_w, c_proj_b):
+    """GPT-2's feed-forward half in NumPy: (B, T, C) @ (C, 4C) -> tanh-GELU -> @ (4C, C)."""
+    return gelu_tanh_reference(x @ c_fc_w + c_fc_b) @ c_proj_w + c_proj_b
+
+
+def layer_norm_reference(x, weight, bias, eps=1e-5):
+    mean = x.mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(((x - mean) ** 2).mean(axis=-1, keepdims=True) + eps) * weight + bias
+
+
+def test_mlp_matches_numpy_and_its_gradients(float64):
     mlp = nn.MLP(4)
     assert mlp.c_fc.weight.shape == (4, 16) and mlp.c_proj.weight.shape == (16, 4)
+    randomise(mlp)
     x = random_input(2, 3, 4)
-    assert mlp(x).shape == (2, 3, 4)
+    expected = mlp_reference(x.numpy(), mlp.c_fc.weight.numpy(), mlp.c_fc.bias.numpy(),
+                             mlp.c_proj.weight.numpy(), mlp.c_proj.bias.numpy())
+    np.testing.assert_allclose(mlp(x).numpy(), expected, rtol=1e-12, atol=1e-12)
     check_gradients(projected(mlp, x), [x, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias])
+
+
+def test_mlp_matches_torch(float64):
+    torch = pytest.importorskip("torch")
+    mlp = nn.MLP(6)
+    randomise(mlp)
+    x = np.random.default_rng(3).standard_normal((2, 5, 6))
+    fc, proj = torch.nn.Linear(6, 24).double(), torch.nn.Linear(24, 6).double()
+    with torch.no_grad():            # torch stores (n_out, n_in): transpose the (n_in, n_out) matrices
+        fc.weight.copy_(torch.from_numpy(mlp.c_fc.weight.numpy().T))
+        fc.bias.copy_(torch.from_numpy(mlp.c_fc.bias.numpy()))
+        proj.weight.copy_(torch.from_numpy(mlp.c_proj.weight.numpy().T))
+        proj.bias.copy_(torch.from_numpy(mlp.c_proj.bias.numpy()))
+        theirs = proj(torch.nn.functional.gelu(fc(torch.from_numpy(x)), approximate="tanh")).numpy()
+    np.testing.assert_allclose(mlp(sl.tensor(x)).numpy(), theirs, rtol=1e-12, atol=1e-12)
 
 
 def attention_reference(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
@@ -181,11 +221,19 @@ def test_attention_rejects_indivisible_heads():
 
 
 def test_block_is_two_pre_norm_residual_halves_and_its_gradients(float64):
+    """Against NumPy written here (not the block's own submodules): x + attn(ln_1(x)), then
+    h + mlp(ln_2(h)), with every parameter randomised so that no two can be confused."""
     block = nn.Block(8, 2)
+    randomise(block)
     x = random_input(2, 4, 8)
-    half = x.numpy() + block.attn(block.ln_1(x)).numpy()
-    expected = half + block.mlp(block.ln_2(sl.tensor(half))).numpy()
-    np.testing.assert_allclose(block(x).numpy(), expected, atol=1e-12)
+    p = {name: value.numpy() for name, value in block.named_parameters()}
+    half = x.numpy() + attention_reference(layer_norm_reference(x.numpy(), p["ln_1.weight"], p["ln_1.bias"]),
+                                           p["attn.c_attn.weight"], p["attn.c_attn.bias"],
+                                           p["attn.c_proj.weight"], p["attn.c_proj.bias"], n_head=2)
+    expected = half + mlp_reference(layer_norm_reference(half, p["ln_2.weight"], p["ln_2.bias"]),
+                                    p["mlp.c_fc.weight"], p["mlp.c_fc.bias"],
+                                    p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
+    np.testing.assert_allclose(block(x).numpy(), expected, rtol=1e-11, atol=1e-11)
     check_gradients(projected(block, x), [x, *block.parameters()])
 
 

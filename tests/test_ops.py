@@ -4,11 +4,12 @@ Hypothesis-drawn shapes (size-1 axes, broadcasting, batch axes, T=1) and values 
 backend (tests/strict_backend.py), which refuses stray NumPy calls the way CuPy would.
 
 Tolerance (gradcheck.py): |FD - backward| <= 1e-8 + 1e-5 * size of the directional derivative
-+ 1e-9 * |L|, with eps = 1e-6; a wrong term in a backward is off by O(1) relative.
++ L's rounding / eps (from the size of the terms that cancel in L and the noise of L measured
+around x), with eps = 1e-6; a wrong term in a backward is off by O(1) relative.
 """
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import scratchlm as sl
@@ -197,9 +198,12 @@ def test_getitem_slices(x, data):
 def test_getitem_integer_arrays_repeat(x, data):
     picks = data.draw(st.lists(st.integers(0, x.shape[0] - 1), min_size=1, max_size=8))
     index = np.array(picks)   # repeats allowed: their gradients must add up
-    grads = check_gradients(lambda t: t[sl.tensor(index)], x)
-    counts = np.bincount(index, minlength=x.shape[0])
-    assert grads[0].shape == x.shape and counts.sum() == len(picks)
+    check_gradients(lambda t: t[sl.tensor(index)], x)
+    # with an upstream gradient of ones, row i's gradient is the number of times i was picked
+    t = sl.tensor(x, requires_grad=True)
+    t[sl.tensor(index)].sum().backward()
+    counts = np.bincount(index, minlength=x.shape[0]).astype(np.float64)
+    np.testing.assert_array_equal(sl.backend.to_numpy(t.grad), np.broadcast_to(counts.reshape((-1,) + (1,) * (x.ndim - 1)), x.shape))
 
 
 @given(st.lists(arrays(st.tuples(st.integers(1, 3), st.just(2))), min_size=1, max_size=4), st.integers(0, 1))
@@ -256,13 +260,26 @@ def rows(draw, min_c=2):
     return draw(arrays(shape))
 
 
-@given(rows(), st.booleans(), st.booleans(), st.data())
-def test_layer_norm(x, affine, with_bias, data):
+@st.composite
+def layer_norm_inputs(draw):
+    x = draw(rows())
+    c = x.shape[-1]
+    return x, draw(arrays((c,))), draw(arrays((c,)))
+
+
+# Rows whose two channels are 1 apart around 8-10: the output barely depends on x (dL/dx ~ 1e-5),
+# so the finite difference is mostly the rounding of L (x - mean cancels ulp(10)-sized errors);
+# the first failed on correct code under the randomized profile before gradcheck's error model
+# counted that rounding, the second is the issue's case.
+@example((np.array([[9.0, 9.0], [9.0, 9.0]]), np.array([10.0, 10.0]), np.array([10.0, 10.0])), True, True)
+@example((np.array([[9.0, 9.0], [9.0, 9.0]]), np.array([9.0, 9.0]), np.array([9.0, 9.0])), True, True)
+@example((np.array([[7.75, 8.75]]), np.zeros(2), np.zeros(2)), False, False)
+@given(layer_norm_inputs(), st.booleans(), st.booleans())
+def test_layer_norm(inputs, affine, with_bias):
+    x, w, b = inputs
     c = x.shape[-1]
     if np.ptp(x, axis=-1).min() < 1e-2:        # a constant row has variance ~0: rstd ~ 1/sqrt(eps)
         x = x + np.arange(c)
-    w = data.draw(arrays((c,)))
-    b = data.draw(arrays((c,)))
     if affine and with_bias:
         check_gradients(lambda t, w_, b_: F.layer_norm(t, w_, b_), x, w, b)
     elif affine:

@@ -197,19 +197,31 @@ _shapes = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=7)
        lr=st.floats(0.0, 0.1), beta1=st.floats(0.0, 0.99), beta2=st.floats(0.9, 0.9999),
        eps=st.floats(1e-10, 1e-6), weight_decay=st.floats(0.0, 0.2), step=st.integers(1, 2000))
 def test_adamw_numba_matches_reference(dtype, shape, seed, lr, beta1, beta2, eps, weight_decay, step):
-    """Tolerance: float32 rtol 1e-6 (a few ulp), float64 rtol 1e-14. The two rungs do the same
-    operations in the same order and dtype, so in practice they agree bit for bit."""
+    """Both rungs against the update written here in float64 from the formula (bias corrections
+    1 - beta1^t and 1 - beta2^t computed in the test, not by the module's helper), and against each
+    other. Tolerance against the formula: 1e-12 (float64) or 1e-6 (float32) of the size of p and of
+    the update; between the rungs float32 rtol 1e-6 (a few ulp), float64 rtol 1e-14 (the same
+    operations in the same order and dtype, so in practice bit for bit)."""
     rng = np.random.default_rng(seed)
     arrays = [rng.uniform(-10, 10, shape), rng.uniform(-10, 10, shape), rng.uniform(-10, 10, shape),
               rng.uniform(0, 100, shape)]                       # param, grad, exp_avg, exp_avg_sq >= 0
     ref = [np.asarray(a, dtype=dtype) for a in arrays]
     fast = [a.copy() for a in ref]
+    p, g, m, v = (a.astype(np.float64) for a in ref)
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    update = lr * (m / (1 - beta1 ** step)) / (np.sqrt(v / (1 - beta2 ** step)) + eps)
+    by_formula = [p * (1 - lr * weight_decay) - update, g, m, v]
     adamw_kernel.step_reference(*ref, lr, beta1, beta2, eps, weight_decay, step)
     adamw_kernel.step_numba(*fast, lr, beta1, beta2, eps, weight_decay, step)
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-14, atol=1e-14)
-    for want, got in zip(ref, fast):
+    formula_rtol = 1e-6 if dtype == np.float32 else 1e-12
+    for want, got, formula in zip(ref, fast, by_formula):
         assert got.dtype == dtype
         np.testing.assert_allclose(got, want, **tol)
+        for rung in (want, got):
+            size = 1.0 + np.abs(formula) + np.abs(update)
+            assert np.all(np.abs(rung.astype(np.float64) - formula) <= formula_rtol * size)
 
 
 def test_adamw_dispatch_updates_non_contiguous_views_in_place():
@@ -269,6 +281,12 @@ def test_bad_construction():
         optim.AdamW([w], lr=-1.0)
     with pytest.raises(UserError):
         optim.SGD([w], lr=0.1, nesterov=True)
+    for betas in ((0.9, 1.0), (1.5, 0.9), (0.9, 0.99, 0.5), (-0.1, 0.9)):
+        with pytest.raises(UserError, match="betas"):
+            optim.AdamW([w], lr=0.1, betas=betas)
+    # the bounds are inclusive where the docs say >= 0: lr = 0, eps = 0 and wd = 0 are valid settings
+    for cls in (optim.Adam, optim.AdamW):
+        cls([w], lr=0.0, eps=0.0, weight_decay=0.0)
 
 
 def test_zero_grad_sets_none():

@@ -9,7 +9,9 @@ Layout (a numbered ladder, as in llm.c's dev/cuda): every module here holds
 and one dispatching entry point per direction (e.g. ``attention.forward`` / ``attention.backward``)
 that picks: CuPy arrays -> CUDA, NumPy arrays with Numba importable -> Numba, otherwise the
 reference. ``use_reference(True)`` or the environment variable ``SCRATCHLM_KERNELS=reference``
-forces the references everywhere (for teaching and debugging).
+forces the references everywhere (for teaching and debugging). ``force_rung("attention", "tiled")``
+(a context manager) pins one kernel to one rung, so a test can run every rung, including paths the
+dispatcher would not choose at that size, and the dispatcher cannot route around it.
 
 Signatures (arrays are backend arrays; shapes use B, H, T, D, N, C, V):
 
@@ -29,6 +31,7 @@ adamw.step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay
     in place on param, exp_avg, exp_avg_sq; PyTorch's AdamW update with bias correction.
 """
 import os
+from contextlib import contextmanager
 
 try:  # Numba is optional: without it the package imports and every NumPy array takes the reference.
     import numba
@@ -70,6 +73,43 @@ def _prefer_workqueue_threads() -> None:
 _prefer_workqueue_threads()
 
 
+# Rungs every dispatcher knows, and the Numba rung's sub-paths of those kernels that have several
+# (attention: the tiled online-softmax kernel, batched BLAS for short T, BLAS strips for long T).
+RUNGS = ("reference", "numba", "cuda")
+NUMBA_PATHS = {"attention": ("tiled", "batched", "strips")}
+KERNELS = ("attention", "layer_norm", "gelu", "cross_entropy", "embedding", "adamw")
+_forced: dict[str, str] = {}
+
+
+@contextmanager
+def force_rung(kernel: str, rung: str):
+    """Within the block, ``kernel``'s dispatcher runs ``rung`` whatever the array or size.
+
+    ``rung`` is one of RUNGS, or for attention one of NUMBA_PATHS["attention"] (a Numba sub-path).
+    Forcing a Numba rung without Numba raises instead of falling back to the reference.
+    """
+    allowed = RUNGS + NUMBA_PATHS.get(kernel, ())
+    if kernel not in KERNELS or rung not in allowed:
+        raise ValueError(f"force_rung: kernel {kernel!r} has no rung {rung!r} (kernels {KERNELS}, rungs {allowed})")
+    if rung != "reference" and rung != "cuda" and not numba_available():
+        raise RuntimeError(f"force_rung({kernel!r}, {rung!r}) needs Numba, which is not importable")
+    previous = _forced.get(kernel)
+    _forced[kernel] = rung
+    try:
+        yield
+    finally:
+        if previous is None:
+            _forced.pop(kernel, None)
+        else:
+            _forced[kernel] = previous
+
+
+def numba_path(kernel: str, default: str) -> str:
+    """The Numba sub-path ``kernel`` takes: the forced one, else the dispatcher's ``default``."""
+    forced = _forced.get(kernel)
+    return forced if forced in NUMBA_PATHS.get(kernel, ()) else default
+
+
 def numba_available() -> bool:
     return numba is not None
 
@@ -88,8 +128,11 @@ def cuda_kernel(name: str):
     return getattr(cuda_module, name, None)
 
 
-def pick(array) -> str:
-    """Which ladder rung runs for ``array``: "cuda", "numba" or "reference"."""
+def pick(array, kernel: str | None = None) -> str:
+    """Which ladder rung runs for ``array``: "cuda", "numba" or "reference" (``force_rung`` first)."""
+    forced = _forced.get(kernel) if kernel is not None else None
+    if forced is not None:
+        return "numba" if forced in NUMBA_PATHS.get(kernel, ()) else forced
     if _force_reference:
         return "reference"
     module = type(array).__module__

@@ -110,7 +110,7 @@ def step_numba(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_d
 
 def step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step) -> None:
     """One AdamW update in place on the fastest rung for ``param`` (CUDA, Numba, reference)."""
-    rung = pick(param)
+    rung = pick(param, "adamw")
     if rung == "cuda":
         from . import cuda   # one ElementwiseKernel pass (kernels/cuda.py)
         cuda.adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step)

@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from scratchlm.kernels import cuda_kernel, njit, pick
+from scratchlm.kernels import cuda_kernel, njit, numba_path, pick
 from scratchlm.kernels.attention_reference import (  # noqa: F401  (the reference rung, re-exported)
     _causal_allowed, _default_scale, _masked_scores, backward_reference, blocked_keys, forward_reference,
     probs_reference)
@@ -340,15 +340,23 @@ def backward_strips_blas(do, q, k, v, o, lse, causal: bool, scale: float | None 
 # Masked calls (``blocked`` given) run the batched or strip path on the Numba rung (their softmax
 # passes skip blocked keys) and the reference on CuPy: the CUDA kernel knows only the causal mask.
 
+def _numba_path(q, k) -> str:
+    """The Numba rung's path: batched BLAS while the scores fit, else strips (or a forced one)."""
+    return numba_path("attention", "batched" if q.shape[-2] * k.shape[-2] <= BATCHED_MAX_SCORES else "strips")
+
+
 def forward(q, k, v, causal: bool, scale: float | None = None, blocked=None):
     """(o, lse) on the fastest rung for ``q``: CUDA for CuPy, Numba for NumPy, else the reference."""
-    rung = pick(q)
+    rung = pick(q, "attention")
     if rung == "cuda" and blocked is None:
         kernel = cuda_kernel("attention_forward")
         if kernel is not None:
             return kernel(q, k, v, causal, scale)
     elif rung == "numba":
-        if q.shape[-2] * k.shape[-2] <= BATCHED_MAX_SCORES:
+        path = _numba_path(q, k)
+        if path == "tiled":                 # (with ``blocked`` it hands over to the reference)
+            return forward_numba(q, k, v, causal, scale, blocked)
+        if path == "batched":
             return forward_batched_numba(q, k, v, causal, scale, blocked)
         return forward_strips_blas(q, k, v, causal, scale, blocked)
     return forward_reference(q, k, v, causal, scale, blocked)
@@ -358,7 +366,7 @@ def forward_keeping_probs(q, k, v, causal: bool, scale: float | None = None, blo
     """(o, lse, probs) for a training step: as ``forward``, plus P (B, H, Tq, Tk) where the
     batched path made it anyway (short T on the Numba rung), else None. Hand ``probs`` to
     ``backward_from_probs``."""
-    if pick(q) == "numba" and q.shape[-2] * k.shape[-2] <= BATCHED_MAX_SCORES:
+    if pick(q, "attention") == "numba" and _numba_path(q, k) == "batched":
         return forward_batched_numba(q, k, v, causal, scale, blocked, keep_probs=True)
     o, lse = forward(q, k, v, causal, scale, blocked)
     return o, lse, None
@@ -366,20 +374,23 @@ def forward_keeping_probs(q, k, v, causal: bool, scale: float | None = None, blo
 
 def backward_from_probs(do, q, k, v, o, lse, probs, causal: bool, scale: float | None = None, blocked=None):
     """(dq, dk, dv) as ``backward``, reusing P from ``forward_keeping_probs`` when it kept one."""
-    if probs is not None and pick(q) == "numba":
+    if probs is not None and pick(q, "attention") == "numba":
         return backward_batched_numba(do, q, k, v, o, lse, causal, scale, blocked, probs=probs)
     return backward(do, q, k, v, o, lse, causal, scale, blocked)
 
 
 def backward(do, q, k, v, o, lse, causal: bool, scale: float | None = None, blocked=None):
     """(dq, dk, dv) on the fastest rung for ``q`` (see ``forward``)."""
-    rung = pick(q)
+    rung = pick(q, "attention")
     if rung == "cuda" and blocked is None:
         kernel = cuda_kernel("attention_backward")
         if kernel is not None:
             return kernel(do, q, k, v, o, lse, causal, scale)
     elif rung == "numba":
-        if q.shape[-2] * k.shape[-2] <= BATCHED_MAX_SCORES:
+        path = _numba_path(q, k)
+        if path == "tiled":
+            return backward_numba(do, q, k, v, o, lse, causal, scale, blocked)
+        if path == "batched":
             return backward_batched_numba(do, q, k, v, o, lse, causal, scale, blocked)
         return backward_strips_blas(do, q, k, v, o, lse, causal, scale, blocked)
     return backward_reference(do, q, k, v, o, lse, causal, scale, blocked)

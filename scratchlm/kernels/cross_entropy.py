@@ -139,7 +139,7 @@ def _cross_entropy_backward_kernel(dloss, logits, lse, targets, ignore_index):
 
 def forward(logits, targets, ignore_index: int = -100):
     """(loss, lse) on the fastest rung for ``logits``: CUDA for CuPy, Numba for NumPy, else reference."""
-    rung = pick(logits)
+    rung = pick(logits, "cross_entropy")
     if rung == "cuda":
         kernel = cuda_kernel("cross_entropy_forward")
         if kernel is not None:
@@ -151,7 +151,7 @@ def forward(logits, targets, ignore_index: int = -100):
 
 def backward(dloss, logits, lse, targets, ignore_index: int = -100):
     """dlogits on the fastest rung for ``logits`` (see ``forward``)."""
-    rung = pick(logits)
+    rung = pick(logits, "cross_entropy")
     if rung == "cuda":
         kernel = cuda_kernel("cross_entropy_backward")
         if kernel is not None:

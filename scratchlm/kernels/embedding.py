@@ -69,7 +69,7 @@ def _embedding_backward_kernel(dout, idx, vocab_size):
 
 def backward(dout, idx, vocab_size: int):
     """dweight on the fastest rung for ``dout``: CUDA for CuPy, Numba for NumPy, else the reference."""
-    rung = pick(dout)
+    rung = pick(dout, "embedding")
     if rung == "cuda":
         kernel = cuda_kernel("embedding_backward")
         if kernel is not None:

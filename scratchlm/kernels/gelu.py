@@ -186,7 +186,7 @@ def _gelu_erf_backward_kernel(dy, x):
 
 def forward(x, approximate: str = "none"):
     """y = gelu(x) on the fastest rung for ``x``: CUDA for CuPy, Numba for NumPy, else reference."""
-    rung = pick(x)
+    rung = pick(x, "gelu")
     if rung == "cuda":
         kernel = cuda_kernel("gelu_forward")
         if kernel is not None:
@@ -198,7 +198,7 @@ def forward(x, approximate: str = "none"):
 
 def backward(dy, x, approximate: str = "none"):
     """dx on the fastest rung for ``x`` (see ``forward``)."""
-    rung = pick(x)
+    rung = pick(x, "gelu")
     if rung == "cuda":
         kernel = cuda_kernel("gelu_backward")
         if kernel is not None:

@@ -164,7 +164,7 @@ def _layer_norm_backward_kernel(dy, x, weight, mean, rstd):
 
 def forward(x, weight, bias, eps: float):
     """(y, mean, rstd) on the fastest rung for ``x``: CUDA for CuPy, Numba for NumPy, else reference."""
-    rung = pick(x)
+    rung = pick(x, "layer_norm")
     if rung == "cuda":
         kernel = cuda_kernel("layer_norm_forward")
         if kernel is not None:
@@ -176,7 +176,7 @@ def forward(x, weight, bias, eps: float):
 
 def backward(dy, x, weight, mean, rstd):
     """(dx, dweight, dbias) on the fastest rung for ``x`` (see ``forward``)."""
-    rung = pick(x)
+    rung = pick(x, "layer_norm")
     if rung == "cuda":
         kernel = cuda_kernel("layer_norm_backward")
         if kernel is not None:

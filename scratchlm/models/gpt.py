@@ -74,6 +74,39 @@ class GPTConfig:
                                      f"known keys: {', '.join(sorted(known))}")
         return cls(**values)
 
+    def num_parameters(self) -> int:
+        """Distinct parameters of ``GPT(self)``, by formula (no allocation). Per block: ln_1 and
+        ln_2 (2C each, C without bias), c_attn 3C^2 + 3C, attn c_proj C^2 + C, c_fc 4C^2 + 4C, mlp
+        c_proj 4C^2 + C; then wte V C (the head is tied), wpe T C if learned, ln_f 2C."""
+        C, L, bias = self.n_embd, self.n_layer, self.bias
+        norm = 2 * C if bias else C
+        block = 12 * C * C + (9 * C if bias else 0) + 2 * norm
+        return L * block + self.vocab_size * C + (self.block_size * C if self.positional == "learned" else 0) + norm
+
+    def memory_estimate(self, batch_size: int, block_size: int | None = None, bytes_per_value: int = 4) -> dict:
+        """Bytes one training step needs, per component, without allocating anything:
+
+            parameters   N values                       (N = ``num_parameters()``)
+            gradients    N values                       (one per parameter)
+            optimizer    2 N values                     (AdamW's exp_avg and exp_avg_sq)
+            activations  B T (L (19 C + H T) + 4 C + V) values, what the tape holds after the forward:
+
+        per block and token, ln_1's output (C), the fused q, k, v (3C), the attention output (C),
+        its heads merged back (C), c_proj's output (C), the residual sum (C), ln_2's output (C),
+        c_fc's output (4C), GELU's output (4C), the MLP's c_proj output (C) and the second residual
+        sum (C) = 19 C, plus the attention probabilities (H T per query position; the strip path
+        for long T keeps less, so this is an upper bound there); outside the blocks the token and
+        position embeddings, their sum and ln_f's output (4C) and the logits (V). The q, k, v heads
+        are views of the fused projection and cost nothing. tests/test_run_guard.py checks this
+        against the bytes tracemalloc sees held after a forward of a small model.
+        """
+        B, T = int(batch_size), int(block_size or self.block_size)
+        C, L, H, V = self.n_embd, self.n_layer, self.n_head, self.vocab_size
+        n = self.num_parameters()
+        per_token = L * (19 * C + H * T) + 4 * C + V
+        return {"parameters": n * bytes_per_value, "gradients": n * bytes_per_value,
+                "optimizer": 2 * n * bytes_per_value, "activations": B * T * per_token * bytes_per_value}
+
 
 class TiedLMHead(nn.Module):
     """logits = x @ W_te^T: the output layer reuses the token embedding W_te (V, C).

@@ -18,7 +18,10 @@ One trainer serves every family (``scratchlm.train``); a family only says how to
 
 ``--set key=value`` (and a preset's ``"config"`` section) is routed by key: a key of the family's
 config goes to the model, a training key (optimizer, schedule, eval, data) to ``TrainConfig``;
-anything else is refused in one line that names the model and its keys.
+anything else is refused in one line that names the model and its keys. A key both have goes to
+the model (the MLP's ``block_size`` is its context, makemore's name); ``train.KEY`` / ``model.KEY``
+choose the side explicitly. The bigram and recurrent configs' ``block_size`` (their training
+window) is not a model key: it is copied from ``TrainConfig.block_size`` (``Family.synced``).
 
 A run's ``config.json`` records the family: ``{"model": "lstm", "model_config": {...}, "train":
 {...}, "data": {...}}``. Runs written before the registry have ``"model": {GPTConfig}``; they
@@ -142,9 +145,11 @@ def route(family: Family, pairs, where: str = "--set") -> tuple[list[str], dict[
             train_pairs.append(f"{key}={value}")
         else:
             from scratchlm.config import _did_you_mean
+            shadowed = [k for k in training if k in model_keys]
+            also = f" (train.{shadowed[0]} sets the training one)" if shadowed else ""
             raise UserError(f"{where}: unknown config key {key!r}{_did_you_mean(key, model_keys + training)}; "
-                            f"model {family.name} has the model keys {', '.join(model_keys)} and the training keys "
-                            f"{', '.join(k for k in training if k not in model_keys)}")
+                            f"model {family.name} has the model keys {', '.join(model_keys)}{also} and the "
+                            f"training keys {', '.join(k for k in training if k not in model_keys)}")
     return train_pairs, model_values
 
 

@@ -71,7 +71,8 @@ class _Config:
         return cls(**values)
 
     def _memory(self, n_params: int, activations: int, bytes_per_value: int) -> dict:
-        """Bytes: parameters, their gradients, AdamW's two moments, and the activations."""
+        """Bytes: parameters, their gradients, AdamW's two moments, and the activations (the
+        training window T defaults to ``block_size``, as GPTConfig.memory_estimate)."""
         return {"parameters": n_params * bytes_per_value, "gradients": n_params * bytes_per_value,
                 "optimizer": 2 * n_params * bytes_per_value, "activations": activations * bytes_per_value}
 
@@ -159,9 +160,10 @@ class BigramLMConfig(_Config):
     def num_parameters(self) -> int:
         return self.vocab_size ** 2
 
-    def memory_estimate(self, batch_size: int, block_size: int, bytes_per_value: int = 4) -> dict:
+    def memory_estimate(self, batch_size: int, block_size: int | None = None, bytes_per_value: int = 4) -> dict:
         """parameters = V^2; activations = 2 B T V (the logits, kept by the loss, and their gradient)."""
-        return self._memory(self.num_parameters(), 2 * batch_size * block_size * self.vocab_size, bytes_per_value)
+        T = block_size or self.block_size
+        return self._memory(self.num_parameters(), 2 * batch_size * T * self.vocab_size, bytes_per_value)
 
 
 class BigramLM(_LanguageModel):
@@ -203,11 +205,11 @@ class MLPLMConfig(_Config):
         V, C, k, H = self.vocab_size, self.n_embd, self.block_size, self.n_hidden
         return V * C + (k * C + 1) * H + (self.n_layer - 1) * (H + 1) * H + (H + 1) * V
 
-    def memory_estimate(self, batch_size: int, block_size: int, bytes_per_value: int = 4) -> dict:
+    def memory_estimate(self, batch_size: int, block_size: int | None = None, bytes_per_value: int = 4) -> dict:
         """activations = B (T + k - 1) C (the padded embeddings) + B T k C (the windows)
         + 2 B T H n_layer (each hidden layer's pre-activation and tanh) + 2 B T V (logits, gradient),
         with T = ``block_size`` the training window."""
-        B, T, k = batch_size, block_size, self.block_size
+        B, T, k = batch_size, block_size or self.block_size, self.block_size
         activations = (B * (T + k - 1) * self.n_embd + B * T * k * self.n_embd
                        + 2 * B * T * self.n_hidden * self.n_layer + 2 * B * T * self.vocab_size)
         return self._memory(self.num_parameters(), activations, bytes_per_value)
@@ -303,12 +305,12 @@ class RNNLMConfig(_Config):
         recurrent = sum(G * H * ((C if layer == 0 else H) + H + 2) for layer in range(self.n_layer))
         return V * C + recurrent + (0 if self.tie_weights else H * V) + V
 
-    def memory_estimate(self, batch_size: int, block_size: int, bytes_per_value: int = 4) -> dict:
+    def memory_estimate(self, batch_size: int, block_size: int | None = None, bytes_per_value: int = 4) -> dict:
         """What the fused layers save (ops/rnn.py), per layer with input width n_in (C, then H):
         the input rows B T n_in, the h buffer B (T+1) H, the activated gates B T G H, and for an
         LSTM the c buffer B (T+1) H and the (T+1, B, H) output, for a GRU hn B T H; plus the
         embeddings B T C and the logits and their gradient 2 B T V (T = ``block_size``)."""
-        B, T, C, H, V = batch_size, block_size, self.n_embd, self.n_hidden, self.vocab_size
+        B, T, C, H, V = batch_size, block_size or self.block_size, self.n_embd, self.n_hidden, self.vocab_size
         G = CELLS[self.cell][1]
         extra = {"rnn": 0, "lstm": 2 * B * (T + 1) * H, "gru": B * T * H}[self.cell]
         per_layer = [B * T * (C if layer == 0 else H) + B * (T + 1) * H + B * T * G * H + extra

@@ -9,6 +9,6 @@ from .transformer import (MultiheadAttention, Transformer, TransformerDecoder, T
 
 __all__ = ["Module", "ModuleList", "ModuleDict", "Parameter", "Linear", "Embedding", "LayerNorm", "Dropout",
            "GELU", "MLP", "CausalSelfAttention", "Block", "SinusoidalPositionalEncoding", "functional",
-           "record_outputs", "seed_init", "deferred_init",
+           "record_outputs", "seed_init", "deferred_init", "RNN", "LSTM", "GRU",
            "MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder",
            "TransformerDecoder", "Transformer", "RNN", "LSTM", "GRU"]

@@ -7,8 +7,6 @@ file from another tool or a newer scratchlm fails with one clear line instead of
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from scratchlm.errors import UserError
@@ -27,26 +25,10 @@ def register(type_name: str):
 
 
 def atomic_write_text(path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a crash leaves either the old file or the new one.
-
-    Write a temp file in the same folder (same filesystem, so the rename is atomic), fsync it,
-    then ``os.replace`` it over the target.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write ``text`` to ``path`` so that a crash leaves either the old file or the new one
+    (``scratchlm.checkpoint.atomic_write_bytes``: temp file, fsync, rename; the user's umask)."""
+    from scratchlm.checkpoint import atomic_write_bytes
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 class Tokenizer:
