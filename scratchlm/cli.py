@@ -494,6 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="default numpy")
     add_progress(p)
     p.set_defaults(func=cmd_demo)
+
+    from scratchlm.serve import add_serve_arguments, cmd_serve       # argparse only; the server loads on use
+    p = commands.add_parser("serve", help="serve a run over HTTP: an OpenAI-compatible API and a web page",
+                            description="Serve a run folder's model: POST /v1/completions and "
+                                        "/v1/chat/completions (OpenAI's shapes, streaming), a web page at /.")
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
     from scratchlm.commands import vae; vae.register(commands)  # noqa: E702
     from scratchlm.commands import gan; gan.register(commands)  # noqa: E702
     return parser

@@ -1,0 +1,5 @@
+import sys
+
+from scratchlm.serve import main
+
+sys.exit(main())
