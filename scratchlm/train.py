@@ -14,8 +14,9 @@ One loop serves every model. What differs between models lives in two small obje
   ``model(x, y)[1]``), plus ``task.whole_split`` for ``scratchlm eval``. A token stream and a corpus
   of documents (names) are the two language-model tasks; a seq2seq, classifier, VAE or GAN family
   brings its own task (pairs, labels, images) and the loop below does not change. A model whose
-  update is not "one loss, one optimizer" (a GAN) will define ``train_step(trainer, it)``, to be
-  called in place of ``Trainer.train_step``'s body; no family needs it yet, so it is not wired.
+  loss depends on the iteration defines ``training_loss(batch, it)`` (the VAE's KL annealing), and
+  one whose update is not "one loss, one optimizer" defines ``train_step(trainer, it, lr)``, called
+  in place of ``Trainer.train_step``'s body (the GAN's phases); see ``Trainer.train_step``.
 
 The loop lives here; its neighbours hold the rest of a run: ``scratchlm.config`` the knobs
 (``TrainConfig``, ``--set`` overrides, presets) and ``scratchlm.runs`` the run folder it writes
