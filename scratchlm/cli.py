@@ -524,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     from scratchlm.commands import classify; classify.register(commands)  # noqa: E702
     from scratchlm.commands import word2vec; word2vec.register(commands)  # noqa: E702
     from scratchlm.commands import attention, translate; translate.register(commands); attention.register(commands)
+    from scratchlm.commands import vae; vae.register(commands)  # noqa: E702
+    from scratchlm.commands import gan; gan.register(commands)  # noqa: E702
     return parser
 
 

@@ -74,6 +74,7 @@ class CorpusSource:
 
 
 STDLIB_MAX_BYTES = 4_000_000      # keep the code corpus practical: ~4 MB of source
+COCO_DEV_SIZE, COCO_DEV_SEED = 500, 13    # coco's dev slice: that many training sentences, this seed
 
 REGISTRY: dict[str, CorpusSource] = {s.name: s for s in [
     CorpusSource(
@@ -99,6 +100,14 @@ REGISTRY: dict[str, CorpusSource] = {s.name: s for s in [
                     "80/10/10 train/dev/test; trained one name per document, framed by a boundary token",
         obtain="package", filename="names.txt", license="MIT (makemore); see scratchlm/datasets/README.md",
         split="makemore"),
+    CorpusSource(
+        name="coco",
+        description="MS-COCO image captions as in the Texygen benchmark: 10,000 training and 10,000 test "
+                    "sentences, lowercase, one per line; train with a word tokenizer (--tokenizer word). "
+                    f"A {COCO_DEV_SIZE}-sentence dev slice is carved from train by a fixed seed; test is the "
+                    "Texygen test file, never trained on",
+        obtain="package", filename="coco_captions_train.txt",
+        license="MIT (Texygen) / CC BY 4.0 (COCO captions); see scratchlm/datasets/README.md", split="texygen"),
 ]}
 
 
@@ -265,6 +274,18 @@ def makemore_split(words: list[str]) -> dict[str, list[str]]:
     return {"train": words[:n1], "val": words[n1:n2], "test": words[n2:]}
 
 
+def texygen_split(train_lines: list[str]) -> dict[str, list[str]]:
+    """coco: Texygen's own train/test files; "val" = ``COCO_DEV_SIZE`` training sentences picked by
+    ``random.Random(COCO_DEV_SEED)``, the rest (in file order) "train". "test" is the shipped test
+    file (its 10,000 sentences), read here so a run can never train or select on it by accident."""
+    from scratchlm.datasets import dataset_path
+    lines = [line for line in train_lines if line.strip()]
+    dev = set(random.Random(COCO_DEV_SEED).sample(range(len(lines)), COCO_DEV_SIZE))
+    test = _read_text_file(dataset_path("coco_captions_test.txt")).splitlines()
+    return {"train": [l for i, l in enumerate(lines) if i not in dev], "val": [lines[i] for i in sorted(dev)],
+            "test": [l for l in test if l.strip()]}
+
+
 def split_documents(corpus: Corpus) -> dict[str, list[str]] | None:
     """The fixed split of a document corpus (one document per line), or None for a token stream."""
     split = getattr(corpus, "split", None)
@@ -272,6 +293,8 @@ def split_documents(corpus: Corpus) -> dict[str, list[str]] | None:
         return None
     if split == "makemore":
         return makemore_split(corpus.text.splitlines())
+    if split == "texygen":
+        return texygen_split(corpus.text.splitlines())
     raise ValueError(f"unknown document split {split!r}")
 
 

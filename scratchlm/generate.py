@@ -372,6 +372,24 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k=No
     return backend.to_device(np.concatenate([ids, *new], axis=1))
 
 
+def sample_documents(model, boundary: int, rows: int, max_len: int, temperature: float = 1.0, top_k=None,
+                     top_p=None, seed: int = 0) -> list[list[int]]:
+    """``rows`` whole documents (sentences) decoded together: each row starts at the ``boundary``
+    token and ends at the next one (cut off) or after ``max_len`` tokens; lists of token ids.
+    The loop stops as soon as every row has ended."""
+    prompt = np.full((rows, 1), boundary, dtype=np.int64)
+    out, done = [[] for _ in range(rows)], np.zeros(rows, dtype=bool)
+    for token in iter_tokens(model, prompt, max_len, temperature, top_k, top_p, seed=seed):
+        for b in np.flatnonzero(~done):
+            if token[b] == boundary:
+                done[b] = True
+            else:
+                out[b].append(int(token[b]))
+        if done.all():
+            break
+    return out
+
+
 # ====================================================================== 4. text and streaming
 
 class _TextPieces:

@@ -150,8 +150,13 @@ class DocumentLM:
 
 def documents_task(splits: dict, tokenizer, boundary: str = "\n") -> DocumentLM:
     """A ``DocumentLM`` from text documents by split, encoded with ``tokenizer``; ``boundary`` must be
-    one token of it (the newline: for a char tokenizer on names it is id 0, makemore's ".")."""
+    one token of it (the newline: for a char tokenizer on names it is id 0, makemore's "."; a word
+    tokenizer, which drops whitespace, uses its ``<pad>``, also id 0)."""
     ids = tokenizer.encode(boundary)
+    if not ids and hasattr(tokenizer, "pad_id"):
+        # a word tokenizer has no whitespace tokens: its <pad> (id 0) frames the sentences instead
+        # (x = <pad> + words, y = words + <pad>); decoding skips it, so text comes out clean
+        ids = [tokenizer.pad_id]
     if len(ids) != 1:
         raise UserError(f"the tokenizer encodes the document boundary {boundary!r} as {len(ids)} tokens; "
                         f"use a tokenizer that has it as one token (char or bpe)")

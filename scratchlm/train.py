@@ -14,8 +14,9 @@ One loop serves every model. What differs between models lives in two small obje
   ``model(x, y)[1]``), plus ``task.whole_split`` for ``scratchlm eval``. A token stream and a corpus
   of documents (names) are the two language-model tasks; a seq2seq, classifier, VAE or GAN family
   brings its own task (pairs, labels, images) and the loop below does not change. A model whose
-  update is not "one loss, one optimizer" (a GAN) will define ``train_step(trainer, it)``, to be
-  called in place of ``Trainer.train_step``'s body; no family needs it yet, so it is not wired.
+  loss depends on the iteration defines ``training_loss(batch, it)`` (the VAE's KL annealing), and
+  one whose update is not "one loss, one optimizer" defines ``train_step(trainer, it, lr)``, called
+  in place of ``Trainer.train_step``'s body (the GAN's phases); see ``Trainer.train_step``.
 
 The loop lives here; its neighbours hold the rest of a run: ``scratchlm.config`` the knobs
 (``TrainConfig``, ``--set`` overrides, presets) and ``scratchlm.runs`` the run folder it writes
@@ -196,18 +197,31 @@ class Trainer:
     def train_step(self, it: int):
         """One optimizer step: (mean loss over the micro-batches, gradient norm before clipping or
         None, lr). Loss and norm stay 0-d backend arrays: nothing here waits for the device, so a
-        GPU queues step after step; ``_flush`` reads them back in one transfer every few steps."""
+        GPU queues step after step; ``_flush`` reads them back in one transfer every few steps.
+
+        A model may shape its step: ``training_loss(batch, it) -> (loss, terms)`` replaces the task's
+        loss (the VAE's KL weight depends on ``it``; ``terms`` such as recon and KL go to
+        metrics.jsonl), and ``train_step(trainer, it, lr)`` replaces the whole update (the GAN's
+        phases and two parameter groups); both leave the loop, evals and checkpoints to the trainer."""
         c, accum = self.config, self.config.gradient_accumulation_steps
         lr = self.schedule(it)
+        self.step_terms = {}                                        # a loss's terms for metrics.jsonl
+        if hasattr(self.model, "train_step"):                       # its own update (a GAN's phases)
+            return self.model.train_step(self, it, lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
+        loss_sum, terms_sum = 0.0, {}
         for micro in self.dist.micro_steps(accum):                  # all of them, or this rank's share
             backend.manual_seed(backend.step_seed(c.seed, it * accum + micro))   # dropout's draws
             batch = self.sampler.batch(it * accum + micro)          # LMs: x, y (B, T)
-            loss = self.task.loss(self.model, batch)
+            if hasattr(self.model, "training_loss"):                # a loss that depends on it (the
+                loss, terms = self.model.training_loss(batch, it)   # VAE's KL weight), with its terms
+                terms_sum = {k: terms_sum.get(k, 0.0) + v / accum for k, v in terms.items()}
+            else:
+                loss = self.task.loss(self.model, batch)
             (loss / accum).backward()                               # grads add up to the mean's
             loss_sum = loss_sum + loss.data                         # stays on the device
+        self.step_terms = terms_sum
         if self.dist.world > 1:                                     # every rank: the sum over all A
             loss_sum = self.dist.sum([loss_sum])[0]
         if self.zero:           # ZeRO-1: reduce-scatter, clip, update this rank's slice, all-gather
@@ -216,13 +230,20 @@ class Trainer:
             return loss_sum / accum, grad_norm, lr
         if self.dist.world > 1:
             self.dist.reduce_gradients(self.model._flat)
+        grad_norm = self.clip_and_step()
+        return loss_sum / accum, grad_norm, lr
+
+    def clip_and_step(self, params=None):
+        """Clip the gradients of ``params`` (default all) to ``grad_clip``, step, zero the gradients;
+        returns the norm before clipping (a 0-d backend array) or None without clipping."""
         grad_norm = None
-        if c.grad_clip > 0:
+        if self.config.grad_clip > 0:
             from scratchlm.optim import clip_grad_norm_
-            grad_norm = clip_grad_norm_(self.params, c.grad_clip, as_array=True)
+            grad_norm = clip_grad_norm_(self.params if params is None else params, self.config.grad_clip,
+                                        as_array=True)
         self.optimizer.step()
         self.optimizer.zero_grad()
-        return loss_sum / accum, grad_norm, lr
+        return grad_norm
 
     def evaluate(self, interrupt: _DeferredInterrupt | None = None) -> dict[str, float] | None:
         """Mean loss over the same ``eval_iters`` batches of each split; None if Ctrl-C came meanwhile."""
@@ -274,7 +295,7 @@ class Trainer:
                     # overflow shows up as an inf/NaN loss, which _flush reports with the
                     # iteration; NumPy's RuntimeWarnings about it would only add noise
                     with _quiet_float_errors():
-                        self._pending.append((it, *self.train_step(it)))
+                        self._pending.append((it, *self.train_step(it), self.step_terms))
                     it += 1
                     self.iteration = it
                     if it % c.log_interval == 0:
@@ -305,16 +326,16 @@ class Trainer:
             self._pending = []
             return
         xp = backend.xp
-        losses = backend.to_numpy(xp.stack([loss for _, loss, _, _ in self._pending]))
+        losses = backend.to_numpy(xp.stack([xp.asarray(loss) for _, loss, _, _, _ in self._pending]))
         has_norm = self._pending[0][2] is not None
-        norms = backend.to_numpy(xp.stack([norm for _, _, norm, _ in self._pending])) if has_norm else None
+        norms = backend.to_numpy(xp.stack([norm for _, _, norm, _, _ in self._pending])) if has_norm else None
         seconds = (time.perf_counter() - self._window_start) / len(self._pending)
-        for k, (it, _, _, lr) in enumerate(self._pending):
+        for k, (it, _, _, lr, terms) in enumerate(self._pending):
             loss, grad_norm = float(losses[k]), float(norms[k]) if has_norm else None
             if not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))):
                 self._pending = []
                 self._diverged(it, loss, grad_norm)
-            self._log_train(it, loss, grad_norm, lr, seconds, bar)
+            self._log_train(it, loss, grad_norm, lr, seconds, bar, {key: float(v) for key, v in terms.items()})
         self._pending, self._window_start = [], time.perf_counter()
 
     # ------------------------------------------------------------ bookkeeping
@@ -332,11 +353,12 @@ class Trainer:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def _log_train(self, it, loss, grad_norm, lr, seconds, bar) -> None:
+    def _log_train(self, it, loss, grad_norm, lr, seconds, bar, terms=None) -> None:
         tokens_per_s = self.tokens_per_iter / seconds
         mfu = self.flops_per_iter / seconds / self.peak if self.peak else None
         self._write_metrics({"kind": "train", "iter": it, "train_loss": loss, "lr": lr, "grad_norm": grad_norm,
-                             "ms_per_iter": 1000 * seconds, "tokens_per_s": tokens_per_s, "mfu": mfu})
+                             "ms_per_iter": 1000 * seconds, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                             **(terms or {})})
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
@@ -492,8 +514,9 @@ def _prepare_run(config, run_dir, corpus, tokenizer, resume, progress, cache_dir
         tok = load_tokenizer(run_dir / "tokenizer.json")
     else:
         model = get_family(model or DEFAULT_MODEL).name
-        if get_family(model).data != "lm":
-            raise UserError(f"model {model} is a text classifier; train it with scratchlm classify --model {model}")
+        own_command = {"classify": f"scratchlm classify --model {model}", "pairs": "scratchlm translate train"}
+        if get_family(model).data in own_command:      # labelled sentences or sentence pairs, not a corpus
+            raise UserError(f"model {model} trains on its own data; use {own_command[get_family(model).data]}")
         if corpus is None:
             raise UserError("no corpus given; pass --corpus NAME|PATH (e.g. --corpus pydoc)")
     text = corpus if hasattr(corpus, "text") else load_corpus(corpus)

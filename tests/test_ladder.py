@@ -32,7 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_MODELS = {"bigram": {}, "mlp": {"block_size": 3, "n_embd": 4, "n_hidden": 16},
                "rnn": {"n_embd": 8, "n_hidden": 16, "dropout": 0.1},
                "lstm": {"n_embd": 8, "n_hidden": 16, "dropout": 0.1},
-               "gru": {"n_embd": 8, "n_hidden": 16, "dropout": 0.1}, "gpt": {}}
+               "gru": {"n_embd": 8, "n_hidden": 16, "dropout": 0.1}, "gpt": {},
+               "vae": {"n_embd": 8, "n_hidden": 16, "n_latent": 4, "word_dropout": 0.3, "dropout": 0.1},
+               "gan": {"n_embd": 8, "n_hidden": 16, "d_embd": 4, "d_filters": 4, "g_pretrain_iters": 2,
+                       "d_pretrain_iters": 1, "rollouts": 1, "dropout": 0.1}}
 
 
 @pytest.fixture

@@ -114,6 +114,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            default_preset="sentiment-transformer-classifier"),
     Family("seq2seq", "the encoder-decoder Transformer (translation; scratchlm translate train)",
            "scratchlm.models.seq2seq:Seq2SeqTransformer", "scratchlm.models.seq2seq:Seq2SeqConfig", data="pairs"),
+    Family("vae", "sentence VAE (Bowman et al. 2016): LSTM encoder -> Gaussian z -> LSTM decoder",
+           "scratchlm.models.vae:SentenceVAE", "scratchlm.models.vae:VAEConfig", synced=("block_size",),
+           data="sentences"),
+    Family("gan", "SeqGAN: an LSTM LM generator against a CNN discriminator, policy gradient with rollouts",
+           "scratchlm.models.gan:SeqGAN", "scratchlm.models.gan:GANConfig", synced=("block_size",),
+           data="sentences"),
 ]}
 
 
