@@ -52,7 +52,7 @@ HELP = """commands:
 
 def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``scratchlm chat`` (those of ``sample`` less the prompt), added to ``parser``."""
-    from scratchlm.cli import add_sampling_arguments
+    from scratchlm.commands.arguments import add_sampling_arguments
     add_sampling_arguments(parser)
 
 
@@ -189,7 +189,7 @@ class CommandError(Exception):
 
 def run_chat(args) -> int:
     """The chat loop on stdin/stdout for parsed ``args`` (see ``add_chat_arguments``); exit code."""
-    from scratchlm.cli import SAMPLING_FLAGS
+    from scratchlm.commands.arguments import SAMPLING_FLAGS
     from scratchlm.runs import load_model
     check_chat_controls({key: getattr(args, key) for key in SAMPLING_FLAGS if key != "seed"}, SAMPLING_FLAGS,
                         args.seed)                          # before the model loads, by the flags' names
