@@ -195,8 +195,11 @@ def test_ctrl_c_on_the_launcher_saves_and_resume_equals_uninterrupted(tmp_path, 
     count) ends where the uninterrupted run ends."""
     out = tmp_path / "run"
     args = train_args(out, 2, extra=["--nproc", "2"])
+    # SIGINT's default disposition in the child: under a non-interactive shell's background job it
+    # arrives ignored, and a Python started with SIGINT ignored never turns it into KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "scratchlm", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO)
+                            stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline and proc.poll() is None:

@@ -57,6 +57,7 @@ def train(args, family: str):
     """``scratchlm train --model FAMILY`` with these arguments: the same config routing, trainer and run."""
     from scratchlm.cli import cmd_train
     args.model = family
+    args.nproc = None                      # one process: the VAE and GAN steps are not data-parallel
     cmd_train(args)
     return Path(args.out)
 
