@@ -227,10 +227,11 @@ def test_7_out_that_is_not_writable(workspace, tmp_path):
 ])
 def test_7_the_error_boundary_turns_user_caused_os_errors_into_one_line(monkeypatch, capsys, exc, fragment):
     from scratchlm import cli as cli_module
+    from scratchlm.commands import inspect as summary_module
 
     def fail(args):
         raise exc
-    monkeypatch.setattr(cli_module, "cmd_summary", fail)
+    monkeypatch.setattr(summary_module, "cmd_summary", fail)
     assert cli_module.main(["summary", "--preset", "nano-cpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("scratchlm: error: ") and fragment in err
@@ -239,10 +240,11 @@ def test_7_the_error_boundary_turns_user_caused_os_errors_into_one_line(monkeypa
 @pytest.mark.parametrize("exc", [OSError(errno.EIO, "Input/output error"), ValueError("a bug")])
 def test_7_bugs_keep_their_traceback(monkeypatch, exc):
     from scratchlm import cli as cli_module
+    from scratchlm.commands import inspect as summary_module
 
     def fail(args):
         raise exc
-    monkeypatch.setattr(cli_module, "cmd_summary", fail)
+    monkeypatch.setattr(summary_module, "cmd_summary", fail)
     with pytest.raises(type(exc)):
         cli_module.main(["summary", "--preset", "nano-cpu"])
 

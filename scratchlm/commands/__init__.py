@@ -1,1 +1,1 @@
-"""Sub-commands that live in their own modules: each exposes ``register(subparsers)`` (cli.py calls it)."""
+"""Sub-commands that live in their own modules: each exposes ``register(subparsers)`` (cli.py calls it for each module in its COMMAND_MODULES)."""

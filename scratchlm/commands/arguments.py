@@ -1,4 +1,4 @@
-"""Argument helpers shared by the commands (``cli.py``) and ``chat.py``: number flags parsed like
+"""Argument helpers shared by the commands (``scratchlm/commands/``) and ``chat.py``: number flags parsed like
 ``--set``, and the sampling options of ``sample`` and ``chat``. They sit below both, so neither
 imports the other."""
 from __future__ import annotations
@@ -60,3 +60,21 @@ def check_sampling_flags(args) -> None:
     """Refuse a bad sampling flag by the name the user typed, before the model is loaded."""
     from scratchlm.generate import check_sampling_args
     check_sampling_args(**{key: getattr(args, key) for key in SAMPLING_FLAGS}, names=SAMPLING_FLAGS)
+
+
+def add_progress_arguments(parser: argparse.ArgumentParser) -> None:
+    """--progress / --no-progress of the commands that train."""
+    parser.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
+                        help="always show the progress bar (default: only on a terminal)")
+    parser.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                        help="no bar and no per-iteration lines")
+
+
+def use_backend(name: str) -> None:
+    """Switch the array backend, or refuse with one line (e.g. --backend cupy without a GPU)."""
+    from scratchlm import backend
+    from scratchlm.errors import UserError
+    try:
+        backend.use_backend(name)
+    except backend.BackendUnavailable as exc:
+        raise UserError(str(exc)) from None

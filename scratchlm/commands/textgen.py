@@ -55,7 +55,7 @@ def check_mode(args, family: str, uses: tuple[str, ...]) -> str:
 
 def train(args, family: str):
     """``scratchlm train --model FAMILY`` with these arguments: the same config routing, trainer and run."""
-    from scratchlm.cli import cmd_train
+    from scratchlm.commands.train import cmd_train
     args.model = family
     args.nproc = None                      # one process: the VAE and GAN steps are not data-parallel
     cmd_train(args)
