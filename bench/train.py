@@ -60,7 +60,8 @@ def run_scratchlm(args, config, vocab_size) -> dict:
     import numpy as np
     from types import SimpleNamespace
     from scratchlm import backend, kernels
-    from scratchlm.train import Trainer, peak_flops
+    from scratchlm.runlog import peak_flops
+    from scratchlm.train import Trainer
     kernels.use_reference(args.kernels == "off")
     backend.use_backend(args.backend)
     tokens = np.random.default_rng(0).integers(0, vocab_size, size=1_000_000).astype(np.uint16 if vocab_size <= 65536 else np.uint32)

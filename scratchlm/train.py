@@ -19,8 +19,10 @@ One loop serves every model. What differs between models lives in two small obje
   in place of ``Trainer.train_step``'s body (the GAN's phases); see ``Trainer.train_step``.
 
 The loop lives here; its neighbours hold the rest of a run: ``scratchlm.config`` the knobs
-(``TrainConfig``, ``--set`` overrides, presets) and ``scratchlm.runs`` the run folder it writes
-(config.json, tokenizer.json, model/optimizer safetensors, trainer.json, metrics.jsonl, loss.png).
+(``TrainConfig``, ``--set`` overrides, presets), ``scratchlm.runsetup`` the checks and data before
+the first step, ``scratchlm.runlog`` what the run reports (metrics.jsonl, the bar, loss.png) and
+``scratchlm.runs`` the run folder it writes (config.json, tokenizer.json, model/optimizer
+safetensors, trainer.json).
 
 Why resuming is exact. Everything random in iteration ``it`` is derived from ``(seed, it)``: the
 batches come from ``BatchSampler.batch(it * accum + micro)`` (its generator is seeded with the pair)
@@ -41,11 +43,8 @@ transfer brings them back, and a NaN/inf among them stops the run, naming its it
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,31 +52,8 @@ from pathlib import Path
 from scratchlm import backend, distributed
 from scratchlm.config import TrainConfig
 from scratchlm.errors import UserError
-from scratchlm.runs import (TRAINER_FORMAT, keep_metrics_before, load_checkpoint, plot_losses, read_run_config,
-                            save_checkpoint, write_run_header)
-
-
-# ================================================================ throughput
-
-def peak_flops() -> float | None:
-    """Peak FLOP/s of the device, for MFU: $SCRATCHLM_PEAK_FLOPS, else a table of NVIDIA GPUs, else None.
-
-    GPU peaks are dense float32 (or TF32 tensor-core when CUPY_TF32=1). A CPU's peak depends on
-    its vector units and clocks, which we cannot read portably: set SCRATCHLM_PEAK_FLOPS for MFU.
-    """
-    if os.environ.get("SCRATCHLM_PEAK_FLOPS"):
-        return float(os.environ["SCRATCHLM_PEAK_FLOPS"])
-    if not backend.is_gpu():
-        return None
-    name = backend.xp.cuda.runtime.getDeviceProperties(0)["name"]
-    name = name.decode() if isinstance(name, bytes) else str(name)
-    tf32 = os.environ.get("CUPY_TF32") == "1"
-    table = [("H100 PCIe", 51e12, 378e12), ("H100", 67e12, 495e12), ("H200", 67e12, 495e12),
-             ("A100", 19.5e12, 156e12), ("L4", 30e12, 60e12), ("A10", 31e12, 62e12)]
-    for key, fp32, tf32_peak in table:
-        if key in name:
-            return tf32_peak if tf32 else fp32
-    return None
+from scratchlm.runlog import RunLog
+from scratchlm.runs import TRAINER_FORMAT, keep_metrics_before, load_checkpoint, save_checkpoint, write_run_header
 
 
 # ================================================================ the trainer
@@ -143,7 +119,7 @@ class Trainer:
         from scratchlm.optim import AdamW, constant_lr, cosine_with_warmup
         from scratchlm.tasks import as_task
         self.config, self.tokenizer, self.run_dir = config, tokenizer, Path(run_dir)
-        self.progress, self.log = progress, log
+        self.progress = progress
         c = config
         backend.keep_freed_host_memory()        # NumPy temporaries reuse warm pages (see backend)
         # the model: its family builds it from a config object (or from overrides in a dict)
@@ -172,9 +148,8 @@ class Trainer:
                               for k, split in enumerate(("train", "val"))}
         # positions per iteration (a document batch is as wide as its longest document, padding included)
         self.tokens_per_iter = c.batch_size * self.sampler.block_size * c.gradient_accumulation_steps
-        self.flops_per_iter = flops_per_token(self.model) * self.tokens_per_iter
-        self.peak = peak_flops()
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.report = RunLog(self.run_dir, c, progress, log, self.tokens_per_iter,
+                             flops_per_token(self.model) * self.tokens_per_iter)
         self.iteration, self.best_val_loss, self.last_val_loss, self.last_saved = 0, None, None, None
         self.best_score = None              # a task's selection_score (classifiers: dev accuracy)
         self.evaluated_at: set[int] = set()
@@ -185,12 +160,12 @@ class Trainer:
             self.last_val_loss, self.last_saved = state.get("last_val_loss"), state["iteration"]
             self.best_score = state.get("best_score")
             if self.dist.is_main:
-                kept = keep_metrics_before(self.metrics_path, self.iteration)     # reads (and refuses) before writing
+                kept = keep_metrics_before(self.report.metrics_path, self.iteration)     # reads (and refuses) before writing
                 write_run_header(*header)                                       # new max_iters etc.
                 self.evaluated_at = {m["iter"] for m in kept if m.get("kind") == "eval"}
         elif self.dist.is_main:
             write_run_header(*header)
-            self.metrics_path.write_text("", encoding="utf-8")
+            self.report.metrics_path.write_text("", encoding="utf-8")
 
     # ------------------------------------------------------------ one iteration (the profiled part)
 
@@ -270,7 +245,7 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         c, start = self.config, time.perf_counter()
-        bar = self._progress_bar()
+        self.report.start(self.iteration)
         self._pending, self._window_start = [], time.perf_counter()
         self.evaluated_at = self.dist.bcast(self.evaluated_at)     # every rank: the same eval points
         try:
@@ -281,12 +256,12 @@ class Trainer:
                         interrupt.requested = self.dist.any(interrupt.requested)
                     due_eval = (it % c.eval_interval == 0 or it == c.max_iters) and it not in self.evaluated_at
                     if due_eval or it >= c.max_iters or interrupt.requested:
-                        self._flush(bar)            # every loss checked before anything is saved
+                        self._flush()            # every loss checked before anything is saved
                     if due_eval and self.dist.is_main:
                         losses = self.evaluate(interrupt if self.dist.world == 1 else None)
                         if losses is None:
                             break
-                        self._log_eval(it, losses, bar)
+                        self._record_eval(it, losses)
                     if due_eval:
                         self._save(it)
                         self._window_start = time.perf_counter()
@@ -299,9 +274,9 @@ class Trainer:
                     it += 1
                     self.iteration = it
                     if it % c.log_interval == 0:
-                        self._flush(bar)
+                        self._flush()
                 if interrupt.requested:
-                    self._flush(bar)
+                    self._flush()
                     self._save(self.iteration)
                     self._finish_plot()
                     if not self.dist.is_main:
@@ -310,13 +285,12 @@ class Trainer:
                         f"interrupted: saved a checkpoint at iteration {self.iteration} in {self.run_dir}; "
                         f"continue with --resume --out {self.run_dir}")
         finally:
-            if bar is not None:
-                bar.close()
+            self.report.close()
         self._finish_plot()
         return TrainResult(self.run_dir, self.iteration, self.best_val_loss, self.last_val_loss,
                            time.perf_counter() - start)
 
-    def _flush(self, bar) -> None:
+    def _flush(self) -> None:
         """Bring the pending iterations' losses and norms to the host in one transfer, stop at the
         first non-finite one (naming its iteration), and log them all.
 
@@ -335,59 +309,25 @@ class Trainer:
             if not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))):
                 self._pending = []
                 self._diverged(it, loss, grad_norm)
-            self._log_train(it, loss, grad_norm, lr, seconds, bar, {key: float(v) for key, v in terms.items()})
+            self.report.train(it, loss, grad_norm, lr, seconds, {key: float(v) for key, v in terms.items()})
         self._pending, self._window_start = [], time.perf_counter()
 
     # ------------------------------------------------------------ bookkeeping
 
-    def _progress_bar(self):
-        if self.progress is False:
-            return None
-        from tqdm import tqdm
-        # disable=None: no bar when stderr is not a terminal (logs, CI); lines are printed instead
-        bar = tqdm(total=self.config.max_iters, initial=self.iteration, unit="it", dynamic_ncols=True,
-                   disable=None if self.progress is None else False)
-        return None if bar.disable else bar
-
-    def _write_metrics(self, record: dict) -> None:
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def _log_train(self, it, loss, grad_norm, lr, seconds, bar, terms=None) -> None:
-        tokens_per_s = self.tokens_per_iter / seconds
-        mfu = self.flops_per_iter / seconds / self.peak if self.peak else None
-        self._write_metrics({"kind": "train", "iter": it, "train_loss": loss, "lr": lr, "grad_norm": grad_norm,
-                             "ms_per_iter": 1000 * seconds, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                             **(terms or {})})
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-        elif it % self.config.log_interval == 0 and self.progress is None:
-            mfu_text = f", mfu {100 * mfu:.1f}%" if mfu is not None else ""
-            self.log(f"iter {it}: loss {loss:.4f}, lr {lr:.2e}, {1000 * seconds:.1f} ms/iter, "
-                     f"{tokens_per_s:,.0f} tok/s{mfu_text}")
-
-    def _log_eval(self, it, losses, bar) -> None:
+    def _record_eval(self, it, losses) -> None:
+        """Keep the eval's figures, write them down, and keep the best-scoring weights so far."""
         val = losses["val"]
         self.last_val_loss = val
         if self.best_val_loss is None or val < self.best_val_loss:
             self.best_val_loss = val
         self.evaluated_at.add(it)
-        extra = {k: v for k, v in losses.items() if k not in ("train", "val")}
-        self._write_metrics({"kind": "eval", "iter": it, "train_loss": losses["train"], "val_loss": val,
-                             "perplexity": math.exp(min(val, 700.0)), "lr": self.schedule(it), **extra})
-        message = f"iter {it:>5}: train loss {losses['train']:.4f}, val loss {val:.4f}" + \
-            "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in extra.items() if k != "selection_score")
-        score = extra.get("selection_score")
+        self.report.eval(it, losses, self.schedule(it))
+        score = losses.get("selection_score")
         if score is not None and (self.best_score is None or score > self.best_score):
             # model selection: the weights of the best eval so far, beside the latest checkpoint
             from scratchlm.checkpoint import save_safetensors
             save_safetensors(self.run_dir / "best.safetensors", self.model.state_dict(), metadata={"iteration": str(it)})
             self.best_score = score
-        if bar is not None:
-            bar.write(message)
-        elif self.progress is not False:
-            self.log(message)
 
     def _save(self, it: int) -> None:
         if self.zero:
@@ -411,11 +351,8 @@ class Trainer:
                                f"(now {self.config.learning_rate:g}) or grad_clip, or raise warmup_iters")
 
     def _finish_plot(self) -> None:
-        if not self.dist.is_main:
-            return
-        note = plot_losses(self.run_dir)
-        if self.progress is not False:
-            self.log(note)
+        if self.dist.is_main:
+            self.report.plot()
 
 
 # ================================================================ the entry point
@@ -437,13 +374,14 @@ def train(config: TrainConfig, out_dir, corpus=None, tokenizer: str = "char", re
     from scratchlm.memory import check_fits_in_memory
     from scratchlm.models.registry import get_family
     from scratchlm.runguard import open_run_for_writing
+    from scratchlm.runsetup import prepare_run
     run_dir = Path(out_dir)
     ready = {}
     dist = distributed.current()
 
     def validate():
         dist.check_config(config)
-        ready.update(_prepare_run(config, run_dir, corpus, tokenizer, resume, progress, cache_dir, model, model_config))
+        ready.update(prepare_run(config, run_dir, corpus, tokenizer, resume, progress, cache_dir, model, model_config))
         built = ready["model_config"]                     # overrides (a dict), or a resumed run's config
         if built is None or isinstance(built, dict):
             built = get_family(ready["model"]).model_config(config, built or {}, ready["tok"].vocab_size)
@@ -466,93 +404,3 @@ def train(config: TrainConfig, out_dir, corpus=None, tokenizer: str = "char", re
             return run()
         with open_run_for_writing(run_dir, resume=resume, validate=validate, overwrite=overwrite):
             return run()
-
-
-def _prepare_run(config, run_dir, corpus, tokenizer, resume, progress, cache_dir, model, model_config) -> dict:
-    """The checks and the data of ``train``, reading only: nothing in ``run_dir`` is written."""
-    from scratchlm.checkpoint import read_json
-    from scratchlm.data import REGISTRY, load_corpus
-    from scratchlm.models.registry import DEFAULT_MODEL, get_family, run_model
-    from scratchlm.runs import read_metrics
-    from scratchlm.tasks import make_task, split_sizes
-    from scratchlm.tokenizers import load as load_tokenizer, make_tokenizer
-    config.validate()
-    try:
-        backend.use_backend(config.backend)
-    except backend.BackendUnavailable as exc:
-        raise UserError(str(exc)) from None
-    if resume:
-        header = read_run_config(run_dir)
-        saved = TrainConfig.from_dict(header["train"], where=f"{run_dir}/config.json")
-        family, saved_model = run_model(header, where=f"{run_dir}/config.json")
-        if model is not None and model != family.name:
-            raise UserError(f"{run_dir} holds a {family.name} run, not {model}; --resume keeps the run's model")
-        if model_config and family.config_class is not None:
-            saved_dict = saved_model.to_dict()
-            for key, value in model_config.items():
-                if saved_dict.get(key) != value:
-                    raise UserError(f"--resume cannot change the architecture ({key}: {saved_dict.get(key)!r} "
-                                    f"in the run, {value!r} now); start a new run instead")
-        keys = TrainConfig.MODEL_KEYS if family.config_class is None else ("block_size",)
-        changed = [k for k in keys if getattr(saved, k) != getattr(config, k)]
-        if changed:
-            raise UserError(f"--resume cannot change the architecture ({changed[0]}: {getattr(saved, changed[0])!r} "
-                            f"in the run, {getattr(config, changed[0])!r} now); start a new run instead")
-        model, model_config = family.name, (None if family.config_class is None else saved_model)
-        state = read_json(run_dir / "trainer.json")
-        iteration = state.get("iteration") if isinstance(state, dict) else None
-        if isinstance(iteration, int) and config.max_iters <= iteration:
-            raise UserError(f"the run is at iteration {iteration}; --iters (max_iters, now {config.max_iters}) "
-                            f"must be larger to train on, e.g. --iters {max(2 * iteration, iteration + 1)}")
-        read_metrics(run_dir / "metrics.jsonl")            # a damaged file is refused before anything changes
-        if corpus is None:
-            corpus = header["data"].get("corpus")
-            if (isinstance(corpus, str) and corpus not in REGISTRY and not Path(corpus).expanduser().exists()):
-                raise UserError(f"this run's corpus {corpus} is not there any more (moved, or a relative path "
-                                f"from another folder); pass --corpus PATH")
-        tokenizer = header["data"].get("tokenizer", tokenizer)         # the run's spec, not the default
-        tok = load_tokenizer(run_dir / "tokenizer.json")
-    else:
-        model = get_family(model or DEFAULT_MODEL).name
-        own_command = {"classify": f"scratchlm classify --model {model}", "pairs": "scratchlm translate train"}
-        if get_family(model).data in own_command:      # labelled sentences or sentence pairs, not a corpus
-            raise UserError(f"model {model} trains on its own data; use {own_command[get_family(model).data]}")
-        if corpus is None:
-            raise UserError("no corpus given; pass --corpus NAME|PATH (e.g. --corpus pydoc)")
-    text = corpus if hasattr(corpus, "text") else load_corpus(corpus)
-    if getattr(text, "skipped", None):            # a note, not an error: the rest of the folder is used
-        print(f"note: skipped {len(text.skipped)} file(s) of {text.source}: {'; '.join(text.skipped)}",
-              file=sys.stderr)
-    if resume and header["data"].get("corpus_sha256") not in (None, text.sha256):
-        raise UserError(f"the corpus {text.name!r} differs from the one this run was trained on "
-                        f"(sha256 {text.sha256[:12]}.. vs {header['data']['corpus_sha256'][:12]}..)")
-    if not resume:
-        tok = make_tokenizer(tokenizer, text.text, progress=bool(progress))
-        _note_smaller_vocabulary(tokenizer, tok)
-    task = make_task(text, tok, cache_dir=cache_dir)
-    data_info = {"corpus": _corpus_spec(corpus, text), "corpus_name": text.name, "corpus_sha256": text.sha256,
-                 "tokenizer": tokenizer, "split": getattr(text, "split", None), "splits": list(task.splits),
-                 **split_sizes(task)}
-    return {"tok": tok, "task": task, "data_info": data_info, "model": model, "model_config": model_config}
-
-
-def _note_smaller_vocabulary(spec: str, tok) -> None:
-    """``bpe:N`` on a small corpus runs out of pairs to merge before N tokens: say what it got."""
-    from scratchlm.tokenizers import DEFAULT_BPE_VOCAB
-    kind, _, arg = spec.strip().lower().partition(":")
-    if kind == "bpe":
-        asked = int(arg) if arg else DEFAULT_BPE_VOCAB
-        if tok.vocab_size < asked:
-            print(f"note: --tokenizer {spec} asked for {asked:,} tokens; this corpus has pairs to merge for only "
-                  f"{tok.vocab_size:,}, so the vocabulary is {tok.vocab_size:,}", file=sys.stderr)
-
-
-def _corpus_spec(corpus, text) -> str:
-    """What config.json records to find the corpus again: a registered name as is, a path resolved
-    (so ``--resume`` works from any folder)."""
-    from scratchlm.data import REGISTRY
-    if isinstance(corpus, str) and corpus in REGISTRY:
-        return corpus
-    if isinstance(corpus, (str, os.PathLike)):
-        return str(Path(corpus).expanduser().resolve())
-    return str(getattr(corpus, "source", text.name))
