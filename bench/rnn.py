@@ -3,6 +3,7 @@ CPU, and the sampling speed of an LSTM language model decoding one token at a ti
 
     python bench/rnn.py                      # B=32, T in {64, 256}, H in {128, 256, 512}, 1 and 2 layers
     python bench/rnn.py --quick              # T=64, H=256 only
+    python bench/rnn.py --target --threads 1 # the issue's speed target alone: LSTM T=64 H=256, 1 layer
     python bench/rnn.py --threads 1          # BLAS, Numba and torch pinned to one thread (a busy machine)
     python bench/rnn.py --sampling-only      # only the sampling line
 
@@ -38,6 +39,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "rnn.json"
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="only T=64, H=256 (1 and 2 layers)")
+    parser.add_argument("--target", action="store_true",
+                        help="only the target row (LSTM, T=64, H=256, 1 layer), no sampling; --repeats 9")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for BLAS, Numba and torch (default: the libraries' own choice)")
     parser.add_argument("--batch", type=int, default=32)
@@ -64,15 +67,15 @@ def median_times(fn, repeats):
 
 
 def bench_layers(args, torch, np, sl, nn):
-    grid = [(64, 256)] if args.quick else [(T, H) for T in (64, 256) for H in (128, 256, 512)]
+    grid = [(64, 256)] if args.quick or args.target else [(T, H) for T in (64, 256) for H in (128, 256, 512)]
     rows = []
     header = (f"{'layer':<5} {'T':>4} {'H':>4} {'L':>2}  {'ours ms':>9} {'torch ms':>9} {'torch/ours':>10}"
               f"   {'ours cpu':>9} {'torch cpu':>9} {'cpu ratio':>9}")
     print(header)
     print("-" * len(header))
-    for kind in ("LSTM", "GRU"):
+    for kind in ("LSTM",) if args.target else ("LSTM", "GRU"):
         for T, H in grid:
-            for layers in (1, 2):
+            for layers in (1,) if args.target else (1, 2):
                 x = np.random.default_rng(0).standard_normal((args.batch, T, H)).astype(np.float32)
                 ours_layer = getattr(nn, kind)(H, H, num_layers=layers)
 
@@ -160,6 +163,9 @@ def bench_sampling(args, torch, np, sl):
 
 def main() -> int:
     args = parse_args()
+    if args.target:
+        args.sampling_only = False
+        args.repeats = max(args.repeats, 9)   # one row: afford more repeats for a steadier median
     if args.threads:
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
             os.environ[var] = str(args.threads)
@@ -182,7 +188,7 @@ def main() -> int:
           f"torch {info['torch_version']}: {info['torch_threads']} threads; {info['cpu_count']} CPUs, "
           f"load average {info['load_average'][0]:.1f}")
     rows = [] if args.sampling_only else bench_layers(args, torch, np, sl, nn)
-    sampling = bench_sampling(args, torch, np, sl)
+    sampling = None if args.target else bench_sampling(args, torch, np, sl)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"info": info, "rows": rows, "sampling": sampling}, indent=1))
     print(f"wrote {args.out}")

@@ -126,7 +126,7 @@ class RNNLayer(Function):
         da_t = g_t * act'(a_t),   act' = 1 - h_t^2 (tanh) or [h_t > 0] (relu),
     both from the output alone. The two biases only ever appear summed, so they are added to XW
     once and get the same gradient sum_t da_t.
-    Saved: the input rows and the state buffer h_0..h_T (T+1, B, H); nothing else.
+    Saved: the input rows, the state buffer h_0..h_T (T+1, B, H) and the forward's W_hh^T.
     """
 
     @staticmethod
@@ -174,7 +174,9 @@ class LSTMLayer(Function):
     Both biases enter only as b_ih + b_hh: added to XW once, both get sum_t da_t.
     Saved: input rows, the activated gates (T, B, 4H), the h and c buffers (T+1, B, H) each, and
     tanh(c_t) (T, B, H): storing it costs B*H per step, recomputing it would put a transcendental
-    back into the backward's otherwise purely arithmetic step.
+    back into the backward's otherwise purely arithmetic step. The gates are written over XW (the
+    pre-activations, dead once a step has read them), and the forward's contiguous W_hh^T (4H, H)
+    is kept for the backward's products.
     """
 
     @staticmethod
@@ -230,7 +232,8 @@ class GRULayer(Function):
         x side da_x = [da_r, da_z, da_n]      -> dW_ih, db_ih, dx
         h side da_h = [da_r, da_z, da_n * r]  -> dW_hh, db_hh, and da_h W_hh^T into h_{t-1}.
     b_hr, b_hz are added to XW once; b_hn is added per step to hn.
-    Saved: input rows, activated gates (T, B, 3H), hn (T, B, H), the h buffer (T+1, B, H).
+    Saved: input rows, activated gates (T, B, 3H, written over XW), hn (T, B, H), the h buffer
+    (T+1, B, H), the forward's W_hh^T.
     """
 
     @staticmethod
