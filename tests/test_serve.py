@@ -28,7 +28,7 @@ from scratchlm.config import TrainConfig  # noqa: E402
 from scratchlm.generate import stream_text  # noqa: E402
 from scratchlm.runs import load_model  # noqa: E402
 from scratchlm.serve import add_serve_arguments, build_server  # noqa: E402
-from scratchlm.serve.batching import BatchedDecoder, Row, decode_rows, generate_texts, wait_idle  # noqa: E402
+from scratchlm.serve.batching import BatchedDecoder, Row, wait_idle  # noqa: E402
 from scratchlm.serve.protocol import chat_prompt  # noqa: E402
 from scratchlm.tensor import no_grad  # noqa: E402
 from scratchlm.train import train  # noqa: E402
@@ -135,10 +135,10 @@ def test_batched_decode_step_equals_the_full_forward(model_and_tokenizer):
     for slot, ids in enumerate(sequences):                 # all but the last token in the slot
         cache = KVCache(model.config, 1, model.transformer.wte.weight.dtype)
         prefill(model, np.asarray([ids[:-1]]), cache) if len(ids) > 1 else cache.reset()
-        engine.pool.load(slot, cache)
+        engine.decoder.cache.copy_row(cache, 0, slot, cache.length)
     tokens = np.array([ids[-1] for ids in sequences])
     positions = np.array([len(ids) - 1 for ids in sequences])
-    got = decode_rows(model, engine.pool, tokens, positions)                       # (B, V)
+    got = engine.decoder.step(tokens, positions)                                   # (B, V)
     with no_grad():
         for row, ids in enumerate(sequences):
             logits, _ = model(np.asarray([ids]))
@@ -210,15 +210,6 @@ def test_a_cancelled_row_leaves_and_the_others_are_unchanged(model_and_tokenizer
     assert len(events[0]) == 3 and events[0][-1].kind == "token"          # no token after the cancel
     assert "".join(e.text for e in events[1]) == reference(model, tokenizer, "birds", 20)
     assert engine.stats()["rows_cancelled"] == 1 and engine.stats()["active"] == 0
-
-
-def test_generate_texts_decodes_several_prompts_together(model_and_tokenizer):
-    model, tokenizer = model_and_tokenizer
-    texts = generate_texts(model, tokenizer, PROMPTS, 10, temperature=0.8, top_p=0.9, seed=11, max_batch=4)
-    assert texts == [reference(model, tokenizer, p, 10, temperature=0.8, top_p=0.9, seed=11 + i)
-                     for i, p in enumerate(PROMPTS)]
-    with pytest.raises(ValueError, match="leave room"):
-        generate_texts(model, tokenizer, ["the"], BLOCK)
 
 
 # ====================================================================== the API, through the openai client
