@@ -200,15 +200,15 @@ class KVCache:
     def length(self) -> int:
         return self.layers[0].length
 
+    @length.setter
+    def length(self, value: int) -> None:
+        for layer in self.layers:
+            layer.length = value
+
     def reset(self) -> None:
         """Forget every position (the buffers stay allocated)."""
         for layer in self.layers:
             layer.length = 0
-
-    def advance(self) -> None:
-        """Count one more position as cached (``RowDecoder.step`` wrote it for every row)."""
-        for layer in self.layers:
-            layer.length += 1
 
     def copy_row(self, source: "KVCache", source_row: int, row: int, length: int) -> None:
         """Copy positions [0, length) of ``source``'s row ``source_row`` into this cache's ``row``
@@ -334,35 +334,51 @@ class RowDecoder:
         C, H, V, T = config.n_embd, config.n_head, config.vocab_size, config.block_size
         self.H, self.D = H, C // H
         self.scale = 1.0 / math.sqrt(self.D)
-        self.x = xp.empty((rows, C), dtype)                     # the residual stream
-        self.h = xp.empty((rows, C), dtype)                     # a LayerNorm's output, then a sublayer's
-        self.qkv = xp.empty((rows, 3 * C), dtype)
-        self.attended = xp.empty((rows, H, 1, self.D), dtype)   # the heads' outputs = (S, C) once merged
-        self.fc = xp.empty((rows, 4 * C), dtype)
-        self.tmp = xp.empty((rows, 4 * C), dtype)               # GELU's scratch
-        self.scores = xp.empty((rows, H, 1, T), dtype)
-        self.mask = xp.empty((rows, 1, 1, T), dtype)            # 0 up to the row's position, -inf after
+        R = max(rows, T)                                        # a step's rows, or a prefill's positions
+        self.x = xp.empty((R, C), dtype)                        # the residual stream
+        self.h = xp.empty((R, C), dtype)                        # a LayerNorm's output, then a sublayer's
+        self.qkv = xp.empty((R, 3 * C), dtype)
+        self.attended = xp.empty((R, H, 1, self.D), dtype)      # the heads' outputs = (R, C) once merged
+        self.fc = xp.empty((R, 4 * C), dtype)
+        self.tmp = xp.empty((R, 4 * C), dtype)                  # GELU's scratch
+        self.scores = xp.empty((R, H, 1, T), dtype)
+        self.mask = xp.empty((R, 1, 1, T), dtype)               # 0 up to the row's position, -inf after
         self.logits = xp.empty((rows, V), dtype)
-        self.threads = blas_threads_for(rows, C)
         if "wpe" not in model.transformer:                      # the sinusoidal table, once
             with no_grad():
                 self.sinusoidal = model.transformer.sinusoidal(xp.arange(T)).data.astype(dtype)   # (T, C)
 
     def step(self, tokens, positions) -> np.ndarray:
-        """tokens (B,), positions (B,) host ints -> the next-token logits (B, V), float64, on the host."""
-        positions = np.asarray(positions, dtype=np.int64)
-        with self.threads:
-            logits = self._forward(np.asarray(tokens, dtype=np.int64), positions)
+        """tokens (B,), positions (B,) host ints -> the next-token logits (B, V), float64, on the host.
+        Row b is slot b."""
+        B = len(tokens)
+        logits = self._forward(np.asarray(tokens, dtype=np.int64), np.asarray(positions, dtype=np.int64),
+                               backend.xp.arange(B), slice(0, B))
         return backend.to_numpy(logits).astype(np.float64)                       # (B, V)
 
-    def _forward(self, tokens: np.ndarray, positions: np.ndarray):
+    def prefill(self, tokens, slot: int) -> np.ndarray:
+        """A whole prompt tokens (T,) into ``slot`` (positions 0..T-1) -> the next-token logits (V,),
+        float64, on the host. The step's code with the T positions as rows that all write and
+        read the one slot: row t attends over positions 0..t (causal), and only the last row goes
+        through the head."""
+        T = len(tokens)
+        logits = self._forward(np.asarray(tokens, dtype=np.int64), np.arange(T), backend.xp.full(T, slot),
+                               slice(slot, slot + 1), last_only=True)
+        return backend.to_numpy(logits[0]).astype(np.float64)                    # (V,)
+
+    def _forward(self, tokens: np.ndarray, positions: np.ndarray, slots, read: slice, last_only: bool = False):
+        """Rows (B,) of tokens at positions, writing their keys and values into ``slots`` (B,) and
+        attending over the slots ``read`` (B of them, or one that every row shares)."""
+        with blas_threads_for(len(tokens), self.H * self.D):
+            return self._layers(tokens, positions, slots, read, last_only)
+
+    def _layers(self, tokens, positions, rows, read, last_only):
         xp = backend.xp
         t = self.model.transformer
         B, H, D = len(tokens), self.H, self.D
         C = H * D
         L = int(positions.max()) + 1                                              # positions the longest row attends
         pos = backend.to_device(positions)
-        rows = xp.arange(B)
         x, h, qkv, fc = self.x[:B], self.h[:B], self.qkv[:B], self.fc[:B]
         table = t.wpe.weight.data if "wpe" in t else self.sinusoidal
         xp.add(t.wte.weight.data[backend.to_device(tokens)], table[pos], out=x)   # (B, C)
@@ -378,13 +394,13 @@ class RowDecoder:
             layer.keys[rows, :, pos] = qkv[:, C:2 * C].reshape(B, H, D)
             layer.values[rows, :, pos] = qkv[:, 2 * C:].reshape(B, H, D)
             q = qkv[:, :C].reshape(B, H, 1, D)
-            xp.matmul(q, layer.keys[:B, :, :L].swapaxes(-1, -2), out=scores)     # (B, H, 1, L)
+            xp.matmul(q, layer.keys[read, :, :L].swapaxes(-1, -2), out=scores)   # (B, H, 1, L)
             scores *= self.scale
             scores += mask
             scores -= scores.max(axis=-1, keepdims=True)
             xp.exp(scores, out=scores)
             scores /= scores.sum(axis=-1, keepdims=True)
-            xp.matmul(scores, layer.values[:B, :, :L], out=attended)             # (B, H, 1, D)
+            xp.matmul(scores, layer.values[read, :, :L], out=attended)           # (B, H, 1, D)
             _linear(attended.reshape(B, C), block.attn.c_proj, h)
             x += h
             _layer_norm(x, block.ln_2, h)
@@ -392,8 +408,10 @@ class RowDecoder:
             _gelu_tanh(fc, self.tmp[:B])
             _linear(fc, block.mlp.c_proj, h)
             x += h
+        if last_only:
+            x, h = x[-1:], h[-1:]
         _layer_norm(x, t.ln_f, h)
-        logits = self.logits[:B]
+        logits = self.logits[:len(h)]
         xp.matmul(h, t.wte.weight.data.T, out=logits)                             # (B, V), the tied head
         return logits
 
@@ -408,8 +426,9 @@ def _linear(x, layer, out) -> None:
 def _layer_norm(x, norm, out) -> None:
     """out = (x - mean) / sqrt(var + eps) * weight + bias over the last axis (a ``nn.LayerNorm``)."""
     xp = backend.xp
-    xp.subtract(x, x.mean(axis=-1, keepdims=True), out=out)
-    out /= xp.sqrt((out * out).mean(axis=-1, keepdims=True) + norm.eps)
+    inv_c = 1.0 / x.shape[-1]                # sum * 1/C: ndarray.mean's Python wrapper costs more than the sum here
+    xp.subtract(x, x.sum(axis=-1, keepdims=True) * inv_c, out=out)
+    out /= xp.sqrt((out * out).sum(axis=-1, keepdims=True) * inv_c + norm.eps)
     if norm.weight is not None:
         out *= norm.weight.data
     if norm.bias is not None:
@@ -570,6 +589,10 @@ def _token_loop(model, ids, max_new_tokens, temperature, top_k, top_p, repetitio
     start = 0 if block_size is None else max(0, ids.shape[1] - block_size)
 
     def full_window():
+        if rows is not None:                                       # each row into its slot
+            logits = np.stack([rows.prefill(ids[b, start:], b) for b in range(B)])
+            cache.length = ids.shape[1] - start
+            return logits
         return prefill(model, ids[:, start:], cache) if use_cache else _forward_window(model, ids[:, start:])
 
     was_training = model.training
@@ -588,7 +611,7 @@ def _token_loop(model, ids, max_new_tokens, temperature, top_k, top_p, repetitio
                 logits = full_window()
             elif rows is not None:
                 logits = rows.step(token, np.full(B, cache.length))
-                cache.advance()
+                cache.length += 1
             elif use_cache:
                 logits = decode_step(model, token, cache)
             else:

@@ -131,6 +131,18 @@ def test_row_decoder_step_equals_the_full_forward_of_each_row(any_backend, overr
         np.testing.assert_allclose(got[b], host(full)[0, -1], rtol=0, atol=1e-10)
 
 
+def test_row_decoder_prefill_equals_the_full_forward_and_fills_the_slot(any_backend):
+    """A prompt prefilled into slot 2 gives the full forward's last logits, and then a step
+    from that slot continues it as the full forward over the longer sequence does."""
+    model = tiny(seed=6)
+    ids = np.random.default_rng(3).integers(0, 13, 7)
+    rows = G.RowDecoder(model, rows=3)
+    full, _ = model(ids[None])
+    np.testing.assert_allclose(rows.prefill(ids[:6], 2), host(full)[0, 5], rtol=0, atol=1e-10)
+    rows.cache.copy_row(rows.cache, 2, 0, 6)                 # the slot moves to row 0, as a retiring row's does
+    np.testing.assert_allclose(rows.step([ids[6]], [6])[0], host(full)[0, 6], rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("controls", [dict(temperature=0), dict(temperature=1.0, seed=3),
                                       dict(temperature=0.8, top_k=5, top_p=0.9, seed=7),
                                       dict(temperature=1.0, repetition_penalty=1.3, seed=1)])

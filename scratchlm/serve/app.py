@@ -106,8 +106,10 @@ class Reply:
 
 
 class EventStream:
-    """An ASGI response that sends server-sent events from an async iterator of chunks (dicts) and
-    closes the iterator whatever happens (its ``finally`` frees the engine's rows)."""
+    """An ASGI response that sends server-sent events from an async iterator of batches of chunks
+    (lists of dicts or strings; one ``data:`` event each) and closes the iterator whatever happens
+    (its ``finally`` frees the engine's rows). A batch goes out in one write: the events that
+    arrived while the loop was busy cost one system call, not one per token."""
 
     def __init__(self, chunks):
         self.chunks = chunks
@@ -117,14 +119,17 @@ class EventStream:
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
                                 (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
         try:
-            async for chunk in self.chunks:
-                data = chunk if isinstance(chunk, str) else json.dumps(chunk, separators=(",", ":"))
-                await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True})
+            async for batch in self.chunks:
+                body = "".join(f"data: {chunk if isinstance(chunk, str) else _dumps(chunk)}\n\n" for chunk in batch)
+                await send({"type": "http.response.body", "body": body.encode(), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:                                      # the client went away while we wrote
             pass
         finally:
             await self.chunks.aclose()
+
+
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -279,42 +284,45 @@ class Server:
                 open_rows -= event.kind == "done"
 
     async def _chunks(self, job: Job, reply: Reply, events: list[Event], choices: list[Choice], rows):
-        """The stream's chunks; its ``finally`` cancels whatever rows are still generating."""
+        """The stream's chunks, a batch per wake-up of the handler; its ``finally`` cancels whatever
+        rows are still generating."""
         name, tokenizer = self.model_name, self.tokenizer
         try:
             if job.chat:
-                for choice in choices:
-                    yield chunk_object(job, name, choice.index, None, role=True)
+                yield [chunk_object(job, name, choice.index, None, role=True) for choice in choices]
             elif job.echo_texts is not None:
-                for choice in choices:
-                    yield chunk_object(job, name, choice.index, choice.text)
+                yield [chunk_object(job, name, choice.index, choice.text) for choice in choices]
             open_rows, produced = len(choices), 0
             while True:
+                batch = []
                 for event in events:
                     if event.kind == "error":
-                        yield ApiError(500, event.message, type="server_error", code="generation_failed").body()
+                        batch.append(ApiError(500, event.message, type="server_error", code="generation_failed").body())
+                        yield batch
                         return
                     offset = len(choices[event.index].text)
                     choices[event.index].add(event)
                     if event.kind == "token":
                         items = None if event.logprob is None else [(event.token, event.logprob, event.top, offset)]
                         if event.text or items:
-                            yield chunk_object(job, name, event.index, event.text, None, items, tokenizer)
+                            batch.append(chunk_object(job, name, event.index, event.text, None, items, tokenizer))
                     else:
                         open_rows -= 1
                         produced += event.completion_tokens
-                        yield chunk_object(job, name, event.index, event.text or ("" if not job.chat else None),
-                                           event.finish_reason)
+                        batch.append(chunk_object(job, name, event.index, event.text or ("" if not job.chat else None),
+                                                  event.finish_reason))
                 if not open_rows:
                     break
+                if batch:
+                    yield batch
                 try:
                     events = await reply.next_events()
                 except TimedOut as exc:
-                    yield _as_api_error(exc).body()
+                    yield [_as_api_error(exc).body()]
                     return
             if job.include_usage:
-                yield usage_chunk(job, name, produced)
-            yield "[DONE]"
+                batch.append(usage_chunk(job, name, produced))
+            yield batch + ["[DONE]"]
         except Disconnected:
             return
         finally:

@@ -11,7 +11,7 @@ and the sampler is ``scratchlm.generate.sample_rows``. This module decides who i
 - ``Row``: one sequence (one choice of one request) with its own sampling settings, seeded
   generator, stop strings and incremental text decoder, and a ``sink`` for its ``Event``s;
 - ``BatchedDecoder``: a loop (its own thread, or driven by the caller) that admits waiting rows
-  between steps (a prefill each into a one-row cache, copied into the row's slot), runs one
+  between steps (a prefill each, into the row's slot), runs one
   ``RowDecoder.step`` over the active rows, samples each row's token, and retires rows that
   finished or were cancelled. Active rows always occupy slots 0..B-1 (when one leaves, the last
   one moves into its slot), so a step reads the first B slots, with no gather.
@@ -40,8 +40,7 @@ from typing import Callable
 
 import numpy as np
 
-from scratchlm.generate import (KVCache, RowDecoder, _first_stop, _held_back, _TextPieces, prefill, sample_rows,
-                                token_logprobs)
+from scratchlm.generate import RowDecoder, _first_stop, _held_back, _TextPieces, sample_rows, token_logprobs
 
 END_OF_TEXT = "<|endoftext|>"          # always a stop string: byte-level BPE runs mark document ends with it
 
@@ -150,7 +149,6 @@ class BatchedDecoder:
         self.decoder = RowDecoder(model, max_batch)                     # raises TypeError for a non-GPT
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.scratch = KVCache(model.config, 1, model.transformer.wte.weight.dtype)   # prefill, copied into a slot
         self.active: list[Row] = []                                      # row b owns slot b
         self.waiting: list[Row] = []
         self.cond = threading.Condition()
@@ -254,8 +252,7 @@ class BatchedDecoder:
             return
         row.start(self.tokenizer)
         slot = len(self.active)
-        logits = prefill(self.model, np.asarray([row.prompt], dtype=np.int64), self.scratch)   # (1, V)
-        self.decoder.cache.copy_row(self.scratch, 0, slot, self.scratch.length)
+        logits = self.decoder.prefill(row.prompt, slot)[None]                   # (1, V)
         self.active.append(row)
         self.counters["prefills"] += 1
         self.counters["max_active"] = max(self.counters["max_active"], len(self.active))
