@@ -132,6 +132,12 @@ class EventStream:
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
+def _flush_text(batch: list, run, job: Job, name: str) -> None:
+    """Append the chunk of a run of plain-text tokens of one choice (their texts joined), if any."""
+    if run is not None and any(run[1]):
+        batch.append(chunk_object(job, name, run[0], "".join(run[1])))
+
+
 def error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
@@ -140,9 +146,10 @@ class Server:
     """The app's state: model, tokenizer, engine and settings; ``app`` is the Starlette app."""
 
     def __init__(self, model, tokenizer, model_name: str, engine: BatchedDecoder, api_key: str | None = None,
-                 timeout: float = 60.0, threaded: bool = True):
+                 timeout: float = 60.0, threaded: bool = True, stream_interval: float = 0.0):
         self.model, self.tokenizer, self.model_name, self.engine = model, tokenizer, model_name, engine
         self.api_key, self.timeout, self.threaded = api_key, timeout, threaded
+        self.stream_interval = stream_interval   # seconds a stream waits after a write, gathering tokens
         self.block_size = model.config.block_size
         routes = [Route("/", self.page), Route("/health", self.health),
                   Route("/v1/models", self.models), Route("/v1/models/{model_id:path}", self.model_info),
@@ -294,7 +301,7 @@ class Server:
                 yield [chunk_object(job, name, choice.index, choice.text) for choice in choices]
             open_rows, produced = len(choices), 0
             while True:
-                batch = []
+                batch, run = [], None             # run: [index, texts] of adjacent plain-text tokens of one choice
                 for event in events:
                     if event.kind == "error":
                         batch.append(ApiError(500, event.message, type="server_error", code="generation_failed").body())
@@ -302,19 +309,30 @@ class Server:
                         return
                     offset = len(choices[event.index].text)
                     choices[event.index].add(event)
-                    if event.kind == "token":
-                        items = None if event.logprob is None else [(event.token, event.logprob, event.top, offset)]
-                        if event.text or items:
-                            batch.append(chunk_object(job, name, event.index, event.text, None, items, tokenizer))
+                    if event.kind == "token" and event.logprob is None:
+                        if run is not None and run[0] == event.index:
+                            run[1].append(event.text)
+                            continue
+                        _flush_text(batch, run, job, name)
+                        run = [event.index, [event.text]]
+                        continue
+                    _flush_text(batch, run, job, name)
+                    run = None
+                    if event.kind == "token":     # with log-probabilities: one chunk per token (the page's bars)
+                        items = [(event.token, event.logprob, event.top, offset)]
+                        batch.append(chunk_object(job, name, event.index, event.text, None, items, tokenizer))
                     else:
                         open_rows -= 1
                         produced += event.completion_tokens
                         batch.append(chunk_object(job, name, event.index, event.text or ("" if not job.chat else None),
                                                   event.finish_reason))
+                _flush_text(batch, run, job, name)
                 if not open_rows:
                     break
                 if batch:
                     yield batch
+                    if self.stream_interval:  # let the next tokens gather: one write (and one chunk) for several
+                        await asyncio.sleep(self.stream_interval)
                 try:
                     events = await reply.next_events()
                 except TimedOut as exc:
