@@ -1,7 +1,9 @@
 """Serving under load: ``scratchlm serve`` driven by N concurrent streaming clients on the loopback.
 
-    python bench/serve.py                         # trains a nano-cpu run first if --run is not given
-    python bench/serve.py --run runs/nano --clients 1 4 16 64 --seconds 10 --repeats 2
+    python bench/serve.py                         # N = 1, 4, 16 in about 2 minutes (trains a nano-cpu
+                                                  # run first, 300 iterations, if --run is not given)
+    python bench/serve.py --full                  # N = 1, 4, 16, 64
+    python bench/serve.py --run runs/nano --clients 1 16 --seconds 10 --repeats 3
     python bench/serve.py --modes thread loop     # decode thread vs --decode-in-loop, same run
 
 The server runs in its own process (``python -m scratchlm.serve``). For each N, N clients each
@@ -18,7 +20,15 @@ chunk), so that on a small machine they take little CPU from the server they mea
 - TTFT: time from sending a request to its first token chunk, p50 and p95 over requests;
 - per token: (time of the last chunk - first chunk) / (tokens - 1) per request, p50 and p95;
 - errors: requests answered with a non-200 status or an error event (must be 0 below the queue
-  limit: --max-batch + --max-queue rows).
+  limit: --max-batch + --max-queue rows);
+- cpu ms/tok: the server process's CPU time (all threads) over the level per completed token,
+  and ``x 1 (cpu)``: that of the 1-client level over this one's, the throughput ratio of a
+  server with the CPUs to itself. On a busy machine wall-clock rates follow the other load;
+  this ratio does much less.
+
+The server streams with its default ``--stream-interval`` (20 ms: the tokens a stream's
+request decoded within it go out in one chunk and one write; ``--stream-interval 0`` here
+passes 0 to the server: a write per token whenever the event loop keeps up).
 
 The peer is the same server decoding one request at a time (``--max-batch 1``, the queue holding
 the rest), at the largest N up to 16: the ``unbatched`` row; batching is the difference.
@@ -67,6 +77,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2,
                         help="rounds over the levels, interleaved; a level pools its rounds' requests (default 2)")
+    parser.add_argument("--stream-interval", type=float, default=None,
+                        help="passed to the server (default: the server's default)")
     parser.add_argument("--modes", nargs="+", choices=["thread", "loop"], default=["thread"],
                         help="where the server decodes: its own thread (default) or the event loop (--decode-in-loop)")
     parser.add_argument("--no-peer", action="store_true", help="skip the unbatched (--max-batch 1) row")
@@ -104,13 +116,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, run: Path, max_batch: int, max_queue: int, in_loop: bool = False):
+    def __init__(self, run: Path, max_batch: int, max_queue: int, in_loop: bool = False, stream_interval=None):
         self.port = free_port()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "scratchlm.serve", "--run", str(run), "--port", str(self.port),
              "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--timeout", "120"]
-            + (["--decode-in-loop"] if in_loop else []),
+            + (["--decode-in-loop"] if in_loop else [])
+            + ([] if stream_interval is None else ["--stream-interval", str(stream_interval)]),
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.url = f"http://127.0.0.1:{self.port}"
         import httpx
@@ -290,7 +303,7 @@ def pct(values, q) -> float:
 
 def measure(run: Path, args, in_loop: bool, label: str) -> tuple[list[dict], dict]:
     """The levels against one server (rounds interleaved), then the disconnect level and memory."""
-    server = ServerProcess(run, args.max_batch, args.max_queue, in_loop)
+    server = ServerProcess(run, args.max_batch, args.max_queue, in_loop, args.stream_interval)
     rows, extra = [], {}
     try:
         extra["rss_start"] = server.rss_mb()
@@ -331,7 +344,7 @@ def main(argv=None) -> int:
         rows += mode_rows
     if not args.no_peer:
         n = max([c for c in args.clients if c <= 16] or [min(args.clients)])
-        peer = ServerProcess(run, 1, max(args.max_queue, n), args.modes[0] == "loop")
+        peer = ServerProcess(run, 1, max(args.max_queue, n), args.modes[0] == "loop", args.stream_interval)
         try:
             asyncio.run(level(peer.url, run, 2, 1, args.seconds, 4))
             rounds = [timed_level(peer, run, n, args.requests, args.seconds, args.max_tokens)

@@ -398,6 +398,30 @@ def test_api_key_required_and_compared(serve):
     assert openai_client(live.url, key="sesame").completions.create(model="x", prompt="the", max_tokens=2).choices
 
 
+def stream_events(url, body) -> list[dict]:
+    """The JSON events of one streaming /v1/completions request, [DONE] left out."""
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as response:
+            lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_a_stream_gathers_the_tokens_of_its_interval_into_one_chunk(serve, model_and_tokenizer):
+    """With --stream-interval the tokens decoded meanwhile share a chunk: the first token goes out
+    at once, and the other 19 (a tiny model decodes them well within the 1 s interval) in one text
+    chunk, then the finish chunk. The text is stream_text's, as with interval 0."""
+    model, tokenizer = model_and_tokenizer
+    body = {"prompt": "the cat", "max_tokens": 20, "temperature": 0}
+    expected = reference(model, tokenizer, "the cat", 20)
+    gathered = stream_events(serve(stream_interval=1.0).url, body)
+    single = stream_events(serve(stream_interval=0).url, body)
+    for events in (gathered, single):
+        assert "".join(e["choices"][0]["text"] for e in events) == expected
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert len(gathered) <= 4 < len(expected)
+
+
 @pytest.mark.parametrize("threaded", [True, False], ids=["decode-thread", "decode-in-loop"])
 def test_client_disconnect_mid_stream_frees_the_slot(serve, threaded):
     live = serve(threaded=threaded, step_delay=0.05)

@@ -53,7 +53,11 @@ Batched decoding (``batching.py``): up to ``--max-batch`` rows (a row = one choi
 are decoded together, each with its own KV-cache slot, position and sampling controls; rows join
 and leave between steps. The decode loop runs in its own thread (``--decode-in-loop``: in the
 event loop's thread instead; bench/serve.py compares the two) with ``--blas-threads`` BLAS
-threads (default 1: a decode step's matrices are small).
+threads (default 1: a decode step's matrices are small). A stream writes what it has, then
+waits ``--stream-interval`` seconds (default 0.02) while its next tokens are decoded, and sends
+them as one chunk in one write: per-token writes (a system call, the HTTP framing, a JSON
+object) cost more than a decode step's share of a token once 16 requests are batched. The first
+token is sent at once; with ``logprobs`` every token keeps its own chunk.
 """
 from __future__ import annotations
 
