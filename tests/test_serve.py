@@ -407,6 +407,20 @@ def stream_events(url, body) -> list[dict]:
     return [json.loads(line) for line in lines[:-1]]
 
 
+@pytest.mark.parametrize("controls", [{"temperature": 0}, {"temperature": 0.9, "seed": 5}])
+def test_http_text_equals_the_scratchlm_sample_command(live, run_dir, controls):
+    """The oracle is the CLI itself: ``scratchlm sample --top-k 0`` with the same controls prints
+    the prompt and the very text the server returns (greedy, and sampled with the same seed)."""
+    import sys
+    reply = httpx.post(live.url + "/v1/completions", timeout=30,
+                       json={"prompt": "the dog", "max_tokens": 15, **controls}).json()
+    command = [sys.executable, "-m", "scratchlm", "sample", "--run", str(run_dir), "--prompt", "the dog",
+               "--max-new-tokens", "15", "--top-k", "0", "--no-stream",
+               "--temperature", str(controls["temperature"]), "--seed", str(controls.get("seed", 0))]
+    printed = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert printed == "the dog" + reply["choices"][0]["text"] + "\n"
+
+
 def test_a_stream_gathers_the_tokens_of_its_interval_into_one_chunk(serve, model_and_tokenizer):
     """With --stream-interval the tokens decoded meanwhile share a chunk: the first token goes out
     at once, and the other 19 (a tiny model decodes them well within the 1 s interval) in one text
