@@ -21,6 +21,17 @@ Where re-running the window for every token would take an hour (gpt2-124m), thos
 fewer tokens (``RECOMPUTE_POSITION_BUDGET``): the ``new`` column says how many. Fewer tokens
 means shorter contexts, so such a ``no cache`` rate flatters the uncached path.
 
+The bound table first (``--bound-only``: only it): at batch 1 every decoded token reads every
+weight once, so tokens/s <= memory bandwidth / weight bytes. It measures this machine's
+bandwidth (a large array copy on one thread: bytes read + written per second, best of 5), the
+bytes of the weights one token reads (every matrix, bias and gain, the whole tied embedding for
+the head, one position row) of the 6-layer, 6-head, 384-wide GPT with a 256-token context (nanoGPT's
+shakespeare-char model, vocab 65), and prints the bound beside the measured rates: cached decoding
+at the default threads, at 1 and at 2 BLAS/Numba threads, and uncached decoding (a full forward
+per token). Targets: cached >= 60% of the bound, >= 5x uncached, 2 threads never slower than 1.
+
+    python bench/generate.py --bound-only         # the bound table alone (about a minute on 2 quiet cores)
+
 Writes bench/results/generate.json.
 """
 from __future__ import annotations
@@ -71,6 +82,7 @@ def parse_args():
                         help="threads for BLAS, Numba and torch (default: the libraries' own choice)")
     parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison")
+    parser.add_argument("--bound-only", action="store_true", help="only the memory-bandwidth bound table")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "generate.json"))
     return parser.parse_args()
 
@@ -98,6 +110,113 @@ def time_ours(model, prompt, new_tokens, use_cache, window_keep=None):
     backend.synchronize()
     end = time.perf_counter()
     return first - start, end - first, [int(t[0]) for t in tokens]
+
+
+BOUND_MODEL = dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, bias=True)
+UNCACHED_NEW = 9                           # a full forward per token: 8 timed tokens are plenty
+
+
+def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> tuple[float, float]:
+    """Bytes read + written per second by one large float32 array copy, best of ``repeats``:
+    (per wall second, per CPU second of this process)."""
+    import numpy as np
+    src = np.ones(megabytes * 2**20 // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    best_wall = best_cpu = float("inf")
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        np.copyto(dst, src)
+        best_wall, best_cpu = min(best_wall, time.perf_counter() - wall), min(best_cpu, time.process_time() - cpu)
+    return 2 * src.nbytes / best_wall, 2 * src.nbytes / max(best_cpu, 1e-9)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the weights one decoded token reads: every parameter, but one row of the position table."""
+    total = sum(p.data.nbytes for p in model.parameters())
+    if "wpe" in model.transformer:
+        wpe = model.transformer.wpe.weight.data
+        total -= wpe.nbytes - wpe[0].nbytes
+    return total
+
+
+def decode_rate(model, prompt, new_tokens, use_cache, threads=None) -> tuple[float, float]:
+    """Batch-1 greedy decode tokens/s after the first token, at ``threads`` BLAS + Numba threads
+    (None: as the process started): (per wall second, per CPU second)."""
+    import contextlib
+    from scratchlm import generate as G
+    with thread_limit(threads) if threads else contextlib.nullcontext():
+        steps = G.iter_tokens(model, prompt, new_tokens, temperature=0, use_cache=use_cache)
+        next(steps)
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in steps:
+            pass
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return (new_tokens - 1) / wall, (new_tokens - 1) / max(cpu, 1e-9)
+
+
+@__import__("contextlib").contextmanager
+def thread_limit(n: int):
+    """BLAS (threadpoolctl) and Numba threads capped at n; restored after."""
+    from threadpoolctl import threadpool_limits
+    try:
+        import numba
+        before = numba.get_num_threads()
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        numba = None
+    try:
+        with threadpool_limits(limits=n):
+            yield
+    finally:
+        if numba is not None:
+            numba.set_num_threads(before)
+
+
+def bound_table(backend_name: str) -> dict:
+    """Bandwidth, weight bytes, the bound, and the measured batch-1 rates (see the module docstring)."""
+    import numpy as np
+    from scratchlm.models import GPT, GPTConfig
+    model = GPT(GPTConfig(**BOUND_MODEL), seed=0).eval()
+    prompt = np.random.default_rng(0).integers(0, 65, (1, 64)).tolist()
+    time_ours(model, prompt, 4, True)                                  # warm-up
+    bandwidth, bandwidth_cpu = copy_bandwidth()
+    weights = weight_bytes(model)
+    bound, bound_cpu = bandwidth / weights, bandwidth_cpu / weights
+    new = 128
+    settings = {"cached, default threads": (new, True, None), "cached, 1 thread": (new, True, 1),
+                "cached, 2 threads": (new, True, 2), "uncached, default threads": (UNCACHED_NEW, False, None),
+                "uncached, 1 thread": (UNCACHED_NEW, False, 1)}
+    rates = {mode: (0.0, 0.0) for mode in settings}
+    for _ in range(3):                     # rounds interleaved: a change in the machine's load touches every mode
+        for mode, (n, use_cache, threads) in settings.items():
+            wall, cpu = decode_rate(model, prompt, n, use_cache, threads)
+            rates[mode] = (max(rates[mode][0], wall), max(rates[mode][1], cpu))
+    load = os.getloadavg()
+    print(f"batch-1 decoding of the 6-layer 384-wide GPT (block 256, vocab 65), prompt 64 tokens, {new} new "
+          f"(uncached: {UNCACHED_NEW}), greedy, best of 3 interleaved rounds, {backend_name}, load average "
+          f"{load[0]:.1f}")
+    print(f"memory bandwidth (one-thread copy, read + write): {bandwidth / 1e9:.2f} GB/s per wall second, "
+          f"{bandwidth_cpu / 1e9:.2f} per CPU second; weights read per token: {weights / 1e6:.2f} MB; "
+          f"bound = bandwidth / weights = {bound:.0f} tokens/s ({bound_cpu:.0f} per CPU second)")
+    print("(the CPU-second columns: rates per second of this process's CPU time, what a busy machine distorts least)")
+    header = f"{'mode':<28}{'tokens/s':>10}{'of bound':>10}{'x uncached':>12}{'tok/CPU s':>11}{'of bound':>10}"
+    print(header)
+    print("-" * len(header))
+    uncached = max(rates["uncached, default threads"][0], rates["uncached, 1 thread"][0])
+    uncached_cpu = max(rates["uncached, default threads"][1], rates["uncached, 1 thread"][1])
+    for mode, (rate, rate_cpu) in rates.items():
+        print(f"{mode:<28}{rate:>10.1f}{rate / bound:>10.0%}{rate / uncached:>11.1f}x{rate_cpu:>11.1f}"
+              f"{rate_cpu / bound_cpu:>10.0%}")
+    cached, cached_cpu = rates["cached, default threads"]
+    two, one = rates["cached, 2 threads"][0], rates["cached, 1 thread"][0]
+    print(f"targets: cached {cached / bound:.0%} of the bound, {cached_cpu / bound_cpu:.0%} per CPU second (>= 60%: "
+          f"{'met' if max(cached / bound, cached_cpu / bound_cpu) >= 0.6 else 'missed'}); {cached / uncached:.1f}x the "
+          f"faster uncached (>= 5x: {'met' if cached >= 5 * uncached else 'missed'}); 2 threads {two / one:.2f}x 1 thread "
+          f"(never slower: {'met' if two >= 0.95 * one else 'missed'}, 5% noise allowed)\n")
+    return dict(bandwidth_bytes_per_s=bandwidth, bandwidth_bytes_per_cpu_s=bandwidth_cpu, weight_bytes=weights,
+                bound_tokens_per_s=bound, bound_tokens_per_cpu_s=bound_cpu,
+                rates={mode: {"tokens_per_s": r[0], "tokens_per_cpu_s": r[1]} for mode, r in rates.items()},
+                load_average=load, model=BOUND_MODEL, prompt=64, new_tokens=new)
 
 
 def hf_model(model):
@@ -165,7 +284,10 @@ def main() -> int:
         except ImportError:
             print("torch / transformers not installed: no Hugging Face rows")
 
+    bound = bound_table(args.backend)
     rows = []
+    if args.bound_only:
+        args.models = []
     header = (f"{'model':<13} {'block':>5} {'prompt':>6} {'new':>4}  {'mode':<16} {'prefill tok/s':>13} "
               f"{'decode tok/s':>12}  {'cache speedup':>13}  {'vs HF':>6}  {'same as HF':>10}")
     print(header)
@@ -230,7 +352,7 @@ def main() -> int:
                 python=platform.python_version(), numpy=np.__version__, load_average=os.getloadavg(),
                 hf=hf_ok and {"torch": __import__("torch").__version__,
                               "transformers": __import__("transformers").__version__})
-    out.write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
+    out.write_text(json.dumps({"info": info, "bound": bound, "rows": rows}, indent=1) + "\n")
     print(f"\nwrote {out}")
     return 0
 

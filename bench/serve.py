@@ -1,7 +1,9 @@
 """Serving under load: ``scratchlm serve`` driven by N concurrent streaming clients on the loopback.
 
-    python bench/serve.py                         # trains a nano-cpu run first if --run is not given
-    python bench/serve.py --run runs/nano --clients 1 4 16 64 --seconds 10 --repeats 2
+    python bench/serve.py                         # N = 1, 4, 16 in about 2 minutes (trains a nano-cpu
+                                                  # run first, 300 iterations, if --run is not given)
+    python bench/serve.py --full                  # N = 1, 4, 16, 64
+    python bench/serve.py --run runs/nano --clients 1 16 --seconds 10 --repeats 3
     python bench/serve.py --modes thread loop     # decode thread vs --decode-in-loop, same run
 
 The server runs in its own process (``python -m scratchlm.serve``). For each N, N clients each
@@ -18,7 +20,15 @@ chunk), so that on a small machine they take little CPU from the server they mea
 - TTFT: time from sending a request to its first token chunk, p50 and p95 over requests;
 - per token: (time of the last chunk - first chunk) / (tokens - 1) per request, p50 and p95;
 - errors: requests answered with a non-200 status or an error event (must be 0 below the queue
-  limit: --max-batch + --max-queue rows).
+  limit: --max-batch + --max-queue rows);
+- cpu ms/tok: the server process's CPU time (all threads) over the level per completed token,
+  and ``x 1 (cpu)``: that of the 1-client level over this one's, the throughput ratio of a
+  server with the CPUs to itself. On a busy machine wall-clock rates follow the other load;
+  this ratio does much less.
+
+The server streams with its default ``--stream-interval`` (20 ms: the tokens a stream's
+request decoded within it go out in one chunk and one write; ``--stream-interval 0`` here
+passes 0 to the server: a write per token whenever the event loop keeps up).
 
 The peer is the same server decoding one request at a time (``--max-batch 1``, the queue holding
 the rest), at the largest N up to 16: the ``unbatched`` row; batching is the difference.
@@ -56,20 +66,27 @@ def parse_args(argv=None):
     parser.add_argument("--run", help="a run folder (default: train nano-cpu for --train-iters into --train-dir)")
     parser.add_argument("--train-dir", default=str(ROOT / "runs" / "serve-bench"))
     parser.add_argument("--train-iters", type=int, default=300)
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--clients", type=int, nargs="+", default=None,
+                        help="client counts (default 1 4 16; with --full 1 4 16 64)")
+    parser.add_argument("--full", action="store_true", help="also 64 clients (and the disconnect level at 64)")
     parser.add_argument("--requests", type=int, default=100, help="requests per client per level (default 100)")
-    parser.add_argument("--seconds", type=float, default=10.0,
-                        help="time per level: clients start no request after it (default 10)")
+    parser.add_argument("--seconds", type=float, default=8.0,
+                        help="time per level: clients start no request after it (default 8)")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2,
                         help="rounds over the levels, interleaved; a level pools its rounds' requests (default 2)")
+    parser.add_argument("--stream-interval", type=float, default=None,
+                        help="passed to the server (default: the server's default)")
     parser.add_argument("--modes", nargs="+", choices=["thread", "loop"], default=["thread"],
                         help="where the server decodes: its own thread (default) or the event loop (--decode-in-loop)")
     parser.add_argument("--no-peer", action="store_true", help="skip the unbatched (--max-batch 1) row")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.clients is None:
+        args.clients = [1, 4, 16, 64] if args.full else [1, 4, 16]
+    return args
 
 
 # ====================================================================== the run and the server
@@ -99,13 +116,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, run: Path, max_batch: int, max_queue: int, in_loop: bool = False):
+    def __init__(self, run: Path, max_batch: int, max_queue: int, in_loop: bool = False, stream_interval=None):
         self.port = free_port()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "scratchlm.serve", "--run", str(run), "--port", str(self.port),
              "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--timeout", "120"]
-            + (["--decode-in-loop"] if in_loop else []),
+            + (["--decode-in-loop"] if in_loop else [])
+            + ([] if stream_interval is None else ["--stream-interval", str(stream_interval)]),
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.url = f"http://127.0.0.1:{self.port}"
         import httpx
@@ -119,6 +137,11 @@ class ServerProcess:
             if self.process.poll() is not None or time.monotonic() > end:
                 raise SystemExit(f"the server did not start: {self.process.stderr.read().decode()[-2000:]}")
             time.sleep(0.2)
+
+    def cpu_s(self) -> float:
+        """The server process's CPU time so far (user + system, all its threads)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -216,6 +239,13 @@ async def one_request(host, port, prompt, max_tokens, seed, cut_after=None) -> d
             "per_token": (last - first) / (tokens - 1) if tokens > 1 else None, "end": last}
 
 
+def timed_level(server, run, n_clients, requests, seconds, max_tokens, cut_fraction=0.0):
+    """``level`` against a running server: (results, wall s, the server's CPU s over the level)."""
+    cpu = server.cpu_s()
+    results, wall = asyncio.run(level(server.url, run, n_clients, requests, seconds, max_tokens, cut_fraction))
+    return results, wall, server.cpu_s() - cpu
+
+
 async def level(url, run, n_clients, requests, seconds, max_tokens, cut_fraction=0.0):
     """N clients, each sending requests back to back until ``requests`` each or ``seconds`` in all."""
     host, port = url.split("//")[1].split(":")
@@ -238,8 +268,9 @@ async def level(url, run, n_clients, requests, seconds, max_tokens, cut_fraction
 
 def summarize(n_clients: int, runs: list[tuple[list[dict], float]]) -> dict:
     """Pool the requests of a level's rounds: rates over the summed wall time, percentiles over requests."""
-    results = [r for rs, _ in runs for r in rs]
-    wall = sum(w for _, w in runs)
+    results = [r for rs, _, _ in runs for r in rs]
+    wall = sum(w for _, w, _ in runs)
+    cpu = sum(c for _, _, c in runs)
     done = [r for r in results if "ttft" in r]
     ttft = sorted(r["ttft"] for r in done)
     per_token = sorted(r["per_token"] for r in done if r["per_token"] is not None)
@@ -248,7 +279,16 @@ def summarize(n_clients: int, runs: list[tuple[list[dict], float]]) -> dict:
     return {"clients": n_clients, "requests": len(done), "cut": sum("cut" in r for r in results),
             "errors": len(errors), "error_examples": errors[:3], "wall_s": wall, "requests_per_s": len(done) / wall,
             "tokens_per_s": tokens / wall, "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95),
-            "per_token_p50_ms": 1e3 * pct(per_token, 50), "per_token_p95_ms": 1e3 * pct(per_token, 95)}
+            "per_token_p50_ms": 1e3 * pct(per_token, 50), "per_token_p95_ms": 1e3 * pct(per_token, 95),
+            "server_cpu_s": cpu, "server_cpu_ms_per_token": 1e3 * cpu / tokens if tokens else float("nan")}
+
+
+def cpu_ratio(one: dict | None, row: dict) -> float:
+    """The server's CPU per token with one client over this level's: the throughput ratio of a
+    server that had the CPU to itself (a busy machine distorts wall-clock rates, not this)."""
+    if not one:
+        return float("nan")
+    return one["server_cpu_ms_per_token"] / row["server_cpu_ms_per_token"]
 
 
 def pct(values, q) -> float:
@@ -263,7 +303,7 @@ def pct(values, q) -> float:
 
 def measure(run: Path, args, in_loop: bool, label: str) -> tuple[list[dict], dict]:
     """The levels against one server (rounds interleaved), then the disconnect level and memory."""
-    server = ServerProcess(run, args.max_batch, args.max_queue, in_loop)
+    server = ServerProcess(run, args.max_batch, args.max_queue, in_loop, args.stream_interval)
     rows, extra = [], {}
     try:
         extra["rss_start"] = server.rss_mb()
@@ -272,14 +312,14 @@ def measure(run: Path, args, in_loop: bool, label: str) -> tuple[list[dict], dic
         extra["rss_after_round"] = []
         for _ in range(args.repeats):
             for n in args.clients:
-                runs[n].append(asyncio.run(level(server.url, run, n, args.requests, args.seconds, args.max_tokens)))
+                runs[n].append(timed_level(server, run, n, args.requests, args.seconds, args.max_tokens))
                 print(f"  {label}, {n} clients: {sum(r.get('tokens', 0) for r in runs[n][-1][0]) / runs[n][-1][1]:.0f} "
                       f"tokens/s", flush=True)
             extra["rss_after_round"].append(server.rss_mb())
         for n in args.clients:
             rows.append({**summarize(n, runs[n]), "name": f"{n} client{'s' * (n > 1)}{label}"})
         biggest = max(args.clients)
-        cut = asyncio.run(level(server.url, run, biggest, args.requests, args.seconds, args.max_tokens, cut_fraction=0.25))
+        cut = timed_level(server, run, biggest, args.requests, args.seconds, args.max_tokens, cut_fraction=0.25)
         rows.append({**summarize(biggest, [cut]), "name": f"{biggest} + disconnects{label}"})
         for row in rows:
             row["mode"] = "loop" if in_loop else "thread"
@@ -304,21 +344,22 @@ def main(argv=None) -> int:
         rows += mode_rows
     if not args.no_peer:
         n = max([c for c in args.clients if c <= 16] or [min(args.clients)])
-        peer = ServerProcess(run, 1, max(args.max_queue, n), args.modes[0] == "loop")
+        peer = ServerProcess(run, 1, max(args.max_queue, n), args.modes[0] == "loop", args.stream_interval)
         try:
             asyncio.run(level(peer.url, run, 2, 1, args.seconds, 4))
-            rounds = [asyncio.run(level(peer.url, run, n, args.requests, args.seconds, args.max_tokens))
+            rounds = [timed_level(peer, run, n, args.requests, args.seconds, args.max_tokens)
                       for _ in range(args.repeats)]
             rows.append({**summarize(n, rounds), "name": f"{n} unbatched", "mode": args.modes[0]})
         finally:
             peer.stop()
 
-    bases = {r["mode"]: r["tokens_per_s"] for r in rows if r["clients"] == 1 and "unbatched" not in r["name"]
-             and "disconnects" not in r["name"]}
+    ones = {r["mode"]: r for r in rows if r["clients"] == 1 and "unbatched" not in r["name"]
+            and "disconnects" not in r["name"]}
+    bases = {mode: r["tokens_per_s"] for mode, r in ones.items()}
     base = bases.get(args.modes[0])
     load_after = os.getloadavg()
     header = (f"{'level':<26}{'requests':>9}{'errors':>7}{'req/s':>8}{'tokens/s':>10}{'x 1 client':>11}"
-              f"{'TTFT p50':>10}{'TTFT p95':>10}{'tok p50 ms':>11}{'tok p95 ms':>11}")
+              f"{'TTFT p50':>10}{'TTFT p95':>10}{'tok p50 ms':>11}{'tok p95 ms':>11}{'cpu ms/tok':>11}{'x 1 (cpu)':>10}")
     print(f"\nscratchlm serve on {run} (max_batch {args.max_batch}, max_queue {args.max_queue}), "
           f"{args.max_tokens} tokens per request, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {load[0]:.1f} before, {load_after[0]:.1f} after")
@@ -329,7 +370,7 @@ def main(argv=None) -> int:
         r["x_one_client"] = ratio
         print(f"{r['name']:<26}{r['requests']:>9}{r['errors']:>7}{r['requests_per_s']:>8.2f}{r['tokens_per_s']:>10.0f}"
               f"{ratio:>11.2f}{r['ttft_p50_s']:>10.3f}{r['ttft_p95_s']:>10.3f}{r['per_token_p50_ms']:>11.1f}"
-              f"{r['per_token_p95_ms']:>11.1f}")
+              f"{r['per_token_p95_ms']:>11.1f}{r['server_cpu_ms_per_token']:>11.3f}{cpu_ratio(ones.get(r['mode']), r):>10.2f}")
     for mode, m in memory.items():
         health = m["health_after"]
         rounds = ", ".join(f"{x:.0f}" for x in m["rss_after_round"])
@@ -341,8 +382,9 @@ def main(argv=None) -> int:
     sixteen = next((r for r in rows if r["clients"] == 16 and "unbatched" not in r["name"]
                     and "disconnects" not in r["name"]), None)   # the first mode's
     if sixteen and base:
-        print(f"targets: 16 clients tokens/s = {sixteen['tokens_per_s'] / base:.1f}x one client's (>= 5x: "
-              f"{'met' if sixteen['tokens_per_s'] >= 5 * base else 'missed'}); p95 TTFT at 16 clients "
+        print(f"targets: 16 clients tokens/s = {sixteen['tokens_per_s'] / base:.2f}x one client's (>= 5x: "
+              f"{'met' if sixteen['tokens_per_s'] >= 5 * base else 'missed'}; server CPU per token: "
+              f"{cpu_ratio(ones[args.modes[0]], sixteen):.2f}x); p95 TTFT at 16 clients "
               f"{sixteen['ttft_p95_s']:.3f} s (< 1 s: {'met' if sixteen['ttft_p95_s'] < 1 else 'missed'})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,10 @@ steerable:
    state after the tokens seen so far is its cache (``RecurrentState``: ``model.init_state(B)``,
    then ``model.step(token, state)``), one fixed-size step per token, and no window to slide.
    ``new_cache(model)`` picks the kind; prefill, decode_step and the loop below serve both.
+   **Rows with their own positions** (``RowDecoder``, ``sample_rows``): the batched step of a GPT
+   in which every row has its own cache slot, position and sampling settings, on the arrays with
+   preallocated buffers; the loop below decodes a GPT with it, and so does the server
+   (``scratchlm.serve.batching``), whose concurrent requests have different lengths.
 3. **The loop** (``iter_tokens``, ``generate``) with a sliding window: a GPT with learned position
    embeddings cannot see more than block_size tokens (``wpe`` has block_size rows), and its cached
    keys depend on their absolute positions, so the cache cannot simply be shifted. When the next
@@ -50,6 +54,7 @@ Shapes: B batch (rows generated together), T context length, V vocabulary, H hea
 from __future__ import annotations
 
 import codecs
+import contextlib
 import math
 import signal
 from typing import Iterator
@@ -199,10 +204,22 @@ class KVCache:
     def length(self) -> int:
         return self.layers[0].length
 
+    @length.setter
+    def length(self, value: int) -> None:
+        for layer in self.layers:
+            layer.length = value
+
     def reset(self) -> None:
         """Forget every position (the buffers stay allocated)."""
         for layer in self.layers:
             layer.length = 0
+
+    def copy_row(self, source: "KVCache", source_row: int, row: int, length: int) -> None:
+        """Copy positions [0, length) of ``source``'s row ``source_row`` into this cache's ``row``
+        (a prefill into a one-row cache joining a batch; a row moving into a freed slot)."""
+        for layer, other in zip(self.layers, source.layers):
+            layer.keys[row, :, :length] = other.keys[source_row, :, :length]
+            layer.values[row, :, :length] = other.values[source_row, :, :length]
 
 
 class RecurrentState:
@@ -281,6 +298,248 @@ def decode_step(model, token: np.ndarray, cache) -> np.ndarray:
         return _last_logits(model, np.asarray(token).reshape(-1, 1), cache)
 
 
+# ====================================================================== 2b. rows with their own positions
+
+class RowDecoder:
+    """The decode step of a GPT over B rows that each have their own position: the batched
+    path of ``generate`` and of the server (``scratchlm.serve.batching``), where requests of
+    different lengths are decoded together, each in its own row ("slot") of one ``KVCache``.
+
+    ``step(tokens, positions)`` runs one token per row, row b at position positions[b] (its
+    slot must hold positions [0, positions[b]) of its sequence): the GPT forward of
+    ``GPT._features`` + head for T = 1, on the arrays, without the autograd machinery:
+
+        x = wte[token] + pos_emb[position]                                      (B, C)
+        per block:  q, k, v = split(ln_1(x) @ W_attn + b_attn)                  (B, C) each
+                    k, v written into the row's slot at its position
+                    a = softmax(q k_{0..position}^T / sqrt(D)) v_{0..position}  per head, (B, C)
+                    x += a @ W_proj + b_proj;   x += gelu(ln_2(x) @ W_fc + b_fc) @ W_out + b_out
+        logits = ln_f(x) @ wte^T                                                (B, V)
+
+    A row attends over its own prefix only: the shorter rows' scores past their position
+    (another row's length) get -inf. Every activation lives in a buffer allocated once for
+    ``rows`` rows (a step with B <= rows uses the first B), updated in place, and the matrix
+    products run on one BLAS thread when they are small (``blas_threads_for``): at batch 1 a
+    step is a handful of matrix-vector products, bound by reading the weights, and threads
+    only add hand-offs.
+
+    Shapes: B rows in this step, S = rows slots, L attended positions, H heads, D head size.
+    """
+
+    def __init__(self, model, rows: int):
+        if not hasattr(model, "transformer") or not hasattr(model.transformer, "h"):
+            raise TypeError(f"batched decoding needs a GPT (token and position embeddings, blocks with "
+                            f"self-attention), got {type(model).__name__}")
+        xp = backend.xp
+        config = model.config
+        self.model, self.rows = model, rows
+        dtype = model.transformer.wte.weight.dtype
+        self.cache = KVCache(config, rows, dtype)                                 # n_layer x (S, H, block, D)
+        C, H, V, T = config.n_embd, config.n_head, config.vocab_size, config.block_size
+        self.H, self.D = H, C // H
+        self.scale = 1.0 / math.sqrt(self.D)
+        R = max(rows, T)                                        # a step's rows, or a prefill's positions
+        self.x = xp.empty((R, C), dtype)                        # the residual stream
+        self.h = xp.empty((R, C), dtype)                        # a LayerNorm's output, then a sublayer's
+        self.qkv = xp.empty((R, 3 * C), dtype)
+        self.attended = xp.empty((R, H, 1, self.D), dtype)      # the heads' outputs = (R, C) once merged
+        self.fc = xp.empty((R, 4 * C), dtype)
+        self.tmp = xp.empty((R, 4 * C), dtype)                  # GELU's scratch
+        self.scores = xp.empty((R, H, 1, T), dtype)
+        self.mask = xp.empty((R, 1, 1, T), dtype)               # 0 up to the row's position, -inf after
+        self.logits = xp.empty((rows, V), dtype)
+        if "wpe" not in model.transformer:                      # the sinusoidal table, once
+            with no_grad():
+                self.sinusoidal = model.transformer.sinusoidal(xp.arange(T)).data.astype(dtype)   # (T, C)
+
+    def step(self, tokens, positions) -> np.ndarray:
+        """tokens (B,), positions (B,) host ints -> the next-token logits (B, V), float64, on the host.
+        Row b is slot b."""
+        B = len(tokens)
+        logits = self._forward(np.asarray(tokens, dtype=np.int64), np.asarray(positions, dtype=np.int64),
+                               backend.xp.arange(B), slice(0, B))
+        return backend.to_numpy(logits).astype(np.float64)                       # (B, V)
+
+    def prefill(self, tokens, slot: int) -> np.ndarray:
+        """A whole prompt tokens (T,) into ``slot`` (positions 0..T-1) -> the next-token logits (V,),
+        float64, on the host. The step's code with the T positions as rows that all write and
+        read the one slot: row t attends over positions 0..t (causal), and only the last row goes
+        through the head."""
+        T = len(tokens)
+        logits = self._forward(np.asarray(tokens, dtype=np.int64), np.arange(T), backend.xp.full(T, slot),
+                               slice(slot, slot + 1), last_only=True)
+        return backend.to_numpy(logits[0]).astype(np.float64)                    # (V,)
+
+    def _forward(self, tokens: np.ndarray, positions: np.ndarray, slots, read: slice, last_only: bool = False):
+        """Rows (B,) of tokens at positions, writing their keys and values into ``slots`` (B,) and
+        attending over the slots ``read`` (B of them, or one that every row shares)."""
+        with blas_threads_for(len(tokens), self.H * self.D):
+            return self._layers(tokens, positions, slots, read, last_only)
+
+    def _layers(self, tokens, positions, rows, read, last_only):
+        xp = backend.xp
+        t = self.model.transformer
+        B, H, D = len(tokens), self.H, self.D
+        C = H * D
+        L = int(positions.max()) + 1                                              # positions the longest row attends
+        pos = backend.to_device(positions)
+        x, h, qkv, fc = self.x[:B], self.h[:B], self.qkv[:B], self.fc[:B]
+        table = t.wpe.weight.data if "wpe" in t else self.sinusoidal
+        xp.add(t.wte.weight.data[backend.to_device(tokens)], table[pos], out=x)   # (B, C)
+        mask = self.mask[:B, :, :, :L]                                            # (B, 1, 1, L)
+        mask[...] = 0
+        beyond = (xp.arange(L)[None, :] > pos[:, None])[:, None, None, :]         # (B, 1, 1, L)
+        mask[beyond] = -xp.inf
+        scores = self.scores[:B, :, :, :L]                                        # (B, H, 1, L)
+        attended = self.attended[:B]                                              # (B, H, 1, D)
+        for block, layer in zip(t.h, self.cache.layers):
+            _layer_norm(x, block.ln_1, h)
+            _linear(h, block.attn.c_attn, qkv)                                    # (B, 3C)
+            layer.keys[rows, :, pos] = qkv[:, C:2 * C].reshape(B, H, D)
+            layer.values[rows, :, pos] = qkv[:, 2 * C:].reshape(B, H, D)
+            q = qkv[:, :C].reshape(B, H, 1, D)
+            xp.matmul(q, layer.keys[read, :, :L].swapaxes(-1, -2), out=scores)   # (B, H, 1, L)
+            scores *= self.scale
+            scores += mask
+            scores -= scores.max(axis=-1, keepdims=True)
+            xp.exp(scores, out=scores)
+            scores /= scores.sum(axis=-1, keepdims=True)
+            xp.matmul(scores, layer.values[read, :, :L], out=attended)           # (B, H, 1, D)
+            _linear(attended.reshape(B, C), block.attn.c_proj, h)
+            x += h
+            _layer_norm(x, block.ln_2, h)
+            _linear(h, block.mlp.c_fc, fc)                                        # (B, 4C)
+            _gelu_tanh(fc, self.tmp[:B])
+            _linear(fc, block.mlp.c_proj, h)
+            x += h
+        if last_only:
+            x, h = x[-1:], h[-1:]
+        _layer_norm(x, t.ln_f, h)
+        logits = self.logits[:len(h)]
+        xp.matmul(h, t.wte.weight.data.T, out=logits)                             # (B, V), the tied head
+        return logits
+
+
+def _linear(x, layer, out) -> None:
+    """out = x @ W + b, in place (a ``nn.Linear``'s weights, stored (n_in, n_out))."""
+    backend.xp.matmul(x, layer.weight.data, out=out)
+    if layer.bias is not None:
+        out += layer.bias.data
+
+
+def _layer_norm(x, norm, out) -> None:
+    """out = (x - mean) / sqrt(var + eps) * weight + bias over the last axis (a ``nn.LayerNorm``)."""
+    xp = backend.xp
+    inv_c = 1.0 / x.shape[-1]                # sum * 1/C: ndarray.mean's Python wrapper costs more than the sum here
+    xp.subtract(x, x.sum(axis=-1, keepdims=True) * inv_c, out=out)
+    out /= xp.sqrt((out * out).sum(axis=-1, keepdims=True) * inv_c + norm.eps)
+    if norm.weight is not None:
+        out *= norm.weight.data
+    if norm.bias is not None:
+        out += norm.bias.data
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh(x, tmp) -> None:
+    """x = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in place (GPT-2's GELU), ``tmp`` as scratch."""
+    xp = backend.xp
+    xp.multiply(x, x, out=tmp)
+    tmp *= 0.044715
+    tmp += 1.0
+    tmp *= x
+    tmp *= _SQRT_2_OVER_PI                   # sqrt(2/pi) (x + 0.044715 x^3)
+    xp.tanh(tmp, out=tmp)
+    tmp += 1.0
+    tmp *= 0.5
+    x *= tmp
+
+
+# Matrix products smaller than this many multiply-adds run on one BLAS thread: a decode step's
+# matrix-vector products read a few MB of weights, and a second thread adds a hand-off per call
+# (on the shared 2-core machine, a 16-row step ran 15x slower with threads waiting for each other).
+ONE_THREAD_BELOW = 1 << 24
+
+
+class _BlasLimit:
+    """A reusable context that caps the BLAS threads (threadpoolctl's controller, made once)."""
+    controller = None
+
+    def __init__(self, threads: int):
+        self.threads, self.limit = threads, None
+
+    def __enter__(self):
+        if _BlasLimit.controller is None:
+            from threadpoolctl import ThreadpoolController
+            _BlasLimit.controller = ThreadpoolController()
+        self.limit = _BlasLimit.controller.limit(limits=self.threads, user_api="blas")
+        return self
+
+    def __exit__(self, *exc):
+        self.limit.restore_original_limits()
+
+
+def blas_threads_for(rows: int, channels: int):
+    """The context a decode step of ``rows`` rows of ``channels`` channels runs in: one BLAS thread
+    when its largest product (rows x C x 4C multiply-adds) is small, else the library's default.
+    Without threadpoolctl (optional; the core needs only NumPy) or on CuPy it changes nothing."""
+    if rows * channels * 4 * channels >= ONE_THREAD_BELOW or backend.get_backend() != "numpy":
+        return contextlib.nullcontext()
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        return contextlib.nullcontext()
+    return _BlasLimit(1)
+
+
+class RowGenerators:
+    """The generator ``sample_next_token`` draws from when rows are sampled together but each must
+    draw from its own: row b's uniform number comes from ``rngs[b]`` (``random()`` and
+    ``random((1, 1))`` take the same one double from a stream), so a row's tokens do not depend on
+    its batch mates, and row b of a batch equals the row sampled alone with the same generator."""
+
+    def __init__(self, rngs):
+        self.rngs = rngs
+
+    def random(self, shape):
+        return np.array([rng.random() for rng in self.rngs]).reshape(shape)
+
+
+def sample_rows(rows, logits: np.ndarray) -> list[int]:
+    """The next token of each row from logits (B, V), each row with its own controls: ``rows[b]``
+    has ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``context`` (its token ids,
+    for the penalty) and ``rng``. Rows with the same controls are sampled in one
+    ``sample_next_token`` call, each with its own generator; a penalised row alone."""
+    tokens = [0] * len(rows)
+    groups: dict[tuple, list[int]] = {}
+    for b, row in enumerate(rows):
+        if row.repetition_penalty != 1:
+            controlled = apply_repetition_penalty(logits[b:b + 1], row.context[None], row.repetition_penalty)
+            tokens[b] = int(sample_next_token(controlled, row.temperature, row.top_k, row.top_p, row.rng)[0])
+        else:
+            groups.setdefault((row.temperature, row.top_k or None, row.top_p), []).append(b)
+    for (temperature, top_k, top_p), members in groups.items():
+        draws = RowGenerators([rows[b].rng for b in members])
+        chosen = sample_next_token(logits[members] if len(members) < len(rows) else logits, temperature, top_k,
+                                   top_p, draws)
+        for b, token in zip(members, chosen.tolist()):
+            tokens[b] = token
+    return tokens
+
+
+def token_logprobs(logits: np.ndarray, token: int, n: int):
+    """log p(token) and the n likeliest (token, log p) under softmax(logits (V,)), most likely first."""
+    shifted = logits - logits.max()
+    logp = shifted - math.log(np.exp(shifted).sum())                          # (V,)
+    n = min(n, len(logp))
+    if n == 0:
+        return float(logp[token]), []
+    top = np.argpartition(-logp, n - 1)[:n]
+    top = top[np.argsort(-logp[top], kind="stable")]
+    return float(logp[token]), [(int(t), float(logp[t])) for t in top]
+
+
 # ====================================================================== 3. the loop
 
 def _prompt_ids(model, idx) -> np.ndarray:
@@ -310,6 +569,10 @@ def iter_tokens(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k
     With ``use_cache=False`` every step is a full forward over the window (same rule, same
     tokens). Dropout is off; the model's training mode is restored when the loop ends or is
     closed. The arguments are checked here, before the first token is asked for.
+
+    Rows are independent: row b draws from its own generator seeded ``seed + b``, so row b of a
+    batch is the tokens of its prompt alone with seed ``seed + b`` (one row: ``seed`` itself).
+    A GPT decodes with ``RowDecoder``, the same batched step that serves concurrent requests.
     """
     block_size = context_window(model)
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, None, seed,
@@ -323,11 +586,17 @@ def iter_tokens(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k
 def _token_loop(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, use_cache,
                 keep):
     block_size = context_window(model)                              # None: a recurrent model, no window
-    rng = np.random.default_rng(seed)
-    cache = new_cache(model, ids.shape[0]) if use_cache else None
+    B = ids.shape[0]
+    rng = np.random.default_rng(seed) if B == 1 else RowGenerators([np.random.default_rng(seed + b) for b in range(B)])
+    rows = RowDecoder(model, B) if use_cache and block_size is not None else None   # a GPT: the batched step
+    cache = (rows.cache if rows is not None else new_cache(model, B)) if use_cache else None
     start = 0 if block_size is None else max(0, ids.shape[1] - block_size)
 
     def full_window():
+        if rows is not None:                                       # each row into its slot
+            logits = np.stack([rows.prefill(ids[b, start:], b) for b in range(B)])
+            cache.length = ids.shape[1] - start
+            return logits
         return prefill(model, ids[:, start:], cache) if use_cache else _forward_window(model, ids[:, start:])
 
     was_training = model.training
@@ -344,6 +613,9 @@ def _token_loop(model, ids, max_new_tokens, temperature, top_k, top_p, repetitio
             if block_size is not None and ids.shape[1] - start > block_size:    # it does not fit: slide
                 start = ids.shape[1] - keep
                 logits = full_window()
+            elif rows is not None:
+                logits = rows.step(token, np.full(B, cache.length))
+                cache.length += 1
             elif use_cache:
                 logits = decode_step(model, token, cache)
             else:

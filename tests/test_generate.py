@@ -112,6 +112,70 @@ def test_sliding_window_with_sampling_matches_no_cache():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("overrides", [{}, dict(positional="sinusoidal", bias=False)])
+def test_row_decoder_step_equals_the_full_forward_of_each_row(any_backend, overrides):
+    """One RowDecoder step over rows at different positions (each row's earlier positions in its
+    own slot) gives, for every row, the logits of the full forward over that row's sequence."""
+    model = tiny(seed=4, **overrides)
+    rng = np.random.default_rng(1)
+    sequences = [rng.integers(0, 13, n) for n in (1, 5, 8, 3)]
+    rows = G.RowDecoder(model, rows=5)                        # one slot more than the step uses
+    for slot, ids in enumerate(sequences):
+        if len(ids) > 1:
+            alone = G.KVCache(model.config)
+            G.prefill(model, ids[None, :-1], alone)
+            rows.cache.copy_row(alone, 0, slot, alone.length)
+    got = rows.step([ids[-1] for ids in sequences], [len(ids) - 1 for ids in sequences])    # (B, V)
+    for b, ids in enumerate(sequences):
+        full, _ = model(ids[None])
+        np.testing.assert_allclose(got[b], host(full)[0, -1], rtol=0, atol=1e-10)
+
+
+def test_row_decoder_prefill_equals_the_full_forward_and_fills_the_slot(any_backend):
+    """A prompt prefilled into slot 2 gives the full forward's last logits, and then a step
+    from that slot continues it as the full forward over the longer sequence does."""
+    model = tiny(seed=6)
+    ids = np.random.default_rng(3).integers(0, 13, 7)
+    rows = G.RowDecoder(model, rows=3)
+    full, _ = model(ids[None])
+    np.testing.assert_allclose(rows.prefill(ids[:6], 2), host(full)[0, 5], rtol=0, atol=1e-10)
+    rows.cache.copy_row(rows.cache, 2, 0, 6)                 # the slot moves to row 0, as a retiring row's does
+    np.testing.assert_allclose(rows.step([ids[6]], [6])[0], host(full)[0, 6], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("controls", [dict(temperature=0), dict(temperature=1.0, seed=3),
+                                      dict(temperature=0.8, top_k=5, top_p=0.9, seed=7),
+                                      dict(temperature=1.0, repetition_penalty=1.3, seed=1)])
+def test_several_prompts_batched_equal_each_prompt_alone(controls):
+    """generate() over 3 prompts = each prompt alone, row b with seed + b (greedy and sampled),
+    through window slides (block_size 8, 14 new tokens)."""
+    model = tiny(seed=5)
+    prompts = np.random.default_rng(2).integers(0, 13, (3, 4))
+    seed = controls.pop("seed", 0)
+    batched = host(model.generate(prompts, 14, seed=seed, **controls))
+    for b in range(3):
+        alone = host(model.generate(prompts[b:b + 1], 14, seed=seed + b, **controls))
+        np.testing.assert_array_equal(batched[b:b + 1], alone)
+    if controls["temperature"]:                                         # rows really draw apart
+        same = host(model.generate(np.repeat(prompts[:1], 3, axis=0), 14, seed=seed, **controls))
+        assert len({tuple(row) for row in same}) > 1
+
+
+def test_small_decode_steps_run_on_one_blas_thread():
+    """The context a small step runs in caps the BLAS pool at one thread (and restores it)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads():
+        return [pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"]
+    before = blas_threads()
+    if not before:
+        pytest.skip("no BLAS library that threadpoolctl can see")
+    with G.blas_threads_for(rows=1, channels=64):
+        assert blas_threads() == [1] * len(before)
+    assert blas_threads() == before
+    assert isinstance(G.blas_threads_for(rows=64, channels=4096), type(G.contextlib.nullcontext()))
+
+
 def test_cache_refuses_overflow_and_gradients():
     model = tiny()
     cache = G.KVCache(model.config)

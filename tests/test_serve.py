@@ -28,7 +28,7 @@ from scratchlm.config import TrainConfig  # noqa: E402
 from scratchlm.generate import stream_text  # noqa: E402
 from scratchlm.runs import load_model  # noqa: E402
 from scratchlm.serve import add_serve_arguments, build_server  # noqa: E402
-from scratchlm.serve.batching import BatchedDecoder, Row, decode_rows, generate_texts, wait_idle  # noqa: E402
+from scratchlm.serve.batching import BatchedDecoder, Row, wait_idle  # noqa: E402
 from scratchlm.serve.protocol import chat_prompt  # noqa: E402
 from scratchlm.tensor import no_grad  # noqa: E402
 from scratchlm.train import train  # noqa: E402
@@ -135,10 +135,10 @@ def test_batched_decode_step_equals_the_full_forward(model_and_tokenizer):
     for slot, ids in enumerate(sequences):                 # all but the last token in the slot
         cache = KVCache(model.config, 1, model.transformer.wte.weight.dtype)
         prefill(model, np.asarray([ids[:-1]]), cache) if len(ids) > 1 else cache.reset()
-        engine.pool.load(slot, cache)
+        engine.decoder.cache.copy_row(cache, 0, slot, cache.length)
     tokens = np.array([ids[-1] for ids in sequences])
     positions = np.array([len(ids) - 1 for ids in sequences])
-    got = decode_rows(model, engine.pool, tokens, positions)                       # (B, V)
+    got = engine.decoder.step(tokens, positions)                                   # (B, V)
     with no_grad():
         for row, ids in enumerate(sequences):
             logits, _ = model(np.asarray([ids]))
@@ -210,15 +210,6 @@ def test_a_cancelled_row_leaves_and_the_others_are_unchanged(model_and_tokenizer
     assert len(events[0]) == 3 and events[0][-1].kind == "token"          # no token after the cancel
     assert "".join(e.text for e in events[1]) == reference(model, tokenizer, "birds", 20)
     assert engine.stats()["rows_cancelled"] == 1 and engine.stats()["active"] == 0
-
-
-def test_generate_texts_decodes_several_prompts_together(model_and_tokenizer):
-    model, tokenizer = model_and_tokenizer
-    texts = generate_texts(model, tokenizer, PROMPTS, 10, temperature=0.8, top_p=0.9, seed=11, max_batch=4)
-    assert texts == [reference(model, tokenizer, p, 10, temperature=0.8, top_p=0.9, seed=11 + i)
-                     for i, p in enumerate(PROMPTS)]
-    with pytest.raises(ValueError, match="leave room"):
-        generate_texts(model, tokenizer, ["the"], BLOCK)
 
 
 # ====================================================================== the API, through the openai client
@@ -405,6 +396,44 @@ def test_api_key_required_and_compared(serve):
     ok = httpx.post(live.url + "/v1/completions", json=body, headers={"Authorization": "Bearer sesame"})
     assert ok.status_code == 200
     assert openai_client(live.url, key="sesame").completions.create(model="x", prompt="the", max_tokens=2).choices
+
+
+def stream_events(url, body) -> list[dict]:
+    """The JSON events of one streaming /v1/completions request, [DONE] left out."""
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as response:
+            lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("controls", [{"temperature": 0}, {"temperature": 0.9, "seed": 5}])
+def test_http_text_equals_the_scratchlm_sample_command(live, run_dir, controls):
+    """The oracle is the CLI itself: ``scratchlm sample --top-k 0`` with the same controls prints
+    the prompt and the very text the server returns (greedy, and sampled with the same seed)."""
+    import sys
+    reply = httpx.post(live.url + "/v1/completions", timeout=30,
+                       json={"prompt": "the dog", "max_tokens": 15, **controls}).json()
+    command = [sys.executable, "-m", "scratchlm", "sample", "--run", str(run_dir), "--prompt", "the dog",
+               "--max-new-tokens", "15", "--top-k", "0", "--no-stream",
+               "--temperature", str(controls["temperature"]), "--seed", str(controls.get("seed", 0))]
+    printed = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert printed == "the dog" + reply["choices"][0]["text"] + "\n"
+
+
+def test_a_stream_gathers_the_tokens_of_its_interval_into_one_chunk(serve, model_and_tokenizer):
+    """With --stream-interval the tokens decoded meanwhile share a chunk: the first token goes out
+    at once, and the other 19 (a tiny model decodes them well within the 1 s interval) in one text
+    chunk, then the finish chunk. The text is stream_text's, as with interval 0."""
+    model, tokenizer = model_and_tokenizer
+    body = {"prompt": "the cat", "max_tokens": 20, "temperature": 0}
+    expected = reference(model, tokenizer, "the cat", 20)
+    gathered = stream_events(serve(stream_interval=1.0).url, body)
+    single = stream_events(serve(stream_interval=0).url, body)
+    for events in (gathered, single):
+        assert "".join(e["choices"][0]["text"] for e in events) == expected
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert len(gathered) <= 4 < len(expected)
 
 
 @pytest.mark.parametrize("threaded", [True, False], ids=["decode-thread", "decode-in-loop"])

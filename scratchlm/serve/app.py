@@ -106,8 +106,10 @@ class Reply:
 
 
 class EventStream:
-    """An ASGI response that sends server-sent events from an async iterator of chunks (dicts) and
-    closes the iterator whatever happens (its ``finally`` frees the engine's rows)."""
+    """An ASGI response that sends server-sent events from an async iterator of batches of chunks
+    (lists of dicts or strings; one ``data:`` event each) and closes the iterator whatever happens
+    (its ``finally`` frees the engine's rows). A batch goes out in one write: the events that
+    arrived while the loop was busy cost one system call, not one per token."""
 
     def __init__(self, chunks):
         self.chunks = chunks
@@ -117,14 +119,23 @@ class EventStream:
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
                                 (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
         try:
-            async for chunk in self.chunks:
-                data = chunk if isinstance(chunk, str) else json.dumps(chunk, separators=(",", ":"))
-                await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True})
+            async for batch in self.chunks:
+                body = "".join(f"data: {chunk if isinstance(chunk, str) else _dumps(chunk)}\n\n" for chunk in batch)
+                await send({"type": "http.response.body", "body": body.encode(), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:                                      # the client went away while we wrote
             pass
         finally:
             await self.chunks.aclose()
+
+
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _flush_text(batch: list, run, job: Job, name: str) -> None:
+    """Append the chunk of a run of plain-text tokens of one choice (their texts joined), if any."""
+    if run is not None and any(run[1]):
+        batch.append(chunk_object(job, name, run[0], "".join(run[1])))
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -135,9 +146,10 @@ class Server:
     """The app's state: model, tokenizer, engine and settings; ``app`` is the Starlette app."""
 
     def __init__(self, model, tokenizer, model_name: str, engine: BatchedDecoder, api_key: str | None = None,
-                 timeout: float = 60.0, threaded: bool = True):
+                 timeout: float = 60.0, threaded: bool = True, stream_interval: float = 0.0):
         self.model, self.tokenizer, self.model_name, self.engine = model, tokenizer, model_name, engine
         self.api_key, self.timeout, self.threaded = api_key, timeout, threaded
+        self.stream_interval = stream_interval   # seconds a stream waits after a write, gathering tokens
         self.block_size = model.config.block_size
         routes = [Route("/", self.page), Route("/health", self.health),
                   Route("/v1/models", self.models), Route("/v1/models/{model_id:path}", self.model_info),
@@ -279,42 +291,56 @@ class Server:
                 open_rows -= event.kind == "done"
 
     async def _chunks(self, job: Job, reply: Reply, events: list[Event], choices: list[Choice], rows):
-        """The stream's chunks; its ``finally`` cancels whatever rows are still generating."""
+        """The stream's chunks, a batch per wake-up of the handler; its ``finally`` cancels whatever
+        rows are still generating."""
         name, tokenizer = self.model_name, self.tokenizer
         try:
             if job.chat:
-                for choice in choices:
-                    yield chunk_object(job, name, choice.index, None, role=True)
+                yield [chunk_object(job, name, choice.index, None, role=True) for choice in choices]
             elif job.echo_texts is not None:
-                for choice in choices:
-                    yield chunk_object(job, name, choice.index, choice.text)
+                yield [chunk_object(job, name, choice.index, choice.text) for choice in choices]
             open_rows, produced = len(choices), 0
             while True:
+                batch, run = [], None             # run: [index, texts] of adjacent plain-text tokens of one choice
                 for event in events:
                     if event.kind == "error":
-                        yield ApiError(500, event.message, type="server_error", code="generation_failed").body()
+                        batch.append(ApiError(500, event.message, type="server_error", code="generation_failed").body())
+                        yield batch
                         return
                     offset = len(choices[event.index].text)
                     choices[event.index].add(event)
-                    if event.kind == "token":
-                        items = None if event.logprob is None else [(event.token, event.logprob, event.top, offset)]
-                        if event.text or items:
-                            yield chunk_object(job, name, event.index, event.text, None, items, tokenizer)
+                    if event.kind == "token" and event.logprob is None:
+                        if run is not None and run[0] == event.index:
+                            run[1].append(event.text)
+                            continue
+                        _flush_text(batch, run, job, name)
+                        run = [event.index, [event.text]]
+                        continue
+                    _flush_text(batch, run, job, name)
+                    run = None
+                    if event.kind == "token":     # with log-probabilities: one chunk per token (the page's bars)
+                        items = [(event.token, event.logprob, event.top, offset)]
+                        batch.append(chunk_object(job, name, event.index, event.text, None, items, tokenizer))
                     else:
                         open_rows -= 1
                         produced += event.completion_tokens
-                        yield chunk_object(job, name, event.index, event.text or ("" if not job.chat else None),
-                                           event.finish_reason)
+                        batch.append(chunk_object(job, name, event.index, event.text or ("" if not job.chat else None),
+                                                  event.finish_reason))
+                _flush_text(batch, run, job, name)
                 if not open_rows:
                     break
+                if batch:
+                    yield batch
+                    if self.stream_interval:  # let the next tokens gather: one write (and one chunk) for several
+                        await asyncio.sleep(self.stream_interval)
                 try:
                     events = await reply.next_events()
                 except TimedOut as exc:
-                    yield _as_api_error(exc).body()
+                    yield [_as_api_error(exc).body()]
                     return
             if job.include_usage:
-                yield usage_chunk(job, name, produced)
-            yield "[DONE]"
+                batch.append(usage_chunk(job, name, produced))
+            yield batch + ["[DONE]"]
         except Disconnected:
             return
         finally:

@@ -1,31 +1,24 @@
-"""Batched decoding: many requests decoded together, one model step for all of them.
+"""The scheduling of batched decoding: many requests decoded together, one model step for all.
 
 At batch 1 a decode step reads every weight to produce one token, so a server that runs
 requests one after another is bound by memory traffic, not arithmetic. Decoding the active
 requests *together* turns the per-token matrix-vector products into matrix-matrix products
 over the batch: the weights are read once per step for B tokens, and throughput grows with
-concurrency. This module is that engine:
+concurrency. The step itself is ``scratchlm.generate.RowDecoder`` (each row its own KV-cache
+slot, position and sampling settings; the same path ``generate`` takes with several prompts),
+and the sampler is ``scratchlm.generate.sample_rows``. This module decides who is in the batch:
 
-- ``SlotPool``: the KV cache of the whole server, per layer one (S, H, block_size, D) buffer for
-  keys and one for values. A sequence being decoded owns a *slot* (a row of those buffers).
-  Active sequences always occupy slots 0..B-1 (when one leaves, the last one moves into its
-  slot), so a step attends over ``keys[:B]``, a view, with no gather.
-- ``decode_rows``: one decode step over the batch, where every row has its own position. It is
-  the GPT forward of ``GPT._features`` for one token per row, written out because the shared
-  cache protocol (``LayerKVCache.append``) has one length for the whole batch: here each row
-  writes its key and value at its own position and attends over its own prefix (a -inf mask
-  beyond it), and takes its own position embedding.
 - ``Row``: one sequence (one choice of one request) with its own sampling settings, seeded
-  generator, stop strings and incremental text decoder; ``BatchedDecoder``: a thread that
-  admits waiting rows between steps (a prefill each, with ``scratchlm.generate.prefill``, into
-  a scratch cache copied into the row's slot), runs ``decode_rows`` over all active rows,
-  samples each row's token with ``scratchlm.generate.sample_next_token`` (rows with the same
-  controls in one call) and the row's own generator,
-  and retires rows that finished or were cancelled, freeing their slots.
+  generator, stop strings and incremental text decoder, and a ``sink`` for its ``Event``s;
+- ``BatchedDecoder``: a loop (its own thread, or driven by the caller) that admits waiting rows
+  between steps (a prefill each, into the row's slot), runs one
+  ``RowDecoder.step`` over the active rows, samples each row's token, and retires rows that
+  finished or were cancelled. Active rows always occupy slots 0..B-1 (when one leaves, the last
+  one moves into its slot), so a step reads the first B slots, with no gather.
 
 A row's tokens are those of ``scratchlm.generate.stream_text`` for the same prompt, controls
 and seed: the same sampler, the same generator draws in the same order, the same
-prefill-then-decode schedule (only the floating-point order inside a step differs).
+prefill-then-decode schedule.
 
     >>> from scratchlm.models import GPT, GPTConfig
     >>> from scratchlm.tokenizers import CharTokenizer
@@ -37,12 +30,9 @@ prefill-then-decode schedule (only the floating-point order inside a step differ
     >>> engine.run_until_idle([row])
     >>> pieces[-1].kind, pieces[-1].finish_reason
     ('done', 'length')
-
-Shapes: B active rows, S slots, L attended positions, H heads, D head size, C channels, V vocabulary.
 """
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -50,79 +40,9 @@ from typing import Callable
 
 import numpy as np
 
-from scratchlm import backend
-from scratchlm.generate import (KVCache, _first_stop, _held_back, _TextPieces, apply_repetition_penalty,
-                                prefill, sample_next_token)
-from scratchlm.tensor import Tensor, no_grad
+from scratchlm.generate import RowDecoder, _first_stop, _held_back, _TextPieces, sample_rows, token_logprobs
 
 END_OF_TEXT = "<|endoftext|>"          # always a stop string: byte-level BPE runs mark document ends with it
-
-
-# ====================================================================== the slots and one batched step
-
-class SlotPool:
-    """Keys and values of every layer for S sequences: (S, H, block_size, D) each, preallocated."""
-
-    def __init__(self, config, slots: int, dtype):
-        xp = backend.xp
-        shape = (slots, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.keys = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layer)]      # n_layer x (S, H, block, D)
-        self.values = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layer)]
-        self.slots = slots
-
-    def load(self, slot: int, cache: KVCache) -> None:
-        """Copy the positions a (batch-1) ``KVCache`` holds into ``slot``."""
-        n = cache.length
-        for keys, values, layer in zip(self.keys, self.values, cache.layers):
-            keys[slot, :, :n] = layer.keys[0, :, :n]
-            values[slot, :, :n] = layer.values[0, :, :n]
-
-    def move(self, source: int, target: int, length: int) -> None:
-        """Copy the first ``length`` positions of slot ``source`` into slot ``target``."""
-        for keys, values in zip(self.keys, self.values):
-            keys[target, :, :length] = keys[source, :, :length]
-            values[target, :, :length] = values[source, :, :length]
-
-
-def decode_rows(model, pool: SlotPool, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """One new token per row at its own position, rows = slots 0..B-1: tokens (B,), positions (B,)
-    host ints; slot b must hold positions [0, positions[b]) of its sequence. Writes each row's
-    keys and values at its position and returns the next-token logits (B, V), float64, on the host.
-
-    The GPT forward of ``GPT._features`` + head, for T = 1 with per-row positions:
-        x = wte[token] + pos_emb[position];  per block: x += attn(ln_1(x)); x += mlp(ln_2(x))
-    attn: q, k, v = split(ln_1(x) @ W_attn); k, v written at the row's position; scores over
-    the row's cached positions 0..position (later ones, another row's length, get -inf).
-    """
-    xp = backend.xp
-    transformer = model.transformer
-    B = len(tokens)
-    C, H = model.config.n_embd, model.config.n_head
-    D = C // H
-    L = int(positions.max()) + 1                                        # attended positions of the longest row
-    rows = xp.arange(B)
-    pos = backend.to_device(np.asarray(positions, dtype=np.int64))      # (B,)
-    with no_grad():
-        tok_emb = transformer.wte(backend.to_device(np.asarray(tokens, dtype=np.int64)[:, None]))  # (B, 1, C)
-        pos_emb = transformer.wpe(pos) if "wpe" in transformer else transformer.sinusoidal(pos)  # (B, C)
-        x = tok_emb + pos_emb.reshape(B, 1, C)                                                 # (B, 1, C)
-        beyond = xp.arange(L)[None, :] > pos[:, None]                                          # (B, L) masked
-        scale = 1.0 / math.sqrt(D)
-        for block, keys, values in zip(transformer.h, pool.keys, pool.values):
-            attn = block.attn
-            qkv = attn.c_attn(block.ln_1(x)).data.reshape(B, 3, H, D)                         # q, k, v side by side
-            keys[rows, :, pos] = qkv[:, 1]                                                     # (B, H, D) at each position
-            values[rows, :, pos] = qkv[:, 2]
-            q = qkv[:, 0, :, None, :]                                                          # (B, H, 1, D)
-            scores = (q @ keys[:B, :, :L].swapaxes(-1, -2))[:, :, 0, :] * scale                # (B, H, L)
-            scores = xp.where(beyond[:, None, :], -xp.inf, scores)
-            probs = xp.exp(scores - scores.max(axis=-1, keepdims=True))
-            probs /= probs.sum(axis=-1, keepdims=True)                                         # (B, H, L)
-            y = (probs[:, :, None, :] @ values[:B, :, :L]).reshape(B, 1, C)                    # (B, 1, C)
-            x = x + attn.c_proj(Tensor(y))
-            x = x + block.mlp(block.ln_2(x))                                                   # (B, 1, C)
-        logits = model.lm_head(transformer.ln_f(x))                                            # (B, 1, V)
-    return backend.to_numpy(logits.data[:, 0, :]).astype(np.float64)                           # (B, V)
 
 
 # ====================================================================== a sequence
@@ -182,7 +102,7 @@ class Row:
         self.generated += 1
         if self.repetition_penalty != 1:
             self.context = np.append(self.context, token)
-        logprob, top = (None, None) if self.logprobs is None else _logprobs(logits, token, self.logprobs)
+        logprob, top = (None, None) if self.logprobs is None else token_logprobs(logits, token, self.logprobs)
         self.pending += self.decoder.push(token)
         release, finish = self._release()
         self.sink(Event("token", self.index, release, token, logprob, top))
@@ -211,49 +131,6 @@ class Row:
         self.sink(Event("done", self.index, rest, finish_reason=reason, completion_tokens=self.generated))
 
 
-class _RowDraws:
-    """The generator ``sample_next_token`` draws from, for a group of rows sampled in one call:
-    row b's uniform number comes from row b's own generator (``random()`` and ``random((1, 1))``
-    take the same one double from a stream), so a row's tokens do not depend on its batch mates."""
-
-    def __init__(self, rngs):
-        self.rngs = rngs
-
-    def random(self, shape):
-        return np.array([rng.random() for rng in self.rngs]).reshape(shape)
-
-
-def sample_rows(rows: list[Row], logits: np.ndarray) -> list[int]:
-    """The next token of each row from logits (B, V): rows with the same controls are sampled in
-    one ``sample_next_token`` call (each with its own generator); a repetition penalty, which
-    depends on the row's context, is applied row by row."""
-    tokens = [0] * len(rows)
-    groups: dict[tuple, list[int]] = {}
-    for b, row in enumerate(rows):
-        if row.repetition_penalty != 1:
-            controlled = apply_repetition_penalty(logits[b:b + 1], row.context[None], row.repetition_penalty)
-            tokens[b] = int(sample_next_token(controlled, row.temperature, row.top_k, row.top_p, row.rng)[0])
-        else:
-            groups.setdefault((row.temperature, row.top_k or None, row.top_p), []).append(b)
-    for (temperature, top_k, top_p), members in groups.items():
-        draws = _RowDraws([rows[b].rng for b in members])
-        for b, token in zip(members, sample_next_token(logits[members], temperature, top_k, top_p, draws)):
-            tokens[b] = int(token)
-    return tokens
-
-
-def _logprobs(logits: np.ndarray, token: int, n: int):
-    """log p(token) and the n likeliest (token, log p) under softmax(logits), most likely first."""
-    shifted = logits - logits.max()
-    logp = shifted - math.log(np.exp(shifted).sum())                          # (V,)
-    n = min(n, len(logp))
-    if n == 0:
-        return float(logp[token]), []
-    top = np.argpartition(-logp, n - 1)[:n]
-    top = top[np.argsort(-logp[top], kind="stable")]
-    return float(logp[token]), [(int(t), float(logp[t])) for t in top]
-
-
 # ====================================================================== the engine
 
 class QueueFull(Exception):
@@ -269,14 +146,9 @@ class BatchedDecoder:
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 32, max_queue: int = 64):
-        if not hasattr(model, "transformer") or not hasattr(model.transformer, "h"):
-            raise TypeError(f"batched decoding needs a GPT (token and position embeddings, blocks with "
-                            f"self-attention), got {type(model).__name__}")
+        self.decoder = RowDecoder(model, max_batch)                     # raises TypeError for a non-GPT
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
-        dtype = model.transformer.wte.weight.dtype
-        self.pool = SlotPool(model.config, max_batch, dtype)
-        self.scratch = KVCache(model.config, 1, dtype)                   # prefill target, copied into a slot
         self.active: list[Row] = []                                      # row b owns slot b
         self.waiting: list[Row] = []
         self.cond = threading.Condition()
@@ -380,8 +252,7 @@ class BatchedDecoder:
             return
         row.start(self.tokenizer)
         slot = len(self.active)
-        logits = prefill(self.model, np.asarray([row.prompt], dtype=np.int64), self.scratch)   # (1, V)
-        self.pool.load(slot, self.scratch)
+        logits = self.decoder.prefill(row.prompt, slot)[None]                   # (1, V)
         self.active.append(row)
         self.counters["prefills"] += 1
         self.counters["max_active"] = max(self.counters["max_active"], len(self.active))
@@ -391,7 +262,7 @@ class BatchedDecoder:
     def _step(self) -> None:
         tokens = np.array([row.last for row in self.active], dtype=np.int64)              # (B,)
         positions = np.array([row.position for row in self.active], dtype=np.int64)      # (B,)
-        logits = decode_rows(self.model, self.pool, tokens, positions)                  # (B, V)
+        logits = self.decoder.step(tokens, positions)                                  # (B, V)
         self.counters["steps"] += 1
         self.counters["tokens"] += len(self.active)
         live = [b for b, row in enumerate(self.active) if not row.cancelled]
@@ -413,7 +284,7 @@ class BatchedDecoder:
                 self.counters["rows_cancelled" if row.cancelled and not row.finished else "rows_done"] += 1
                 last = self.active.pop()
                 if last is not row:
-                    self.pool.move(len(self.active), slot, last.position)
+                    self.decoder.cache.copy_row(self.decoder.cache, len(self.active), slot, last.position)
                     self.active[slot] = last
 
     def _fail_all(self, exc: Exception, joining: list[Row]) -> None:
@@ -436,27 +307,3 @@ def wait_idle(engine: BatchedDecoder, timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.01)
     return False
-
-
-def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0, top_k=None,
-                   top_p=None, repetition_penalty: float = 1.0, stop=None, seed: int = 0,
-                   max_batch: int = 32) -> list[str]:
-    """The continuation of each prompt, decoded together in one batch (in this thread): prompt i
-    is sampled with seed + i, and its text is ``stream_text``'s for that prompt and seed. Each
-    prompt plus ``max_new_tokens`` must fit in the model's context (no sliding window here)."""
-    from scratchlm.generate import SamplingArgumentError, check_sampling_args
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
-    stops = [] if stop is None else ([stop] if isinstance(stop, str) else list(stop))
-    texts = [[] for _ in prompts]
-    rows = []
-    for i, prompt in enumerate(prompts):
-        ids = tokenizer.encode(prompt)
-        if not ids or len(ids) + max_new_tokens > model.config.block_size:
-            raise SamplingArgumentError(f"prompt {i} has {len(ids)} tokens; it needs 1 to "
-                                        f"{model.config.block_size - max_new_tokens} to leave room for "
-                                        f"{max_new_tokens} new ones in the {model.config.block_size}-token context")
-        rows.append(Row(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed + i, stops, None, i,
-                        lambda event: texts[event.index].append(event.text)))
-    if max_new_tokens:
-        BatchedDecoder(model, tokenizer, max_batch=max_batch, max_queue=len(rows)).run_until_idle(rows)
-    return ["".join(pieces) for pieces in texts]
