@@ -32,9 +32,14 @@ checkpoints, holding the run folder's lock (``scratchlm.runguard``); other ranks
 Faults. A rank that raises prints one line, ``scratchlm: error: rank R of N failed: ...``, and
 calls ``MPI_Abort``, which makes the launcher end every rank (none waits forever in a collective).
 A rank that dies outright (killed, out of memory) is noticed by mpiexec, which ends the others;
-under ``--nproc`` our launcher turns mpiexec's banner into one line naming that rank. Ctrl-C reaches every rank through the launcher; the ranks agree (an all-reduce of the
-flag at the top of each iteration) to stop after the same step, rank 0 saves, and ``--resume``
-continues -- with any rank count, since the trajectory does not depend on it. A checkpoint is
+under ``--nproc`` our launcher turns mpiexec's banner into one line naming that rank. Ctrl-C
+reaches every rank through the launcher (mpiexec in its own process group, SIGINT's default
+disposition restored for it: a background job inherits SIGINT ignored); each rank reads its flag
+once per iteration and the ranks agree on it (an all-reduce at the top of the iteration; a flag
+read again later would let rank 0, whose Ctrl-C landed during its eval, stop alone while the
+others wait in the next step's all-reduce), so they stop after the same step, rank 0 saves, and
+``--resume`` continues -- with any rank count, since the trajectory does not depend on it. The
+launcher bounds the stop ($SCRATCHLM_STOP_GRACE_S, then mpiexec's abort, then SIGKILL). A checkpoint is
 written only by rank 0 and atomically, so a killed rank never leaves a partial one.
 """
 from __future__ import annotations
@@ -162,6 +167,11 @@ class MPIGroup(Single):
             yield
         except TrainingInterrupted:
             raise                                # every rank stops together; rank 0 has saved
+        except KeyboardInterrupt:                # Ctrl-C before the loop started: nothing to save
+            if self.rank == 0:
+                print("interrupted before training started; nothing saved", file=sys.stderr, flush=True)
+            self.comm.Abort(130)
+            os._exit(130)
         except BaseException as exc:
             what = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
             print(f"scratchlm: error: rank {self.rank} of {self.world} failed: {' '.join(what.split())}; "
@@ -387,25 +397,77 @@ def _leave_note(name: str, text: str) -> None:
             f.write(text)
 
 
+STOP_GRACE_VARIABLE = "SCRATCHLM_STOP_GRACE_S"
+
+
+def stop_grace_seconds() -> float:
+    """How long the ranks get after Ctrl-C to finish their step, save and exit before the launcher
+    forces them down ($SCRATCHLM_STOP_GRACE_S, default 120 s: an eval in progress on rank 0 runs
+    to its end, then the save)."""
+    text = os.environ.get(STOP_GRACE_VARIABLE, "120")
+    try:
+        return max(1.0, float(text))
+    except ValueError:
+        raise UserError(f"{STOP_GRACE_VARIABLE}={text!r} is not a number of seconds; e.g. 120") from None
+
+
+def _launcher_child() -> None:
+    """In mpiexec before it starts: its own process group (a terminal's Ctrl-C reaches the launcher
+    alone, which passes it on once -- two Ctrl-C at mpiexec mean "abort now"), and SIGINT's default
+    disposition and an empty signal mask, whatever this process inherited (a background job of a
+    non-interactive shell starts with SIGINT ignored, and ignored signals survive exec down to the
+    ranks, where Python would then never turn SIGINT into a stop)."""
+    import signal
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _force_stop(proc) -> None:
+    """The grace after Ctrl-C ran out: a second SIGINT (mpiexec: "abort now", every rank is killed),
+    then, if mpiexec still runs, SIGKILL to its whole process group."""
+    import signal
+    import time
+    if proc.poll() is not None:
+        return
+    print(f"scratchlm: error: the ranks did not stop within {stop_grace_seconds():g} s of Ctrl-C "
+          f"(${STOP_GRACE_VARIABLE}); killing them; the last checkpoint is what --resume continues",
+          file=sys.stderr, flush=True)
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGINT)
+    time.sleep(10)
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def relaunch(nproc: int, argv: list[str]) -> int:
     """Run this command as ``nproc`` ranks under mpiexec and return its exit status.
 
     mpiexec's output passes through, except its banner about a rank that died (killed, out of
     memory): that becomes one line naming the rank. Ctrl-C (or a SIGINT sent to this process) is
-    passed on to mpiexec, which gives it to every rank."""
+    passed on to mpiexec, which gives it to every rank; the ranks agree to stop after the same step
+    and rank 0 saves. If the job has not ended ``stop_grace_seconds()`` later it is forced down, and
+    whatever of it is left when mpiexec ends is killed, so the stop is bounded in time."""
     import re
     import signal
     import subprocess
     import tempfile
+    import threading
     command, env = launch_command(nproc, without_nproc(argv))
     sys.stdout.flush()
     with tempfile.TemporaryDirectory(prefix="scratchlm-ranks-") as folder:
         env[RANK_FOLDER_VARIABLE] = folder
-        # its own process group: a terminal's Ctrl-C reaches us alone and we pass it on once (two
-        # Ctrl-C at mpiexec mean "abort now", which is what the user's second Ctrl-C should mean)
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, bufsize=1,
-                                preexec_fn=os.setpgrp)
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: proc.send_signal(signal.SIGINT))
+                                preexec_fn=_launcher_child)
+        force = threading.Timer(stop_grace_seconds(), _force_stop, args=(proc,))
+        force.daemon = True
+
+        def forward(signum, frame):
+            proc.send_signal(signal.SIGINT)      # mpiexec passes it to every rank; a second one aborts
+            if not force.is_alive():
+                force.start()                    # a bounded stop, whatever a rank is doing
+        previous = signal.signal(signal.SIGINT, forward)
         dead_pid, how = None, None
         try:
             for line in proc.stdout:
@@ -421,6 +483,10 @@ def relaunch(nproc: int, argv: list[str]) -> int:
             status = proc.wait()
         finally:
             signal.signal(signal.SIGINT, previous)
+            force.cancel()
+            # nothing of the job outlives the launcher (a rank left behind would hold our pipes)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
         notes = os.listdir(folder)
         if dead_pid is not None and not any(name.startswith("failed.") for name in notes):
             rank_of = {}

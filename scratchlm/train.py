@@ -252,20 +252,22 @@ class Trainer:
             with _DeferredInterrupt() as interrupt:
                 it = self.iteration
                 while True:
-                    if self.dist.world > 1:         # every rank stops after the same step
-                        interrupt.requested = self.dist.any(interrupt.requested)
+                    # every rank stops after the same step: the flag is read once per iteration and
+                    # agreed on; a Ctrl-C that lands later (during rank 0's eval) counts at the next
+                    stop = self.dist.any(interrupt.requested)
                     due_eval = (it % c.eval_interval == 0 or it == c.max_iters) and it not in self.evaluated_at
-                    if due_eval or it >= c.max_iters or interrupt.requested:
+                    if due_eval or it >= c.max_iters or stop:
                         self._flush()            # every loss checked before anything is saved
                     if due_eval and self.dist.is_main:
                         losses = self.evaluate(interrupt if self.dist.world == 1 else None)
                         if losses is None:
+                            stop = True
                             break
                         self._record_eval(it, losses)
                     if due_eval:
                         self._save(it)
                         self._window_start = time.perf_counter()
-                    if it >= c.max_iters or interrupt.requested:
+                    if it >= c.max_iters or stop:
                         break
                     # overflow shows up as an inf/NaN loss, which _flush reports with the
                     # iteration; NumPy's RuntimeWarnings about it would only add noise
@@ -275,7 +277,7 @@ class Trainer:
                     self.iteration = it
                     if it % c.log_interval == 0:
                         self._flush()
-                if interrupt.requested:
+                if stop:
                     self._flush()
                     self._save(self.iteration)
                     self._finish_plot()
