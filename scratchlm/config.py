@@ -49,6 +49,7 @@ class TrainConfig:
     grad_clip: float = 1.0                # 0 turns clipping off
     gradient_accumulation_steps: int = 1  # the total over all ranks (scratchlm.distributed)
     zero_stage: int = 0                   # 1: the optimizer moments sharded across ranks (ZeRO-1)
+    ddp_bucket_mb: float = 1.0            # gradient all-reduce buckets, started during the backward; 0: one at the end
     # evaluation, logging, reproducibility, hardware
     eval_interval: int = 250
     eval_iters: int = 200
@@ -108,6 +109,9 @@ class TrainConfig:
         if self.zero_stage not in (0, 1):
             raise UserError(f"config key zero_stage must be 0 or 1 (ZeRO-1: shard the optimizer moments), "
                             f"got {self.zero_stage}")
+        if not self.ddp_bucket_mb >= 0:
+            raise UserError(f"config key ddp_bucket_mb must be >= 0 (MB per gradient bucket; 0: one all-reduce "
+                            f"after the backward), got {self.ddp_bucket_mb}")
         if self.backend not in ("numpy", "cupy"):
             raise UserError(f"config key backend must be 'numpy' or 'cupy', got {self.backend!r}")
         return self

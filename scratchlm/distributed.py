@@ -111,8 +111,9 @@ class Single:
     def barrier(self) -> None:
         pass
 
-    def shard_optimizer(self, optimizer, storage, zero_stage: int):
-        """ZeRO-1 when asked for and there is more than one rank; else the optimizer as it is."""
+    def shard_optimizer(self, optimizer, storage, zero_stage: int, bucket_mb: float = 0.0):
+        """ZeRO-1 (or gradient buckets) when asked for and there is more than one rank; else the
+        optimizer as it is."""
         return optimizer
 
     @contextlib.contextmanager
@@ -132,12 +133,23 @@ class MPIGroup(Single):
     def check_config(self, config) -> None:
         check_config(config, self.world)
 
-    def micro_steps(self, accum: int) -> range:
+    buckets: "GradientBuckets | None" = None
+
+    def micro_steps(self, accum: int):
+        """This rank's share of the step's micro-batches; before the last one's backward the
+        gradient buckets (if any) start listening, so they go out as the backward finishes them."""
         share = accum // self.world
-        return range(self.rank * share, (self.rank + 1) * share)
+        for k, micro in enumerate(range(self.rank * share, (self.rank + 1) * share)):
+            if k == share - 1 and self.buckets is not None:
+                self.buckets.arm()
+            yield micro
 
     def reduce_gradients(self, storage) -> None:
-        """Sum the flat gradient buffers over the ranks, in place (one Allreduce per dtype)."""
+        """Sum the flat gradient buffers over the ranks, in place: wait for the buckets' all-reduces
+        (started during the backward), or, without buckets, one blocking Allreduce per dtype."""
+        if self.buckets is not None:
+            self.buckets.finish()
+            return
         storage.fill_missing_grads()           # every rank must send the whole buffer
         for buffer in storage.grad.values():
             self.comm.Allreduce(self.MPI.IN_PLACE, _host(buffer), op=self.MPI.SUM)
@@ -156,8 +168,14 @@ class MPIGroup(Single):
     def barrier(self) -> None:
         self.comm.Barrier()
 
-    def shard_optimizer(self, optimizer, storage, zero_stage: int):
-        return ZeroOneOptimizer(optimizer, storage, self) if zero_stage == 1 else optimizer
+    def shard_optimizer(self, optimizer, storage, zero_stage: int, bucket_mb: float = 0.0):
+        """ZeRO-1's sharded optimizer; else the optimizer as it is, and (``bucket_mb`` > 0) gradient
+        buckets of about that many MB all-reduced while the backward runs."""
+        if zero_stage == 1:
+            return ZeroOneOptimizer(optimizer, storage, self)
+        if bucket_mb > 0:
+            self.buckets = GradientBuckets(storage, self.comm, int(bucket_mb * 2**20))
+        return optimizer
 
     @contextlib.contextmanager
     def fail_fast(self):
@@ -181,6 +199,118 @@ class MPIGroup(Single):
             code = 2 if isinstance(exc, UserError) else 1
             self.comm.Abort(code)
             os._exit(code)                       # Abort may return before the launcher ends us
+
+
+class GradientBuckets:
+    """The gradient all-reduce in buckets, started while the backward is still running (as
+    PyTorch DDP does), waited for before the optimizer step.
+
+    A bucket is a set of parameters whose gradients the backward finishes one after another: the
+    first step records the order in which the last micro-step's backward completes each leaf
+    (``tensor.set_backward_hook``), does one blocking Allreduce, and cuts rank 0's order (broadcast,
+    so every rank has the same plan) into buckets of about ``bucket_bytes``. From then on, when the
+    backward has completed every gradient of the next bucket, that bucket's contiguous runs of the
+    flat gradient buffer go out as in-place ``Iallreduce`` calls -- buckets strictly in plan order,
+    since every rank must start its collectives in the same order (a rank whose backward finishes
+    leaves in another order only starts later, never differently). A bucket's runs are contiguous
+    slices of the flat buffer: the buffer is laid out by optimizer group (weights, then biases and
+    norms), so a layer's gradients are two runs, not one.
+
+    MPICH advances a nonblocking collective only inside MPI calls; the hook calls ``Testall`` after
+    every op's backward, which is what lets a bucket travel while the next layer's backward computes.
+    Only the rank's last micro-step is bucketed: earlier ones only add into the buffer.
+
+    The sum is the blocking Allreduce's: every element is summed over the same ranks; the order of
+    the additions inside MPI's reduction is that of the same algorithm on a shorter buffer, so a
+    2-rank sum of two float32 values is the same bits either way.
+    """
+
+    def __init__(self, storage, comm, bucket_bytes: int, MPI=None):
+        if MPI is None:
+            from mpi4py import MPI
+        self.storage, self.comm, self.MPI = storage, comm, MPI
+        self.bucket_bytes = max(1, bucket_bytes)
+        self.index = {id(p): i for i, p in enumerate(storage.params)}
+        self.plan: list[list[tuple[str, int, int]]] | None = None     # per bucket: (dtype, start, stop) runs
+        self.bucket_of: dict[int, int] = {}                           # id(param) -> its bucket
+        self.sizes: list[int] = []                                    # parameters per bucket
+        self.seen: list[int] = []                                     # first step: completion order
+        self.requests: list = []
+        self.left: list[int] = []
+        self.next = 0
+
+    def arm(self) -> None:
+        """Before the last micro-step's backward: listen to the tape."""
+        from scratchlm.tensor import set_backward_hook
+        self.left, self.next, self.requests, self.seen = list(self.sizes), 0, [], []
+        set_backward_hook(self._hook)
+
+    def _hook(self, leaf) -> None:
+        if leaf is None:                                   # between ops: let MPI move the bytes
+            if self.requests:
+                self.MPI.Request.Testall(self.requests)
+            return
+        i = self.index.get(id(leaf))
+        if i is None:
+            return
+        if leaf.grad is not leaf._grad_slot:               # (a .grad set by hand) into the buffer
+            leaf._grad_slot[...] = leaf.grad
+            leaf.grad = leaf._grad_slot
+        if self.plan is None:
+            self.seen.append(i)
+            return
+        b = self.bucket_of[id(leaf)]
+        self.left[b] -= 1
+        self._start_ready()
+
+    def _start_ready(self) -> None:
+        grad, MPI = self.storage.grad, self.MPI
+        while self.next < len(self.plan) and self.left[self.next] == 0:
+            for dtype, start, stop in self.plan[self.next]:
+                self.requests.append(self.comm.Iallreduce(MPI.IN_PLACE, _host(grad[dtype][start:stop]), op=MPI.SUM))
+            self.next += 1
+
+    def finish(self) -> None:
+        """After the backward: every bucket started, every all-reduce finished."""
+        from scratchlm.tensor import set_backward_hook
+        set_backward_hook(None)
+        if self.plan is None:                               # the first step: blocking, then the plan
+            self.storage.fill_missing_grads()
+            for buffer in self.storage.grad.values():
+                self.comm.Allreduce(self.MPI.IN_PLACE, _host(buffer), op=self.MPI.SUM)
+            self._make_plan(self.comm.bcast(self.seen, root=0))
+            return
+        # parameters the backward never reached get zeros -- their buckets have not started yet
+        self.storage.fill_missing_grads()
+        self.left[self.next:] = [0] * (len(self.plan) - self.next)
+        self._start_ready()
+        self.MPI.Request.Waitall(self.requests)
+        self.requests = []
+
+    def _make_plan(self, order: list[int]) -> None:
+        params = self.storage.params
+        listed = set(order)
+        order = list(order) + [i for i in range(len(params)) if i not in listed]   # never reached: last
+        buckets, current, size = [], [], 0
+        for i in order:
+            current.append(i)
+            size += params[i].size * params[i].dtype.itemsize
+            if size >= self.bucket_bytes:
+                buckets.append(current)
+                current, size = [], 0
+        if current:
+            buckets.append(current)
+        self.plan, self.sizes, self.bucket_of = [], [len(b) for b in buckets], {}
+        for b, members in enumerate(buckets):
+            spans = sorted(params[i]._flat[1:] for i in members)          # (dtype, start, stop)
+            runs = [list(spans[0])]
+            for dtype, start, stop in spans[1:]:
+                if dtype == runs[-1][0] and start == runs[-1][2]:
+                    runs[-1][2] = stop
+                else:
+                    runs.append([dtype, start, stop])
+            self.plan.append([tuple(run) for run in runs])
+            self.bucket_of.update({id(params[i]): b for i in members})
 
 
 class ZeroOneOptimizer:

@@ -31,6 +31,20 @@ _grad_enabled = True
 op_timer = None   # set by scratchlm.profiling.profile_ops(): times every forward and backward
 
 
+# set by scratchlm.distributed's gradient buckets: called as hook(leaf) once a leaf's gradient of
+# this backward is final (its one visit in the topological order), and as hook(None) after every
+# op's backward (a point to let communication progress)
+backward_hook = None
+
+
+def set_backward_hook(hook):
+    """Call ``hook(leaf)`` when a leaf's gradient is final and ``hook(None)`` after each op's backward
+    (None: no hook); returns the previous hook."""
+    global backward_hook
+    previous, backward_hook = backward_hook, hook
+    return previous
+
+
 def set_op_timer(timer):
     """Route every op's forward and backward through ``timer`` (None: call them directly)."""
     global op_timer
@@ -236,6 +250,8 @@ class Tensor:
             node = tensor._node
             if node is None:  # a leaf: accumulate, never overwrite
                 _accumulate_leaf_grad(tensor, grad)
+                if backward_hook is not None:       # its gradient of this backward is complete
+                    backward_hook(tensor)
                 continue
             if node.saved is _Freed:
                 raise RuntimeError("backward() through a graph that was already freed by an earlier "
@@ -251,6 +267,8 @@ class Tensor:
                 grads[id(inp)] = grads[id(inp)] + g if id(inp) in grads else g
             if not retain_graph:
                 node.saved = _Freed
+            if backward_hook is not None:
+                backward_hook(None)
 
     # ------------------------------------------------------------- operators
     def __add__(self, other): return _op("Add")(self, other)

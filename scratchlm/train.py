@@ -134,7 +134,8 @@ class Trainer:
         # update per group, one clipping pass, one all-reduce (scratchlm.nn.FlatStorage)
         self.model.flatten_([group["params"] for group in self.optimizer.param_groups])
         self.dist = distributed.current()       # rank 0 alone writes the run folder
-        self.optimizer = self.dist.shard_optimizer(self.optimizer, self.model._flat, c.zero_stage)
+        self.optimizer = self.dist.shard_optimizer(self.optimizer, self.model._flat, c.zero_stage,
+                                                 bucket_mb=c.ddp_bucket_mb)
         self.zero = isinstance(self.optimizer, distributed.ZeroOneOptimizer)
         self.schedule = (cosine_with_warmup(c.learning_rate, c.warmup_iters, c.lr_decay_iters, c.min_lr)
                          if c.decay_lr else constant_lr(c.learning_rate))

@@ -9,6 +9,7 @@ bit for bit with the uninterrupted run of the same rank count.
 Skipped when mpi4py or mpiexec is missing (the [mpi] extra). Every subprocess is bounded by a
 timeout, so a hang fails the test instead of stalling the suite.
 """
+import importlib
 import json
 import os
 import signal
@@ -84,16 +85,19 @@ def assert_same_run(expected, actual, exact=False):
 
 
 class Runs:
-    """Uninterrupted 20-step runs, each made once for the module: (nproc, accum, zero_stage) -> folder."""
+    """Uninterrupted 20-step runs, each made once for the module: (nproc, accum, zero_stage,
+    ddp_bucket_mb) -> folder. The default 1 MB bucket holds the whole tiny model (one Iallreduce at
+    the end of the backward); 0.002 MB cuts it into about ten buckets."""
 
     def __init__(self, factory):
         self.factory, self.made = factory, {}
 
-    def __call__(self, nproc, accum, zero=0):
-        key = (nproc, accum, zero)
+    def __call__(self, nproc, accum, zero=0, bucket_mb=1.0):
+        key = (nproc, accum, zero, bucket_mb)
         if key not in self.made:
-            out = self.factory.mktemp(f"run_{nproc}_{accum}_{zero}") / "run"
-            extra = ["--set", f"zero_stage={zero}"] + (["--nproc", str(nproc)] if nproc > 1 else [])
+            out = self.factory.mktemp(f"run_{nproc}_{accum}_{zero}_{bucket_mb}") / "run"
+            extra = ["--set", f"zero_stage={zero}", "--set", f"ddp_bucket_mb={bucket_mb}"] + \
+                (["--nproc", str(nproc)] if nproc > 1 else [])
             done = scratchlm(train_args(out, accum, extra=extra))
             assert done.returncode == 0, done.stderr
             assert done.stdout.count("done: 20 iterations") == 1           # rank 0 alone reports
@@ -106,11 +110,14 @@ def runs(tmp_path_factory):
     return Runs(tmp_path_factory)
 
 
-@pytest.mark.parametrize("accum, zero", [(2, 0), (4, 0), (4, 1)],
-                         ids=["one-micro-step-per-rank", "accumulating-2-per-rank", "zero-1"])
-def test_two_ranks_equal_one_rank(runs, accum, zero):
-    """ZeRO-1 too: its moments, gathered into the checkpoint, equal the unsharded optimizer's."""
-    out = runs(2, accum, zero)
+@pytest.mark.parametrize("accum, zero, bucket_mb", [(2, 0, 0), (2, 0, 0.002), (4, 0, 0.002), (4, 1, 1.0)],
+                         ids=["one-micro-step-per-rank-one-allreduce", "one-micro-step-per-rank-buckets",
+                              "accumulating-2-per-rank-buckets", "zero-1"])
+def test_two_ranks_equal_one_rank(runs, accum, zero, bucket_mb):
+    """Blocking all-reduce after the backward (bucket 0) and buckets during it, with and without
+    accumulation; ZeRO-1 too: its moments, gathered into the checkpoint, equal the unsharded
+    optimizer's."""
+    out = runs(2, accum, zero, bucket_mb)
     assert_same_run(runs(1, accum), out)
     assert json.loads((out / "trainer.json").read_text())["nproc"] == 2
 
@@ -251,6 +258,90 @@ def test_ctrl_c_on_rank_0_during_its_eval_stops_every_rank_after_the_same_step(t
                         launcher=[MPIEXEC, "-n", "2"])
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(runs(2, 2), out, exact=True)
+
+
+class TwinRanks:
+    """A communicator of 2 ranks whose other rank computed the very same gradient: a SUM doubles
+    every element. Nonblocking calls double at Wait (as MPI may finish at any point until then) and
+    are logged with how many leaves the backward had completed when each started."""
+
+    class Request:
+        def __init__(self, buffer):
+            self.buffer, self.done = buffer, False
+
+        def finish(self):
+            if not self.done:
+                self.buffer *= 2
+                self.done = True
+
+        @staticmethod
+        def Testall(requests):
+            return False
+
+        @staticmethod
+        def Waitall(requests):
+            for request in requests:
+                request.finish()
+
+    IN_PLACE, SUM = object(), object()
+
+    def __init__(self):
+        self.started, self.completed_leaves = [], 0
+
+    def Allreduce(self, _, buffer, op):
+        buffer *= 2
+
+    def Iallreduce(self, _, buffer, op):
+        self.started.append((buffer.__array_interface__["data"][0], buffer.size, self.completed_leaves))
+        return self.Request(buffer)
+
+    def bcast(self, value, root=0):
+        return value
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_gradient_buckets_cover_the_buffer_once_and_start_during_the_backward(accum):
+    """GradientBuckets with a fake 2-rank communicator on a real GPT backward: the buckets' runs tile
+    the flat gradient buffer exactly once, the first goes out while the backward still has leaves
+    to complete, and the result is the blocking all-reduce's (twice the 1-rank gradient)."""
+    tape = importlib.import_module("scratchlm.tensor")     # the module (scratchlm.tensor is also a function)
+    from scratchlm.models.gpt import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16), seed=0)
+    storage = model.flatten_()
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 11, (2, 8)), rng.integers(0, 11, (2, 8))) for _ in range(accum)]
+    comm = TwinRanks()
+    counting = distributed.GradientBuckets(storage, comm, bucket_bytes=2048, MPI=comm)
+
+    def step(buckets):
+        for k, (x, y) in enumerate(batches):
+            if buckets is not None and k == accum - 1:
+                buckets.arm()
+                hook = tape.backward_hook
+                tape.set_backward_hook(lambda leaf: (setattr(comm, "completed_leaves", comm.completed_leaves
+                                                             + (leaf is not None)), hook(leaf)))
+            model(x, y)[1].backward()
+        if buckets is not None:
+            buckets.finish()
+        grad = storage.grad["float32"].copy()
+        for p in model.parameters():
+            p.grad = None
+        comm.completed_leaves = 0
+        return grad
+
+    plain = step(None)
+    assert np.array_equal(step(counting), 2 * plain)                # the first step: blocking, records the order
+    assert comm.started == [] and counting.plan is not None and len(counting.plan) > 2
+    assert np.array_equal(step(counting), 2 * plain)                # bucketed
+    base = storage.grad["float32"].__array_interface__["data"][0]
+    covered = np.zeros(storage.grad["float32"].size, dtype=int)
+    for address, size, _ in comm.started:
+        start = (address - base) // 4
+        covered[start:start + size] += 1
+    assert (covered == 1).all()
+    leaves = len(model.parameters())
+    assert comm.started[0][2] < leaves                               # out before the backward ended
+    assert tape.backward_hook is None
 
 
 def test_without_mpi_the_group_is_one_rank():
