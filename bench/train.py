@@ -3,6 +3,7 @@
     python bench/train.py                                  # nano-cpu recipe, CPU, 2 threads
     python bench/train.py --kernels off                    # scratchlm with the NumPy reference kernels
     CUPY_TF32=1 python bench/train.py --device gpu --backend cupy     # gpt2-124m, B=8, T=1024, GPU
+    python bench/train.py --device gpu --set dtype=bfloat16           # bf16 mixed precision (GPU only)
 
 What is timed: one optimizer iteration -- forward, loss, backward, gradient clipping, AdamW step,
 zero_grad -- on the same shapes, batch, initialisation scale, optimizer and parameter groups on both
@@ -16,6 +17,9 @@ the interpreter and libraries included, so compare the two, not the absolute fig
 the framework's own count (CuPy memory pool bytes, ``torch.cuda.max_memory_allocated``).
 PyTorch runs eager (no compile), float32; on the GPU TF32 is allowed on both sides (CuPy through
 ``CUPY_TF32=1`` in the environment). Results: a table on stdout, JSON in bench/results/train.json.
+One extra step after the timed ones is counted (``scratchlm.launches``): tape ops, array-namespace
+calls and our raw CUDA kernel launches per training step -- the dispatches that make a small GPU
+step host-bound.
 """
 from __future__ import annotations
 
@@ -77,9 +81,14 @@ def run_scratchlm(args, config, vocab_size) -> dict:
             times.append(time.perf_counter() - t0)
         flops_per_token = trainer.model.flops_per_token()
         n_params = trainer.model.num_parameters(non_embedding=False)
+        # one more step, counted (scratchlm.launches): tape ops, xp calls, our raw kernel launches
+        from scratchlm.launches import count_launches
+        with count_launches() as count:
+            trainer.train_step(args.warmup + args.iters)
+            backend.synchronize()
     memory = _peak_memory(args, "cupy")
     return {"times": times[args.warmup:], "loss": float(backend.to_numpy(loss)), "flops_per_token": flops_per_token, "params": n_params,
-            "peak_flops": peak_flops(), **memory}
+            "peak_flops": peak_flops(), "dispatches_per_step": dict(count.per_kind), **memory}
 
 
 # ================================================================ PyTorch side: the same GPT, written plainly
@@ -361,6 +370,11 @@ def report(args, results) -> None:
         print(f"scratchlm speed / PyTorch speed = {ratio:.2f}x  (>= 1.0 means scratchlm is as fast or faster)")
         results["ratio_scratchlm_over_torch"] = ratio
     print(f"peak memory: {(ours or theirs or {}).get('memory_kind', '')}")
+    if ours and ours.get("dispatches_per_step"):
+        per_kind = ours["dispatches_per_step"]
+        print(f"scratchlm dispatches per training step: {sum(per_kind.values()):,} "
+              f"({', '.join(f'{kind} {n:,}' for kind, n in sorted(per_kind.items()))}); array operators and "
+              f"methods are not counted, so on a GPU this is a lower bound on kernel launches (scratchlm.launches)")
     for r in (ours, theirs):
         if r:
             r.pop("times", None)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from scratchlm.launches import Counted
+
 try:
     import cupy as cp
 except ImportError:   # CPU-only installs: the functions below raise CudaUnavailable when called
@@ -80,7 +82,8 @@ def _module(source: str, name_expressions: tuple[str, ...]):
 
 
 def _kernel(source: str, name: str):
-    return _module(source, (name,)).get_function(name)
+    # counted as a "raw kernels" launch while scratchlm.launches.count_launches is active
+    return Counted(_module(source, (name,)).get_function(name), "raw kernels")
 
 
 def _ctype(dtype) -> str:
@@ -380,7 +383,7 @@ def embedding_backward(dout, idx, vocab_size: int):
 def _adamw_kernel():
     # PyTorch's AdamW, one pass: p <- p (1 - lr wd); m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2;
     # p <- p - (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps). Host scalars arrive as float64.
-    return cp.ElementwiseKernel(
+    return Counted(cp.ElementwiseKernel(
         "T grad, float64 decay, float64 beta1, float64 one_minus_beta1, float64 beta2, "
         "float64 one_minus_beta2, float64 step_size, float64 bc2_sqrt, float64 eps",
         "T param, T exp_avg, T exp_avg_sq",
@@ -390,7 +393,7 @@ def _adamw_kernel():
         "exp_avg = m; exp_avg_sq = v;"
         "T denom = sqrt(v) / (T)bc2_sqrt + (T)eps;"
         "param = param * (T)decay - (T)step_size * (m / denom);",
-        "scratchlm_adamw_step")
+        "scratchlm_adamw_step"), "raw kernels")
 
 
 def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step) -> None:
