@@ -56,6 +56,7 @@ class TrainConfig:
     log_interval: int = 10
     seed: int = 1337
     backend: str = "numpy"                # "numpy" | "cupy"
+    dtype: str = "float32"                # "bfloat16": mixed precision, GPU only (not wired in yet)
 
     MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "positional")
 
@@ -114,6 +115,14 @@ class TrainConfig:
                             f"after the backward), got {self.ddp_bucket_mb}")
         if self.backend not in ("numpy", "cupy"):
             raise UserError(f"config key backend must be 'numpy' or 'cupy', got {self.backend!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise UserError(f"config key dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.dtype == "bfloat16" and self.backend != "cupy":
+            raise UserError("bfloat16 is GPU-only; CPU trains in float32 (drop --set dtype=bfloat16, or train "
+                            "on a GPU with --backend cupy)")
+        if self.dtype == "bfloat16":
+            raise UserError("dtype=bfloat16 (mixed precision on the GPU) is not wired into the trainer yet; "
+                            "train in float32 (drop --set dtype=bfloat16)")
         return self
 
     def model_config(self, vocab_size: int):
