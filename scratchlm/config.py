@@ -56,7 +56,7 @@ class TrainConfig:
     log_interval: int = 10
     seed: int = 1337
     backend: str = "numpy"                # "numpy" | "cupy"
-    dtype: str = "float32"                # "bfloat16": mixed precision, GPU only (not wired in yet)
+    dtype: str = "float32"                # "bfloat16": bf16 matmul inputs, fp32 the rest (scratchlm.precision; GPU only)
 
     MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "positional")
 
@@ -120,9 +120,6 @@ class TrainConfig:
         if self.dtype == "bfloat16" and self.backend != "cupy":
             raise UserError("bfloat16 is GPU-only; CPU trains in float32 (drop --set dtype=bfloat16, or train "
                             "on a GPU with --backend cupy)")
-        if self.dtype == "bfloat16":
-            raise UserError("dtype=bfloat16 (mixed precision on the GPU) is not wired into the trainer yet; "
-                            "train in float32 (drop --set dtype=bfloat16)")
         return self
 
     def model_config(self, vocab_size: int):

@@ -49,7 +49,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from scratchlm import backend, distributed
+from scratchlm import backend, distributed, precision
 from scratchlm.config import TrainConfig
 from scratchlm.errors import UserError
 from scratchlm.runlog import RunLog
@@ -122,6 +122,7 @@ class Trainer:
         self.progress = progress
         c = config
         backend.keep_freed_host_memory()        # NumPy temporaries reuse warm pages (see backend)
+        precision.use(c.dtype)                  # bfloat16: bf16 matmul inputs (scratchlm.precision)
         # the model: its family builds it from a config object (or from overrides in a dict)
         self.family = get_family(model)
         if model_config is None or isinstance(model_config, dict):

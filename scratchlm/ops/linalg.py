@@ -1,7 +1,7 @@
 """Matrix multiplication, batched, with NumPy's broadcasting of the batch dimensions."""
 from __future__ import annotations
 
-from .. import backend
+from .. import backend, precision
 from ..tensor import Function
 
 
@@ -29,8 +29,8 @@ class MatMul(Function):
             # matrix product (B*T, C) @ (C, N), not B smaller ones; the same in the backward,
             # where dL/dW = A^T G becomes one product instead of B products and a sum.
             rows = a.reshape(-1, a.shape[-1])
-            return (rows @ b).reshape(a.shape[:-1] + b.shape[-1:]), (a, b)
-        return a @ b, (a, b)
+            return precision.matmul(rows, b).reshape(a.shape[:-1] + b.shape[-1:]), (a, b)
+        return precision.matmul(a, b), (a, b)
 
     @staticmethod
     def backward(g, saved):
@@ -38,15 +38,15 @@ class MatMul(Function):
         xp = backend.xp
         if a.ndim > 2 and b.ndim == 2:
             rows, g_rows = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-            return (g_rows @ b.T).reshape(a.shape), rows.T @ g_rows
+            return precision.matmul(g_rows, b.T).reshape(a.shape), precision.matmul(rows.T, g_rows)
         a2 = a[None, :] if a.ndim == 1 else a       # (1, K)
         b2 = b[:, None] if b.ndim == 1 else b       # (K, 1)
         if b.ndim == 1:
             g = g[..., None]
         if a.ndim == 1:
             g = xp.expand_dims(g, -2)
-        grad_a = g @ xp.swapaxes(b2, -1, -2)
-        grad_b = xp.swapaxes(a2, -1, -2) @ g
+        grad_a = precision.matmul(g, xp.swapaxes(b2, -1, -2))
+        grad_b = precision.matmul(xp.swapaxes(a2, -1, -2), g)
         if a.ndim == 1:
             grad_a = grad_a[..., 0, :]              # leading batch axes are summed by the tape
         if b.ndim == 1:
@@ -70,14 +70,16 @@ class Linear(Function):
             raise ValueError(f"linear: input {tuple(x.shape)} does not fit weight {tuple(weight.shape)} "
                              f"(the input's last axis must equal the weight's first)")
         rows = x.reshape(-1, x.shape[-1])                  # (N, n_in)
-        y = rows @ weight                                  # (N, n_out), a new array
+        y = precision.matmul(rows, weight)                 # (N, n_out), a new array
         if bias is not None:
             y += bias
-        return y.reshape(x.shape[:-1] + weight.shape[1:]), (rows, weight, x.shape, bias is not None)
+        # under bf16 mixed precision the backward keeps the bf16 copy of the input (scratchlm.precision)
+        return y.reshape(x.shape[:-1] + weight.shape[1:]), (precision.lowered(rows), weight, x.shape, bias is not None)
 
     @staticmethod
     def backward(g, saved):
         rows, weight, x_shape, has_bias = saved
         g_rows = g.reshape(-1, g.shape[-1])                # (N, n_out)
         grad_bias = g_rows.sum(axis=0) if has_bias else None
-        return (g_rows @ weight.T).reshape(x_shape), rows.T @ g_rows, grad_bias
+        return (precision.matmul(g_rows, weight.T).reshape(x_shape), precision.matmul(rows.T, g_rows),
+                grad_bias)
