@@ -201,6 +201,88 @@ class MPIGroup(Single):
             os._exit(code)                       # Abort may return before the launcher ends us
 
 
+class NCCLGroup(MPIGroup):
+    """One rank per GPU: MPI starts the ranks and carries NCCL's unique id from rank 0 to the others
+    (as llm.c does); NCCL sums the gradients on the devices, with no host copy. The interface is
+    MPIGroup's (micro-steps, ``reduce_gradients``, ``sum``, ``any``, ``bcast``, ``barrier``, faults);
+    the gradient all-reduce is one ``ncclAllReduce`` per dtype on the current stream, so it is
+    ordered after the backward's kernels without the host waiting.
+
+    NOT WIRED INTO THE TRAINER AND NEVER RUN ON A DEVICE: ``current()`` still gives ``MPIGroup``,
+    and ``check_config`` refuses --nproc with the cupy backend. ``nccl`` is ``cupy.cuda.nccl``, or a
+    stand-in with the same calls (tests/test_distributed.py passes one that reduces host arrays).
+    """
+
+    def __init__(self, comm, nccl=None, device_id: int | None = None):
+        super().__init__(comm)
+        if nccl is None:
+            from cupy.cuda import nccl
+        self.nccl = nccl
+        if device_id is None:           # the rank's index among the ranks on its machine
+            device_id = comm.Split_type(self.MPI.COMM_TYPE_SHARED).Get_rank()
+        self.device_id = device_id
+        self._use_device(device_id)
+        unique_id = nccl.get_unique_id() if self.rank == 0 else None
+        self.unique_id = comm.bcast(unique_id, root=0)
+        self.device_comm = nccl.NcclCommunicator(self.world, self.unique_id, self.rank)
+
+    def _use_device(self, device_id: int) -> None:
+        try:
+            import cupy
+        except ImportError:
+            return                      # a stand-in nccl on the CPU (tests)
+        cupy.cuda.Device(device_id).use()
+
+    def _all_reduce(self, array) -> None:
+        """In place, SUM over the ranks, on the current stream."""
+        self.device_comm.allReduce(_pointer(array), _pointer(array), array.size, _nccl_dtype(self.nccl, array.dtype),
+                                   self.nccl.NCCL_SUM, _current_stream())
+
+    def reduce_gradients(self, storage) -> None:
+        storage.fill_missing_grads()
+        for buffer in storage.grad.values():
+            self._all_reduce(buffer)
+
+    def sum(self, values):
+        """The sum over the ranks, on the device (float64), e.g. of the step's loss: no host wait."""
+        from scratchlm import backend
+        xp = backend.xp
+        values = xp.stack([xp.asarray(v, dtype=xp.float64) for v in values])
+        self._all_reduce(values)
+        return values
+
+    def any(self, flag: bool) -> bool:
+        return bool(MPIGroup.sum(self, [1.0 if flag else 0.0])[0])     # a host flag: over MPI
+
+    def shard_optimizer(self, optimizer, storage, zero_stage: int, bucket_mb: float = 0.0):
+        if zero_stage == 1:
+            raise UserError("zero_stage=1 runs over MPI on the CPU; across GPUs set zero_stage=0")
+        return optimizer
+
+
+def _pointer(array) -> int:
+    """The address of an array's first element: CuPy's device pointer, or a NumPy array's."""
+    memory = getattr(array, "data", None)
+    return memory.ptr if hasattr(memory, "ptr") else array.ctypes.data
+
+
+def _nccl_dtype(nccl, dtype):
+    names = {"float32": "NCCL_FLOAT32", "float64": "NCCL_FLOAT64", "float16": "NCCL_FLOAT16",
+             "bfloat16": "NCCL_BFLOAT16"}
+    name = names.get(np.dtype(dtype).name)
+    if name is None or not hasattr(nccl, name):
+        raise NotImplementedError(f"NCCL all-reduce of {np.dtype(dtype).name} arrays is not wired in")
+    return getattr(nccl, name)
+
+
+def _current_stream() -> int:
+    try:
+        import cupy
+    except ImportError:
+        return 0                        # a stand-in nccl on the CPU: the default stream's handle
+    return cupy.cuda.get_current_stream().ptr
+
+
 class GradientBuckets:
     """The gradient all-reduce in buckets, started while the backward is still running (as
     PyTorch DDP does), waited for before the optimizer step.

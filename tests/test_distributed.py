@@ -344,6 +344,69 @@ def test_gradient_buckets_cover_the_buffer_once_and_start_during_the_backward(ac
     assert tape.backward_hook is None
 
 
+# Run under mpiexec -n 2: NCCLGroup with a stand-in for cupy.cuda.nccl whose allReduce sums the
+# host memory at the pointer it is given (over MPI), so the pointers, counts, dtypes and the id
+# exchange are what is tested; oracle: MPI's own Allreduce of the same gradients.
+FAKE_NCCL = """
+import ctypes, json
+import numpy as np
+from mpi4py import MPI
+from scratchlm import distributed
+from scratchlm.models.gpt import GPT, GPTConfig
+
+class FakeNccl:
+    NCCL_FLOAT32, NCCL_FLOAT64, NCCL_SUM = "float", "double", "sum"
+    calls = []
+
+    @staticmethod
+    def get_unique_id():
+        return tuple(int(b) for b in np.random.default_rng().integers(0, 256, 128))
+
+    class NcclCommunicator:
+        def __init__(self, ndev, unique_id, rank):
+            self.made_with = (ndev, unique_id, rank)
+
+        def allReduce(self, send, recv, count, dtype, op, stream):
+            assert send == recv and op == "sum" and stream == 0
+            ctype = {"float": ctypes.c_float, "double": ctypes.c_double}[dtype]
+            view = np.ctypeslib.as_array((ctype * count).from_address(recv))
+            MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, view, op=MPI.SUM)
+            FakeNccl.calls.append((count, dtype))
+
+comm = MPI.COMM_WORLD
+group = distributed.NCCLGroup(comm, nccl=FakeNccl)
+model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8), seed=0)
+storage = model.flatten_()
+rng = np.random.default_rng(group.rank)                   # each rank its own batch
+x, y = rng.integers(0, 11, (2, 8)), rng.integers(0, 11, (2, 8))
+model(x, y)[1].backward()
+expected = storage.grad["float32"].copy()
+comm.Allreduce(MPI.IN_PLACE, expected, op=MPI.SUM)
+group.reduce_gradients(storage)
+ids = comm.allgather(group.unique_id)
+total = group.sum([group.rank + 1.0])
+flags = [group.any(False), group.any(group.rank == 1)]
+if group.rank == 0:
+    print("RESULT " + json.dumps({
+        "same_bits": storage.grad["float32"].tobytes() == expected.tobytes(),
+        "ids_equal": ids[0] == ids[1], "made_with": [group.device_comm.made_with[0], group.device_comm.made_with[2]],
+        "calls": FakeNccl.calls, "size": int(expected.size), "total": float(total[0]),
+        "any": flags}))
+"""
+
+
+def test_nccl_group_exchanges_the_id_over_mpi_and_sums_on_the_buffers_it_is_given(tmp_path):
+    script = tmp_path / "fake_nccl.py"
+    script.write_text(FAKE_NCCL)
+    done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script)], capture_output=True, text=True,
+                          env=env(), timeout=TIMEOUT, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["same_bits"] and result["ids_equal"] and result["made_with"] == [2, 0]
+    assert result["calls"] == [[result["size"], "float"], [1, "double"]]   # the gradient, then the loss sum
+    assert result["total"] == 3.0 and result["any"] == [False, True]
+
+
 def test_without_mpi_the_group_is_one_rank():
     group = distributed.Single()
     assert (group.rank, group.world, list(group.micro_steps(3))) == (0, 1, [0, 1, 2])
