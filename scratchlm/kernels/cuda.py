@@ -41,7 +41,7 @@ __all__ = [
     "layer_norm_forward", "layer_norm_backward",
     "gelu_forward", "gelu_backward",
     "cross_entropy_forward", "cross_entropy_backward",
-    "embedding_backward", "adamw_step",
+    "embedding_backward", "adamw_step", "bias_gelu_forward", "bias_gelu_backward",
 ]
 
 SOURCE_DIR = Path(__file__).resolve().parent
@@ -375,6 +375,47 @@ def embedding_backward(dout, idx, vocab_size: int):
         _kernel("rowops.cu", f"embedding_backward<{t}>")(
             (N, (C + threads - 1) // threads), (threads,), (dout, idx, dweight, np.int32(C)))
     return dweight
+
+
+# ============================================================================ bias + GELU (fused)
+# UNTESTED ON A DEVICE: written without a GPU; tests/test_cuda_kernels.py-style checks against the
+# NumPy path (ops/fused.py) are what a GPU session should run first.
+
+_GELU_OF_H = {
+    # h = x + b; y = gelu(h); dgelu = dy/dh
+    "none": ("T y_ = (T)0.5 * h * ((T)1 + erf(h * (T)0.70710678118654752));",
+             "T cdf = (T)0.5 * ((T)1 + erf(h * (T)0.70710678118654752));"
+             "T dgelu = cdf + h * exp((T)-0.5 * h * h) * (T)0.39894228040143268;"),
+    "tanh": ("T t = tanh((T)0.79788456080286536 * (h + (T)0.044715 * h * h * h));"
+             "T y_ = (T)0.5 * h * ((T)1 + t);",
+             "T t = tanh((T)0.79788456080286536 * (h + (T)0.044715 * h * h * h));"
+             "T dgelu = (T)0.5 * ((T)1 + t) + (T)0.5 * h * ((T)1 - t * t) * (T)0.79788456080286536"
+             " * ((T)1 + (T)3 * (T)0.044715 * h * h);"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _bias_gelu_kernels(approximate: str):
+    forward_body, backward_body = _GELU_OF_H[approximate]
+    forward = cp.ElementwiseKernel("T x, T b", "T y", "T h = x + b;" + forward_body + "y = y_;",
+                                   f"scratchlm_bias_gelu_forward_{approximate}")
+    backward = cp.ElementwiseKernel("T g, T x, T b", "T dh", "T h = x + b;" + backward_body + "dh = g * dgelu;",
+                                    f"scratchlm_bias_gelu_backward_{approximate}")
+    return Counted(forward, "raw kernels"), Counted(backward, "raw kernels")
+
+
+def bias_gelu_forward(x, bias, approximate: str = "none"):
+    """y = gelu(x + bias) in one elementwise pass (bias (C,) broadcast over x (..., C))."""
+    _require_cupy()
+    _check_approximate(approximate)
+    return _bias_gelu_kernels(approximate)[0](x, bias)
+
+
+def bias_gelu_backward(g, x, bias, approximate: str = "none"):
+    """dL/dh = g * gelu'(x + bias), h recomputed; the caller sums it over rows for dL/dbias."""
+    _require_cupy()
+    _check_approximate(approximate)
+    return _bias_gelu_kernels(approximate)[1](g, x, bias)
 
 
 # ============================================================================ AdamW

@@ -28,6 +28,12 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     return elementwise.Gelu.apply(x, approximate=approximate)
 
 
+def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
+    """gelu(x + bias) as one op (scratchlm.ops.fused.BiasGelu)."""
+    from scratchlm.ops.fused import BiasGelu
+    return BiasGelu.apply(x, bias, approximate=approximate)
+
+
 def relu(x: Tensor) -> Tensor:
     return elementwise.Relu.apply(x)
 
