@@ -635,22 +635,40 @@ def _launcher_child() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
-def _force_stop(proc) -> None:
-    """The grace after Ctrl-C ran out: a second SIGINT (mpiexec: "abort now", every rank is killed),
-    then, if mpiexec still runs, SIGKILL to its whole process group."""
+def _force_stop(proc, grace: float, folder: str) -> None:
+    """The grace after Ctrl-C ran out: a second SIGINT (mpiexec: "abort now"), then, if mpiexec
+    still runs, SIGKILL to it and every rank."""
     import signal
     import time
     if proc.poll() is not None:
         return
-    print(f"scratchlm: error: the ranks did not stop within {stop_grace_seconds():g} s of Ctrl-C "
+    print(f"scratchlm: error: the ranks did not stop within {grace:g} s of Ctrl-C "
           f"(${STOP_GRACE_VARIABLE}); killing them; the last checkpoint is what --resume continues",
           file=sys.stderr, flush=True)
     with contextlib.suppress(ProcessLookupError):
         proc.send_signal(signal.SIGINT)
     time.sleep(10)
     if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_job(proc, folder)
+
+
+def _kill_job(proc, folder: str) -> None:
+    """SIGKILL to mpiexec's process group (mpiexec, its proxy) and to every rank still running: Hydra
+    puts each rank in a process group of its own, so the ranks are found by the pids they noted
+    in ``folder``, each checked to be ours (its environment names ``folder``) before it is killed."""
+    import signal
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for name in os.listdir(folder):
+        if not name.startswith("pid."):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            with open(os.path.join(folder, name)) as f:
+                pid = int(f.read().strip())
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                ours = f"{RANK_FOLDER_VARIABLE}={folder}".encode() in f.read()
+            if ours:
+                os.kill(pid, signal.SIGKILL)
 
 
 def relaunch(nproc: int, argv: list[str]) -> int:
@@ -670,9 +688,10 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     sys.stdout.flush()
     with tempfile.TemporaryDirectory(prefix="scratchlm-ranks-") as folder:
         env[RANK_FOLDER_VARIABLE] = folder
+        grace = stop_grace_seconds()            # (a bad value refused before anything starts)
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, bufsize=1,
                                 preexec_fn=_launcher_child)
-        force = threading.Timer(stop_grace_seconds(), _force_stop, args=(proc,))
+        force = threading.Timer(grace, _force_stop, args=(proc, grace, folder))
         force.daemon = True
 
         def forward(signum, frame):
@@ -696,9 +715,11 @@ def relaunch(nproc: int, argv: list[str]) -> int:
         finally:
             signal.signal(signal.SIGINT, previous)
             force.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
             # nothing of the job outlives the launcher (a rank left behind would hold our pipes)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            _kill_job(proc, folder)
         notes = os.listdir(folder)
         if dead_pid is not None and not any(name.startswith("failed.") for name in notes):
             rank_of = {}

@@ -228,6 +228,46 @@ def test_ctrl_c_on_the_launcher_saves_and_resume_equals_uninterrupted(tmp_path, 
     assert_same_run(runs(1, 2), out)
 
 
+# Rank 1 stops answering at iteration 3 (SIGINT ignored, asleep): Ctrl-C cannot stop the job
+# cleanly, so the launcher must force it down after its grace.
+STUCK_RANK = """
+import signal, time
+from scratchlm import train
+step = train.Trainer.train_step
+def stuck(self, it):
+    if self.dist.rank == 1 and it == 3:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        time.sleep(600)
+    return step(self, it)
+train.Trainer.train_step = stuck
+"""
+
+
+def test_ctrl_c_with_a_stuck_rank_is_forced_down_after_the_grace(tmp_path):
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(STUCK_RANK)
+    out = tmp_path / "run"
+    environment = dict(env(), SCRATCHLM_STOP_GRACE_S="3")
+    environment["PYTHONPATH"] = f"{tmp_path / 'inject'}{os.pathsep}{REPO}"
+    proc = subprocess.Popen([sys.executable, "-m", "scratchlm", *train_args(out, 2, extra=["--nproc", "2"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, cwd=REPO)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and sum(1 for line in metrics.read_text().splitlines() if '"train"' in line) >= 3:
+            break
+        time.sleep(0.05)
+    time.sleep(1)                                   # rank 1 is asleep by now, rank 0 waits for it
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode != 0 and time.monotonic() - sent < 60
+    assert "scratchlm: error: the ranks did not stop within 3 s of Ctrl-C" in stderr
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert left == []                               # no rank outlives the launcher
+    assert json.loads((out / "trainer.json").read_text())["iteration"] == 0     # the last whole checkpoint
+
+
 # Rank 0 alone gets SIGINT, in the middle of its eval at iteration 10 (the other rank is already
 # waiting in the next step's all-reduce): the race that once stopped rank 0 alone and hung rank 1.
 INTERRUPT_DURING_EVAL = """
