@@ -10,9 +10,9 @@ rank applies the same update to the same averaged gradient). What makes a run wi
     the global batch of step it   = micro-batches  it*A + 0, ..., it*A + A-1   (A = gradient_accumulation_steps)
     rank r computes               the A/N consecutive ones  it*A + r*A/N + k,  k < A/N
     each micro-step's loss        is divided by A (the global count), backward adds into the flat
-                                  gradient buffer; after the rank's last micro-step ONE Allreduce(SUM)
-                                  of that buffer (per dtype, in place) gives every rank
-                                  (1/A) sum over all A micro-batches of dL/dw -- the 1-rank gradient
+                                  gradient buffer; during the rank's last micro-step's backward the
+                                  buffer is all-reduced (SUM, in place, in buckets), which gives every
+                                  rank (1/A) sum over all A micro-batches of dL/dw -- the 1-rank gradient
     dropout                       re-seeded per micro-batch from (seed, it*A + micro)
 
 ``batch_size`` is per micro-step per rank, ``gradient_accumulation_steps`` the total (divided by
@@ -20,11 +20,14 @@ the rank count; a count that does not divide is refused), as in nanoGPT. The sum
 1-rank run only in the order float32 additions are made (rank sums first), so losses and weights
 agree to float32 rounding (tests/test_distributed.py checks 1e-5 relative).
 
-The all-reduce is one blocking ``Allreduce`` of the whole flat buffer after the backward, not
-buckets overlapped with it: MPICH makes progress on a nonblocking collective only inside MPI
-calls, and our backward runs in Python/NumPy between them, so an ``Iallreduce`` started early
-would mostly wait anyway; on a CPU the bytes (4 per parameter) take milliseconds next to a
-backward of hundreds. The flat storage (``Module.flatten_``) is what makes it one call.
+The all-reduce goes in buckets (``GradientBuckets``, ``--set ddp_bucket_mb``, default 1 MB): each
+bucket's ``Iallreduce`` starts as soon as the backward has completed its gradients, and the
+backward calls ``Test`` between ops, which is when MPICH moves the bytes (it makes progress on a
+nonblocking collective only inside MPI calls). On a CPU the reduction is itself CPU work, so what
+overlap can hide is mostly the wait for the slower rank, not the copying; bench/distributed.py
+measures the exposed all-reduce time both ways. ``ddp_bucket_mb=0`` gives one blocking
+``Allreduce`` of the whole flat buffer after the backward (the flat storage, ``Module.flatten_``,
+is what makes it one call). Both give the same sum (for 2 ranks, bit for bit).
 
 Rank 0 alone logs, evaluates (on the full split, as a 1-rank run), writes metrics.jsonl and
 checkpoints, holding the run folder's lock (``scratchlm.runguard``); other ranks only read.
