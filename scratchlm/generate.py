@@ -669,18 +669,38 @@ class _TextPieces:
 
     Tokenizers with ``decode_bytes`` (byte-level BPE): bytes go through an incremental UTF-8
     decoder (invalid bytes become U+FFFD), which holds back an incomplete character until its
-    last byte arrives. Other tokenizers (characters) decode token by token.
+    last byte arrives. Other tokenizers decode each token after the one before it (``context``:
+    the prompt's ids) and emit what it added, so a word tokenizer's separating space, or a
+    closing punctuation mark glued to the word before it, comes out as joined text would read.
+    A document boundary its tokenizer decodes to nothing (a word tokenizer's <pad>) comes out as
+    a newline, so a stop string "\\n" ends a document there, as it does for characters.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, context=()):
+        from .tokenizers.base import boundary_id
         self.tokenizer = tokenizer
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace") \
             if hasattr(tokenizer, "decode_bytes") else None
+        self.previous = [int(context[-1])] if len(context) else []     # one token of context is enough
+        self.silent_boundary = None
+        if self.utf8 is None:
+            try:
+                b = boundary_id(tokenizer)
+            except UserError:
+                b = None
+            if b is not None and tokenizer.decode([b]) == "":
+                self.silent_boundary = b
 
     def push(self, token_id: int) -> str:
-        if self.utf8 is None:
-            return self.tokenizer.decode([token_id])
-        return self.utf8.decode(self.tokenizer.decode_bytes([token_id]))
+        if self.utf8 is not None:
+            return self.utf8.decode(self.tokenizer.decode_bytes([token_id]))
+        if token_id == self.silent_boundary:
+            self.previous = [token_id]
+            return "\n"
+        before = self.tokenizer.decode(self.previous)
+        after = self.tokenizer.decode(self.previous + [token_id])
+        self.previous = [token_id]
+        return after[len(before):] if after.startswith(before) else self.tokenizer.decode([token_id])
 
     def flush(self) -> str:
         return "" if self.utf8 is None else self.utf8.decode(b"", final=True)
@@ -699,16 +719,29 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 
 def encode_prompt(tokenizer, prompt, block_size: int | None = None) -> list[int]:
-    """Token ids of ``prompt`` (a string, or already a list of ids). An empty prompt starts from a
-    newline (or token 0 if the vocabulary has none), as ``scratchlm sample``."""
-    ids = list(prompt) if not isinstance(prompt, str) else (tokenizer.encode(prompt) if prompt else [])
-    if not ids:
-        try:
-            ids = tokenizer.encode("\n")
-        except UserError:
-            ids = []
-        ids = ids or [0]
-    return [int(i) for i in ids]
+    """Token ids of ``prompt`` (a string, or already a list of ids). Each newline of a string is the
+    document boundary (``tokenizers.base.boundary_id``): the newline's own token for characters and
+    BPE, the <pad> that frames sentences for a word tokenizer (which drops whitespace), so "\\n" +
+    text starts a document with text. An empty prompt starts from the boundary (token 0 if the
+    tokenizer has none), as ``scratchlm sample``."""
+    from .tokenizers.base import boundary_id
+    try:
+        boundary = boundary_id(tokenizer)
+    except UserError:
+        boundary = 0
+    try:
+        drops_newlines = not tokenizer.encode("\n")
+    except UserError:                  # no newline in the vocabulary: encode says what it cannot read
+        drops_newlines = False
+    if not isinstance(prompt, str):
+        ids = list(prompt)
+    elif not drops_newlines:
+        ids = tokenizer.encode(prompt) if prompt else []
+    else:                              # each newline becomes the boundary token
+        ids = []
+        for k, line in enumerate(prompt.split("\n")):
+            ids += ([boundary] if k else []) + (tokenizer.encode(line) if line else [])
+    return [int(i) for i in (ids or [boundary])]
 
 
 def stream_text(model, tokenizer, prompt, max_new_tokens: int = 200, temperature: float = 0.8, top_k=None,
@@ -728,7 +761,7 @@ def stream_text(model, tokenizer, prompt, max_new_tokens: int = 200, temperature
     ids = np.asarray([encode_prompt(tokenizer, prompt)], dtype=np.int64)           # (1, T)
     steps = iter_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
                         use_cache, window_keep)
-    return _text_pieces(steps, _TextPieces(tokenizer), stops)
+    return _text_pieces(steps, _TextPieces(tokenizer, ids[0]), stops)
 
 
 def _text_pieces(steps, decoder, stops) -> Iterator[str]:

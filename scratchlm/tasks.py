@@ -28,6 +28,7 @@ import numpy as np
 
 from scratchlm import backend
 from scratchlm.errors import UserError
+from scratchlm.tokenizers.base import boundary_id
 
 IGNORE_INDEX = -100                    # F.cross_entropy's default: padding targets
 
@@ -96,6 +97,17 @@ class DocumentSampler:
         return {"seed": self.seed, "batch_size": self.batch_size, "block_size": self.block_size}
 
 
+def trim_padding(batch):
+    """(x, y) (B, T) -> (x, y) (B, T') without the trailing columns where no target is real (all
+    -100). Documents are padded to the corpus's longest (38 on coco) while a batch's longest is
+    about half that, and a causal model's outputs at a position never depend on later inputs, so
+    the loss is the same number for about half the work."""
+    x, y = batch
+    real = backend.to_numpy((y != IGNORE_INDEX).any(axis=0))                  # (T,)
+    T = int(np.flatnonzero(real)[-1]) + 1 if real.any() else y.shape[1]
+    return x[:, :T], y[:, :T]
+
+
 class DocumentLM:
     """Documents (lists of token ids, boundary not included) by split; see the module docstring."""
 
@@ -138,7 +150,10 @@ class DocumentLM:
     def sampler(self, split: str, batch_size: int, block_size: int, seed: int) -> DocumentSampler:
         return DocumentSampler(*self.padded(split, block_size), batch_size, seed)
 
-    loss = staticmethod(lm_loss)
+    @staticmethod
+    def loss(model, batch):
+        """``lm_loss`` on the batch without its trailing padding (``trim_padding``)."""
+        return lm_loss(model, trim_padding(batch))
 
     def whole_split(self, split: str, batch_size: int, block_size: int):
         """Every document once, in order, B a batch; yields ((x, y), number of real targets)."""
@@ -152,15 +167,8 @@ def documents_task(splits: dict, tokenizer, boundary: str = "\n") -> DocumentLM:
     """A ``DocumentLM`` from text documents by split, encoded with ``tokenizer``; ``boundary`` must be
     one token of it (the newline: for a char tokenizer on names it is id 0, makemore's "."; a word
     tokenizer, which drops whitespace, uses its ``<pad>``, also id 0)."""
-    ids = tokenizer.encode(boundary)
-    if not ids and hasattr(tokenizer, "pad_id"):
-        # a word tokenizer has no whitespace tokens: its <pad> (id 0) frames the sentences instead
-        # (x = <pad> + words, y = words + <pad>); decoding skips it, so text comes out clean
-        ids = [tokenizer.pad_id]
-    if len(ids) != 1:
-        raise UserError(f"the tokenizer encodes the document boundary {boundary!r} as {len(ids)} tokens; "
-                        f"use a tokenizer that has it as one token (char or bpe)")
-    return DocumentLM({split: [tokenizer.encode(doc) for doc in docs] for split, docs in splits.items()}, ids[0])
+    b = boundary_id(tokenizer, boundary)
+    return DocumentLM({split: [tokenizer.encode(doc) for doc in docs] for split, docs in splits.items()}, b)
 
 
 def make_task(corpus, tokenizer, cache_dir=None):

@@ -429,3 +429,51 @@ def test_ctrl_c_stops_a_stream_between_pieces_and_restores_everything():
     assert len(shown) == 3                                # no piece after the interrupt
     assert model.training                                 # the stream was closed: mode restored
     assert signal.getsignal(signal.SIGINT) is before
+
+
+# ---------------------------------------------------------------------- word-level documents (coco)
+
+def word_model():
+    from scratchlm.tokenizers.word import WordTokenizer
+    tok = WordTokenizer.from_text(["a man rides a horse on a beach.", "a cat sleeps on a bed, next to a laptop."],
+                                  min_count=1)
+    return GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=16), seed=3), tok
+
+
+def test_word_prompts_start_documents_at_the_boundary():
+    """A word tokenizer drops whitespace, so a newline cannot be its own token: each newline of a
+    prompt becomes the boundary that frames sentences (<pad>, as scratchlm.tasks), and an empty
+    prompt is the boundary alone -- the first input of every training sentence."""
+    _, tok = word_model()
+    a, man = tok.encode("a man")
+    assert G.encode_prompt(tok, "") == [tok.pad_id]
+    assert G.encode_prompt(tok, "\n") == [tok.pad_id]
+    assert G.encode_prompt(tok, "\na man") == [tok.pad_id, a, man]
+    assert G.encode_prompt(tok, "a\nman") == [a, tok.pad_id, man]
+    assert G.encode_prompt(tok, "a man") == [a, man]
+
+
+def test_word_stream_reads_as_decoded_text_and_stops_at_the_boundary():
+    """The stream joined equals the word tokenizer's decoding of the same ids (spaces between words,
+    closing punctuation glued), after the prompt's words, and ends where the model writes the boundary."""
+    model, tok = word_model()
+    ended = 0
+    for prompt in ("", "\na man"):
+        ids = G.encode_prompt(tok, prompt)
+        for seed in range(6):
+            new = host(model.generate([ids], 40, temperature=1.0, seed=seed))[0, len(ids):].tolist()
+            cut = new.index(tok.pad_id) if tok.pad_id in new else len(new)
+            ended += cut < len(new)
+            text = "".join(G.stream_text(model, tok, ids, max_new_tokens=40, temperature=1.0, seed=seed, stop="\n"))
+            head = tok.decode(ids)
+            assert head + text == tok.decode(ids + new[:cut])
+            assert "\n" not in text
+    assert ended > 0                                    # the boundary was met, so the stop was exercised
+
+
+def test_word_pieces_glue_punctuation_like_decode():
+    _, tok = word_model()
+    ids = tok.encode("a man rides a horse on a beach, a cat sleeps.")
+    pieces = list(G._text_pieces(fake_steps(ids), G._TextPieces(tok), []))
+    assert "".join(pieces) == tok.decode(ids)
+    assert pieces[1] == " man" and "," in pieces and "." in pieces

@@ -85,3 +85,13 @@ def test_bad_input_is_one_line_and_exit_2(runs, args, says):
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("scratchlm: error:") and says in lines[0], lines
+
+
+def test_a_sampled_unk_is_one_word_for_bleu():
+    """The word tokenizer decodes an unknown word as "<unk>": one token the model wrote, so BLEU
+    sees one unmatched word (as Texygen, whose vocabulary has every training word, sees one rare
+    word), not the three pieces "<", "unk", ">" the punctuation rule would make of it."""
+    from scratchlm.commands.textgen import sample_words
+    assert sample_words("a <unk> on a bed.") == ["a", "<unk>", "on", "a", "bed", "."]
+    assert sample_words("<unk><unk>, two") == ["<unk>", "<unk>", ",", "two"]
+    assert sample_words("a man riding a horse.") == ["a", "man", "riding", "a", "horse", "."]

@@ -125,6 +125,25 @@ def test_names_are_framed_by_the_boundary_token_as_makemore_does():
     assert y.tolist() == [[e, m, m, a, 0], [b, o, 0, IGNORE_INDEX, IGNORE_INDEX]]
 
 
+def test_document_loss_drops_trailing_padding_and_keeps_the_loss():
+    """A batch of short documents from a corpus with a long one: the task's loss trims the columns
+    where no target is real, and the number is the full padded batch's (a causal LSTM's outputs at
+    a position never depend on later inputs; cross-entropy ignores -100)."""
+    from scratchlm.models.rnn import RNNLM, RNNLMConfig
+    from scratchlm.tasks import trim_padding
+    tokenizer = CharTokenizer.from_text("\nabcdefghij")
+    task = documents_task({"train": ["ab", "abc", "abcdefghij"]}, tokenizer)
+    x, y = task.padded("train", block_size=16)
+    short = (x[:2], y[:2])                                     # longest real target at column 3 of 11
+    tx, ty = trim_padding(short)
+    assert tx.shape == ty.shape == (2, 4) and tx.tolist() == x[:2, :4].tolist()
+    model = RNNLM(RNNLMConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_embd=8, n_hidden=8, cell="lstm"), seed=0)
+    model.eval()
+    _, full = model(*short)
+    assert task.loss(model, short).item() == pytest.approx(full.item(), rel=1e-6)
+    assert trim_padding((x, y))[0].shape == x.shape           # nothing to trim: unchanged
+
+
 # ---------------------------------------------------------------- eval: every token once
 
 def log_softmax(z):

@@ -74,9 +74,9 @@ def load_run(run_dir, family: str):
 
 
 def boundary_id(tokenizer) -> int:
-    """The token that frames each sentence (scratchlm.tasks.documents_task: <pad> for words)."""
-    ids = tokenizer.encode("\n")
-    return ids[0] if len(ids) == 1 else tokenizer.pad_id
+    """The token that frames each sentence (scratchlm.tokenizers.base.boundary_id: <pad> for words)."""
+    from scratchlm.tokenizers.base import boundary_id as document_boundary
+    return document_boundary(tokenizer)
 
 
 def encode_sentences(tokenizer, sentences, flag: str):
@@ -112,11 +112,22 @@ def test_sentences(header) -> list[str]:
     return splits["test"]
 
 
+def sample_words(text: str) -> list[str]:
+    """A sentence's words for BLEU: ``split_words`` (Texygen's nltk ``word_tokenize`` on this data),
+    except that the word tokenizer's ``<unk>`` stays one word, as the one token the model wrote
+    (split_words would cut it into ``<``, ``unk``, ``>``: three unmatched words instead of one)."""
+    from scratchlm.tokenizers.word import UNK, split_words
+    pieces = text.split(UNK)
+    words = split_words(pieces[0])
+    for piece in pieces[1:]:
+        words += [UNK] + split_words(piece)
+    return words
+
+
 def sample_scores(samples: list[str], references: list[str]) -> dict:
     """Texygen's BLEU-2..5 of the samples against the references and self-BLEU-2..5 of the first 500."""
     from scratchlm import metrics
-    from scratchlm.tokenizers.word import split_words
-    hyps, refs = [split_words(s) for s in samples], [split_words(r) for r in references]
+    hyps, refs = [sample_words(s) for s in samples], [sample_words(r) for r in references]
     hyps = [h for h in hyps if h] or [["<empty>"]]
     out = {f"bleu{n}": metrics.bleu_against(hyps, refs, n) for n in BLEU_ORDERS}
     kept = hyps[:SELF_BLEU_SAMPLES]

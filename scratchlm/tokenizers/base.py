@@ -24,6 +24,19 @@ def register(type_name: str):
     return wrap
 
 
+def boundary_id(tokenizer, boundary: str = "\n") -> int:
+    """The one token that frames documents (one per line: names, coco): the id of ``boundary`` when
+    the tokenizer has it as one token (char and BPE: the newline); a tokenizer that drops whitespace
+    (word) uses its ``<pad>`` (id 0) instead, which its decoding skips. One clear line otherwise."""
+    ids = tokenizer.encode(boundary)
+    if not ids and hasattr(tokenizer, "pad_id"):
+        return int(tokenizer.pad_id)
+    if len(ids) != 1:
+        raise UserError(f"the tokenizer encodes the document boundary {boundary!r} as {len(ids)} tokens; "
+                        f"use a tokenizer that has it as one token (char or bpe)")
+    return int(ids[0])
+
+
 def atomic_write_text(path, text: str) -> None:
     """Write ``text`` to ``path`` so that a crash leaves either the old file or the new one
     (``scratchlm.checkpoint.atomic_write_bytes``: temp file, fsync, rename; the user's umask)."""
