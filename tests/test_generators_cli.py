@@ -95,3 +95,21 @@ def test_a_sampled_unk_is_one_word_for_bleu():
     assert sample_words("a <unk> on a bed.") == ["a", "<unk>", "on", "a", "bed", "."]
     assert sample_words("<unk><unk>, two") == ["<unk>", "<unk>", ",", "two"]
     assert sample_words("a man riding a horse.") == ["a", "man", "riding", "a", "horse", "."]
+
+
+def test_sample_of_a_word_level_coco_lm_with_the_default_empty_prompt(tmp_path):
+    """``scratchlm sample --run DIR`` on a word-level coco LM, prompt left empty: every sentence starts
+    at the boundary and ends at the next one (one per line), its words spaced as the tokenizer decodes
+    them: each printed line reads back to the same line through the run's vocabulary."""
+    from scratchlm.runs import load_model
+    out = run("train", "--model", "lstm", "--corpus", "coco", "--tokenizer", "word", "--out", tmp_path / "lm",
+              "--iters", 2, *TINY, "--set", "tie_weights=false")
+    assert out.returncode == 0, out.stderr
+    printed = run("sample", "--run", tmp_path / "lm", "--num-samples", 4, "--max-new-tokens", 12, "--seed", 2)
+    assert printed.returncode == 0, printed.stderr
+    lines = printed.stdout.split("\n")
+    assert len(lines) == 4 + 1 and lines[-1] == ""
+    _, tokenizer, _ = load_model(tmp_path / "lm")
+    for line in lines[:-1]:
+        assert line and tokenizer.decode(tokenizer.encode(line)) == line
+        assert len(tokenizer.encode(line)) <= 12
