@@ -5,7 +5,10 @@ family, sentences in and out of the word vocabulary, and the sample-quality figu
 Sample quality is Texygen's protocol (``scratchlm.metrics.bleu_against`` / ``self_bleu``): BLEU-n
 of each sample against the whole test set, averaged; self-BLEU-n of the first 500 samples, each
 against the other 499 (Texygen's fast path keeps 500). Sentences are cut into words and
-punctuation by the word tokenizer's rule (``split_words``), as Texygen's nltk ``word_tokenize``.
+punctuation by the word tokenizer's rule (``sample_words``), as Texygen's nltk ``word_tokenize``
+on this data. Texygen's ``Bleu.get_score()`` also takes that fast path by default, which keeps
+only the first 500 reference lines; the issue asks for the whole test set, so that is what
+eval.json reports (bench/generators.py prints BLEU-4 against the first 500 beside it).
 """
 from __future__ import annotations
 
