@@ -207,11 +207,13 @@ def main() -> int:
     print(head)
     for name, r in rows.items():
         nll = f"{r['nll']:.3f}" + ("*" if r["nll_kind"] != "exact" else " ")
-        m = r["minutes"]
+        m = r["minutes"] if isinstance(r["minutes"], dict) else {"wall": r["minutes"]}
         cpu = f"{m['cpu']:>7.1f}" if m.get("cpu") is not None else f"{'-':>7}"
+        b4_500 = f"{r['bleu4_500refs']:>7.3f}" if r.get("bleu4_500refs") is not None else f"{'-':>7}"
         print(f"{name:<16} {nll:>10} " + " ".join(f"{r[f'bleu{n}']:>7.3f}" for n in (2, 3, 4, 5)) + " " +
               " ".join(f"{r[f'self_bleu{n}']:>8.3f}" for n in (2, 3, 4, 5)) +
-              f" {r['bleu4_500refs']:>7.3f} {r['bleu4'] / TEXYGEN['MLE'][0]:>10.2f} {m['wall']:>8.1f} {cpu}")
+              f" {b4_500} {r['bleu4'] / TEXYGEN['MLE'][0]:>10.2f} {m['wall']:>8.1f} {cpu}" +
+              (f"  ({r['source']})" if r.get("source") else ""))
     for name, (b4, sb4) in TEXYGEN.items():
         self_bleu4 = f"{sb4:>8.3f}" if sb4 is not None else f"{'-':>8}"
         print(f"{'Texygen ' + name:<16} {'':>10} {'':>7} {'':>7} {b4:>7.3f} {'':>7} {'':>8} {'':>8} {self_bleu4}")
