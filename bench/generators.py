@@ -129,6 +129,17 @@ def _bleu4_500(samples, references):
                                 [sample_words(r) for r in references[:500]], 4)
 
 
+def real_captions_row() -> dict:
+    """The 500 dev captions scored as if they were samples: what a perfect model's samples would
+    score (BLEU against the test set, self-BLEU of 500), the ceiling of the sample columns."""
+    from scratchlm.commands import textgen
+    from scratchlm.data import load_corpus, split_documents
+    splits = split_documents(load_corpus("coco"))
+    scores = textgen.sample_scores(splits["val"], splits["test"])
+    return {"nll": float("nan"), "nll_kind": "none", **scores, "bleu4_500refs": _bleu4_500(splits["val"], splits["test"]),
+            "minutes": {"wall": 0.0, "cpu": 0.0}, "example": splits["val"][:3]}
+
+
 def from_eval_json(run: Path, kind: str) -> dict:
     report = json.loads((run / "eval.json").read_text())["test"]
     samples = (run / "samples.txt").read_text(encoding="utf-8").splitlines()
@@ -155,7 +166,7 @@ def plot(rows: dict, path: Path) -> str:
                 label="MLE LSTM, temperature sweep")
         for t, r in zip(TEMPERATURES, mle):
             ax.annotate(f"T={t}", (r["self_bleu4"], r["bleu4"]), textcoords="offset points", xytext=(6, -10))
-    for name, marker, color in (("VAE (prior)", "s", "C1"), ("SeqGAN", "^", "C3")):
+    for name, marker, color in (("VAE (prior)", "s", "C1"), ("SeqGAN", "^", "C3"), ("real (dev)", "*", "k")):
         if name in rows:
             ax.plot(rows[name]["self_bleu4"], rows[name]["bleu4"], marker, color=color, markersize=9, label=name)
     for name, (b4, sb4) in TEXYGEN.items():
@@ -197,6 +208,8 @@ def main() -> int:
         rows["VAE (prior)"] = {**from_eval_json(vae, "IW bound"), "minutes": training_minutes(vae)}
     if (gan / "eval.json").exists():
         rows["SeqGAN"] = {**from_eval_json(gan, "exact"), "minutes": training_minutes(gan)}
+    if rows:
+        rows["real (dev)"] = real_captions_row()
     if not rows:
         print(f"no runs in {args.runs}; pass --train to train them (about {args.budget_min:g} minutes each)")
         return 1
@@ -206,7 +219,7 @@ def main() -> int:
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(head)
     for name, r in rows.items():
-        nll = f"{r['nll']:.3f}" + ("*" if r["nll_kind"] != "exact" else " ")
+        nll = "-" if r["nll_kind"] == "none" else f"{r['nll']:.3f}" + ("*" if r["nll_kind"] != "exact" else " ")
         m = r["minutes"] if isinstance(r["minutes"], dict) else {"wall": r["minutes"]}
         cpu = f"{m['cpu']:>7.1f}" if m.get("cpu") is not None else f"{'-':>7}"
         b4_500 = f"{r['bleu4_500refs']:>7.3f}" if r.get("bleu4_500refs") is not None else f"{'-':>7}"
