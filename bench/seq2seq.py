@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -99,28 +100,88 @@ def torch_twin(config, seed: int):
     return Twin(config)
 
 
-class TorchAdapter:
-    """What scratchlm.translate's searches call (encode / decode without a cache) on the twin."""
+def torch_search(twin, config):
+    """The twin's own decoding, in torch: ``search(ids (B, S), beam, alpha, max_len)`` -> B token
+    lists (</s> removed), for ``scratchlm.translate.decode(search=...)``. The encoder runs once; the
+    decoder recomputes the whole prefix every step (no cache: these sentences are short). The rules
+    are scratchlm.translate's: <pad> and <s> never produced; greedy stops when every row has
+    produced </s>; beam search ranks live hypotheses by log P(Y|X), takes the 2K best extensions,
+    finishes those ending in </s> among the first K with s(Y) = log P / ((5+|Y|)/6)^alpha (|Y|
+    counts </s>), keeps the first K others live, stops a sentence at K finished hypotheses or
+    none live, and finishes the live ones as they are at max_len. Vectorised over sentences here
+    (scratchlm's loops over them), so the two implementations check each other."""
+    import torch
 
-    def __init__(self, twin, config):
-        self.twin, self.config = twin, config
+    from scratchlm.models.seq2seq import BOS, EOS, PAD
 
-    def encode(self, src):
-        import torch
+    def next_log_probs(prefix, memory, pad):                                   # (N, V) float64
+        z = twin.decode(prefix, memory, pad)[:, -1, :].double()
+        z[:, [PAD, BOS]] = -math.inf
+        return torch.log_softmax(z, dim=-1)
 
-        from scratchlm.tensor import Tensor
+    def strip(tokens):
+        tokens = [int(t) for t in tokens]
+        return tokens[:tokens.index(EOS)] if EOS in tokens else tokens
+
+    def greedy(src, memory, pad, max_len):
+        B = src.shape[0]
+        prefix = torch.full((B, 1), BOS, dtype=torch.long)
+        done = torch.zeros(B, dtype=torch.bool)
+        for _ in range(max_len):
+            next_tokens = next_log_probs(prefix, memory, pad).argmax(dim=1)
+            next_tokens[done] = PAD
+            prefix = torch.cat([prefix, next_tokens[:, None]], dim=1)
+            done |= next_tokens == EOS
+            if bool(done.all()):
+                break
+        return [strip(row[1:]) for row in prefix]
+
+    def beam_search(src, memory, pad, K, alpha, max_len):
+        B = src.shape[0]
+        memory, pad = memory.repeat_interleave(K, dim=0), pad.repeat_interleave(K, dim=0)    # (BK, S, C)
+        prefix = torch.full((B * K, 1), BOS, dtype=torch.long)                               # (BK, t)
+        scores = torch.full((B, K), -math.inf, dtype=torch.float64)
+        scores[:, 0] = 0.0
+        finished = [[] for _ in range(B)]                              # (s(Y), tokens) per sentence
+        active = torch.ones(B, dtype=torch.bool)
+        base = torch.arange(B)[:, None] * K                                                  # (B, 1)
+        for t in range(1, max_len + 1):
+            log_p = next_log_probs(prefix, memory, pad)                                      # (BK, V)
+            V = log_p.shape[1]
+            candidates = (scores.reshape(B * K, 1) + log_p).reshape(B, K * V)
+            top, index = candidates.topk(2 * K, dim=1)                                       # (B, 2K), sorted
+            beam_of, token = index // V, index % V
+            ends = (token == EOS) & torch.isfinite(top)
+            lp = ((5.0 + t) / 6.0) ** alpha
+            for b, r in (ends[:, :K] & active[:, None]).nonzero().tolist():
+                finished[b].append((float(top[b, r]) / lp, prefix[base[b, 0] + beam_of[b, r], 1:]))
+            live = torch.argsort(ends.int(), dim=1, stable=True)[:, :K]                     # first K not ending
+            rows = (base + beam_of.gather(1, live)).reshape(-1)
+            new_scores = top.gather(1, live)
+            new_tokens = token.gather(1, live)
+            new_scores[ends.gather(1, live) | ~active[:, None]] = -math.inf
+            new_tokens[~torch.isfinite(new_scores)] = PAD
+            prefix = torch.cat([prefix[rows], new_tokens.reshape(-1, 1)], dim=1)
+            scores = new_scores
+            counts = torch.tensor([len(f) for f in finished])
+            active &= (counts < K) & torch.isfinite(scores).any(dim=1)
+            if t == max_len:                                           # cut: finish the live ones
+                for b, k in (torch.isfinite(scores) & active[:, None]).nonzero().tolist():
+                    finished[b].append((float(scores[b, k]) / lp, prefix[b * K + k, 1:]))
+            if not bool(active.any()):
+                break
+        return [strip(max(hyps, key=lambda h: h[0])[1]) if hyps else [] for hyps in finished]
+
+    def search(ids, beam, alpha, max_len):
         with torch.no_grad():
-            memory, pad = self.twin.encode(torch.as_tensor(np.asarray(src)))
-        return Tensor(memory.numpy()), pad.numpy()
+            src = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+            memory, pad = twin.encode(src)
+            max_len = max_len or config.max_len
+            if beam == 1:
+                return greedy(src, memory, pad, max_len)
+            return beam_search(src, memory, pad, int(beam), alpha, max_len)
 
-    def decode(self, ids, memory, pad, cache=None):
-        import torch
-
-        from scratchlm.tensor import Tensor
-        with torch.no_grad():
-            logits = self.twin.decode(torch.as_tensor(np.asarray(ids)), torch.as_tensor(np.asarray(memory.data)),
-                                      torch.as_tensor(np.asarray(pad)))
-        return Tensor(logits.numpy())
+    return search
 
 
 def train_torch(task, train_config, model_config, threads: int):
@@ -151,18 +212,32 @@ def train_torch(task, train_config, model_config, threads: int):
         opt.step()
         times.append(time.perf_counter() - start)
     twin.eval()
-    return TorchAdapter(twin, model_config), 1000 * statistics.median(times), float(loss.detach())
+    return twin, 1000 * statistics.median(times), float(loss.detach())
 
 
 # ================================================================ scoring
 
-def score(model, task, beam: int, split: str, use_cache: bool = True):
+def score(model, task, beam: int, split: str, search=None):
     t0 = time.perf_counter()
-    result = task.scores(model, split, beam=beam, use_cache=use_cache)
+    result = task.scores(model, split, beam=beam, search=search)
     result["seconds"] = time.perf_counter() - t0
     result["sentences_per_s"] = result["sentences"] / result["seconds"]
     result.pop("examples")
     return result
+
+
+def twin_column(task, train_config, config, threads: int) -> dict:
+    """Train the PyTorch twin and score it (its own torch decoding, scratchlm's metrics)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    twin, ms, last = train_torch(task, train_config, config, threads)
+    out = {"ms_per_iter": ms, "train_s": time.perf_counter() - t0, "train_cpu_s": time.process_time() - c0,
+           "iters": train_config.max_iters, "final_train_loss": last, "parameters": sum(p.numel() for p in
+                                                                                        twin.parameters())}
+    search = torch_search(twin, config)
+    for split in ("val", "test"):
+        for beam in (1, 4):
+            out[f"{split}_beam{beam}"] = score(None, task, beam, split, search)
+    return out
 
 
 def main(argv=None) -> int:
@@ -174,6 +249,9 @@ def main(argv=None) -> int:
                         help="BLAS/Numba threads and torch threads, both sides (default 2; 1 on a busy machine)")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--torch-only", action="store_true", help="only the PyTorch side (the same data and config)")
+    parser.add_argument("--table", action="store_true",
+                        help="print the table of bench/results/seq2seq.json and seq2seq-torch.json (the two sides "
+                             "run as separate processes) and stop")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a preset override")
     parser.add_argument("--out", metavar="DIR", help="keep scratchlm's run folder there (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -183,13 +261,22 @@ def main(argv=None) -> int:
     from scratchlm.runs import load_model, read_metrics
     sets = list(args.set) + [f"tokenizer={args.tokenizer}"]
     results = {"tokenizer": args.tokenizer, "sets": args.set}
+    if args.table:
+        for name in ("seq2seq.json", "seq2seq-torch.json"):
+            path = ROOT / "bench" / "results" / name
+            if path.exists():
+                saved = json.loads(path.read_text())
+                results.update({k: v for k, v in saved.items() if k in ("scratchlm", "torch")})
+                print(f"{name}: load average {saved.get('machine', {}).get('loadavg')}")
+        print_table(results)
+        return 0
     if args.torch_only:
         return torch_only(args, sets, results)
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run = train_translation("eng-fra", Path(args.out or Path(tmp) / "run"), sets, iters=args.iters, progress=False,
                                 log=lambda *a: None)
-        train_s = time.perf_counter() - t0
+        train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
         model, vocab, header = load_model(run.run_dir)
         train_lines = [m for m in read_metrics(Path(run.run_dir) / "metrics.jsonl") if m.get("kind") == "train"]
         from scratchlm.config import TrainConfig
@@ -197,7 +284,7 @@ def main(argv=None) -> int:
     data = load_pairs("eng-fra")
     task = PairTask(data, vocab, max_len=model.config.max_len)
     ours = {"ms_per_iter": statistics.median(m["ms_per_iter"] for m in train_lines[5:] or train_lines),
-            "train_s": train_s, "iters": run.iteration, "final_train_loss": train_lines[-1]["train_loss"],
+            "train_s": train_s, "train_cpu_s": train_cpu_s, "iters": run.iteration, "final_train_loss": train_lines[-1]["train_loss"],
             "parameters": model.num_parameters()}
     for split in ("val", "test"):
         for beam in (1, 4):
@@ -210,14 +297,7 @@ def main(argv=None) -> int:
         except ImportError:
             print("torch is not installed: the PyTorch column is skipped")
         else:
-            t0 = time.perf_counter()
-            adapter, ms, last = train_torch(task, train_config, model.config, args.threads)
-            twin = {"ms_per_iter": ms, "train_s": time.perf_counter() - t0, "iters": train_config.max_iters,
-                    "final_train_loss": last}
-            for split in ("val", "test"):
-                for beam in (1, 4):
-                    twin[f"{split}_beam{beam}"] = score(_NoCache(adapter), task, beam, split, use_cache=False)
-            results["torch"] = twin
+            results["torch"] = twin_column(task, train_config, model.config, args.threads)
     print_table(results)
     out = ROOT / "bench" / "results" / "seq2seq.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -243,57 +323,40 @@ def torch_only(args, sets, results) -> int:
     vocab = PairVocab.from_texts([p.source for p in train] + [p.target for p in train], data_keys["tokenizer"])
     task = PairTask(data, vocab)
     config = Seq2SeqConfig.from_dict({"max_len": task.needed_len(), **model_dict, "vocab_size": vocab.vocab_size})
-    t0 = time.perf_counter()
-    adapter, ms, last = train_torch(task, train_config, config, args.threads)
-    twin = {"ms_per_iter": ms, "train_s": time.perf_counter() - t0, "iters": train_config.max_iters,
-            "final_train_loss": last}
-    for split in ("val", "test"):
-        for beam in (1, 4):
-            twin[f"{split}_beam{beam}"] = score(_NoCache(adapter), task, beam, split, use_cache=False)
-    results["torch"] = twin
+    results["torch"] = twin_column(task, train_config, config, args.threads)
     print_table(results)
     out = ROOT / "bench" / "results" / "seq2seq-torch.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    results["machine"] = {"cpus": os.cpu_count(), "loadavg": os.getloadavg()}
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 
 
-class _NoCache:
-    """The twin through the searches with use_cache=False (it has no DecoderCache)."""
-
-    def __init__(self, adapter):
-        self.adapter, self.config = adapter, adapter.config
-
-    def encode(self, src):
-        return self.adapter.encode(src)
-
-    def decode(self, ids, memory, pad, cache=None):
-        return self.adapter.decode(ids, memory, pad)
-
-
 def print_table(results):
     sides = [s for s in ("scratchlm", "torch") if s in results]
     rows = [("train ms/iter (median)", lambda r: f"{r['ms_per_iter']:.1f}"),
-            ("train seconds", lambda r: f"{r['train_s']:.0f}"),
+            ("train seconds (wall)", lambda r: f"{r['train_s']:.0f}"),
+            ("train seconds (CPU, user+sys)", lambda r: f"{r['train_cpu_s']:.0f}"),
             ("iterations", lambda r: f"{r['iters']}"),
             ("final train loss", lambda r: f"{r['final_train_loss']:.3f}")]
     for split in ("val", "test"):
         for beam in (1, 4):
             name = "greedy" if beam == 1 else "beam 4"
             rows.append((f"{split} BLEU {name}", lambda r, k=f"{split}_beam{beam}": f"{r[k]['bleu']:.2f}"))
-    rows += [("test chrF greedy", lambda r: f"{r['test_beam1']['chrf']:.2f}"),
-             ("test exact match greedy", lambda r: f"{100 * r['test_beam1']['exact_match']:.1f}%"),
+    rows += [("test chrF greedy / beam 4", lambda r: f"{r['test_beam1']['chrf']:.2f} / {r['test_beam4']['chrf']:.2f}"),
+             ("test exact match greedy / beam 4", lambda r: f"{100 * r['test_beam1']['exact_match']:.1f}% / "
+                                                           f"{100 * r['test_beam4']['exact_match']:.1f}%"),
              ("test decode sent/s greedy", lambda r: f"{r['test_beam1']['sentences_per_s']:.1f}"),
              ("test decode sent/s beam 4", lambda r: f"{r['test_beam4']['sentences_per_s']:.1f}")]
     width = max(len(r[0]) for r in rows)
-    print(f"{'':{width}}  " + "  ".join(f"{s:>10}" for s in sides) + ("  ratio" if len(sides) == 2 else ""))
+    print(f"{'':{width}}  " + "  ".join(f"{s:>16}" for s in sides) + ("  ratio" if len(sides) == 2 else ""))
     for label, cell in rows:
         cells = [cell(results[s]) for s in sides]
         ratio = ""
         if len(sides) == 2 and label.startswith("train ms"):
             ratio = f"  {results['scratchlm']['ms_per_iter'] / results['torch']['ms_per_iter']:.2f}x"
-        print(f"{label:{width}}  " + "  ".join(f"{c:>10}" for c in cells) + ratio)
+        print(f"{label:{width}}  " + "  ".join(f"{c:>16}" for c in cells) + ratio)
 
 
 if __name__ == "__main__":

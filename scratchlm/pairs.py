@@ -239,13 +239,15 @@ class PairTask:
 
     # ------------------------------------------------------------ translation metrics
     def translate_split(self, model, split: str, beam: int = 1, alpha: float = 0.6, limit: int | None = None,
-                        use_cache: bool = True):
-        """(sources, hypotheses, references) over the distinct sources of ``split`` (the first ``limit``)."""
+                        use_cache: bool = True, search=None):
+        """(sources, hypotheses, references) over the distinct sources of ``split`` (the first ``limit``);
+        ``search``: another search function (``scratchlm.translate.decode``'s)."""
         from scratchlm.translate import decode
         sources, refs = self.data.references(split)
         sources, refs = sources[:limit], refs[:limit]
         ids = [self.vocab.encode(s)[:self.max_len - 1] + [EOS] for s in sources]
-        hyps = [self.vocab.decode(h) for h in decode(model, ids, beam=beam, alpha=alpha, use_cache=use_cache)]
+        hyps = [self.vocab.decode(h) for h in decode(model, ids, beam=beam, alpha=alpha, use_cache=use_cache,
+                                                          search=search)]
         return sources, hyps, refs
 
     def eval_metrics(self, model, split: str = "val") -> dict:
@@ -255,10 +257,11 @@ class PairTask:
         return {f"{split}_bleu": float(metrics.bleu(hyps, refs)),
                 f"{split}_exact_match": float(np.mean([h in r for h, r in zip(hyps, refs)]))}
 
-    def scores(self, model, split: str = "test", beam: int = 1, alpha: float = 0.6, use_cache: bool = True) -> dict:
+    def scores(self, model, split: str = "test", beam: int = 1, alpha: float = 0.6, use_cache: bool = True,
+               search=None) -> dict:
         """BLEU, chrF, ROUGE-L and exact match (the hypothesis equals one reference) over a split."""
         from scratchlm import metrics
-        sources, hyps, refs = self.translate_split(model, split, beam, alpha, use_cache=use_cache)
+        sources, hyps, refs = self.translate_split(model, split, beam, alpha, use_cache=use_cache, search=search)
         rouge = metrics.rouge(hyps, refs)                                 # best reference per type
         return {"sentences": len(sources), "bleu": float(metrics.bleu(hyps, refs)),
                 "chrf": float(metrics.chrf(hyps, refs)), "rougeL": float(rouge["rougeL"]),

@@ -221,9 +221,11 @@ def beam_search(model, src, beam: int = 4, alpha: float = 0.6, max_len: int | No
 
 
 def decode(model, src, beam: int = 1, alpha: float = 0.6, max_len: int | None = None, batch_size: int = 64,
-           use_cache: bool = True):
+           use_cache: bool = True, search=None):
     """The best hypothesis of each source row (greedy when beam == 1), ``batch_size`` sentences a
-    batch, rows sorted by length first so a batch pads little. src: a list of id lists."""
+    batch, rows sorted by length first so a batch pads little. src: a list of id lists.
+    ``search(ids (B, S), beam, alpha, max_len)`` -> B token lists replaces this module's searches
+    (bench/seq2seq.py's PyTorch twin decodes with its own, on the same batches)."""
     order = sorted(range(len(src)), key=lambda i: len(src[i]))
     out = [None] * len(src)
     for start in range(0, len(order), batch_size):
@@ -232,7 +234,9 @@ def decode(model, src, beam: int = 1, alpha: float = 0.6, max_len: int | None = 
         ids = np.full((len(chunk), width), PAD, dtype=np.int64)
         for row, i in enumerate(chunk):
             ids[row, :len(src[i])] = src[i]
-        if beam == 1:
+        if search is not None:
+            hyps = search(ids, beam, alpha, max_len)
+        elif beam == 1:
             hyps = greedy_search(model, ids, max_len, use_cache=use_cache)
         else:
             hyps = [nbest[0][0] for nbest in beam_search(model, ids, beam, alpha, max_len, use_cache=use_cache)]
