@@ -43,8 +43,11 @@ def whole_split_loss(model, task, split: str, batch_size: int, block_size: int) 
     return total / count, count
 
 
-def evaluate_run(run_dir, split: str = "val", batch_size: int | None = None, write: bool = True) -> dict:
-    """Score ``split`` of the run in ``run_dir``; writes ``eval.json`` there (with ``write``)."""
+def evaluate_run(run_dir, split: str = "val", batch_size: int | None = None, write: bool = True,
+                 log=print) -> dict:
+    """Score ``split`` of the run in ``run_dir``; writes ``eval.json`` there (with ``write``). A
+    translation run also gives ``log`` its BLEU, chrF, ROUGE-L and exact-match line (greedy and
+    beam 4; ``log=None``: silent)."""
     from scratchlm.checkpoint import read_json, write_json_atomic
     from scratchlm.data import load_corpus
     from scratchlm.metrics import perplexity
@@ -54,7 +57,7 @@ def evaluate_run(run_dir, split: str = "val", batch_size: int | None = None, wri
     from scratchlm.runs import read_run_config
     if read_run_config(run_dir).get("model") == "seq2seq":                 # translation: BLEU & co.
         from scratchlm.pairs import evaluate_translation
-        return evaluate_translation(run_dir, split, batch_size, write)
+        return evaluate_translation(run_dir, split, batch_size, write, log=log)
     if (run_dir / "best.safetensors").exists() and "label_names" in read_json(run_dir / "config.json").get("data", {}):
         raise UserError(f"{run_dir} is a classifier run: its test-split accuracy, precision, recall and F1 are in "
                         f"{run_dir / 'eval.json'} (written by scratchlm classify); label text with "

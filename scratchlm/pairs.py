@@ -270,9 +270,21 @@ class PairTask:
                                            for s, h, r in list(zip(sources, hyps, refs))[:5]]}
 
 
-def evaluate_translation(run_dir, split: str = "test", batch_size: int | None = None, write: bool = True) -> dict:
+def translation_summary(report: dict) -> str:
+    """One line of ``evaluate_translation``'s figures, greedy then beam 4: BLEU and chrF (0..100),
+    ROUGE-L F (0..1), exact match (%), as ``scratchlm eval`` prints them."""
+    def figures(r):
+        return (f"BLEU {r['bleu']:.2f}, chrF {r['chrf']:.2f}, ROUGE-L {r['rougeL']:.4f}, "
+                f"exact match {100 * r['exact_match']:.1f}%")
+    return (f"{report['split']} ({report['sentences']} distinct sources): greedy {figures(report['greedy'])}; "
+            f"beam 4 {figures(report['beam4'])}")
+
+
+def evaluate_translation(run_dir, split: str = "test", batch_size: int | None = None, write: bool = True,
+                         log=print) -> dict:
     """``scratchlm eval`` of a seq2seq run: the whole-split loss and, greedy and with beam 4, BLEU,
-    chrF, ROUGE-L and exact match over the split's distinct sources; written to DIR/eval.json."""
+    chrF, ROUGE-L and exact match over the split's distinct sources; written to DIR/eval.json and
+    given to ``log`` as one line (``translation_summary``; the loss line is the caller's)."""
     import math
     from pathlib import Path
 
@@ -301,4 +313,6 @@ def evaluate_translation(run_dir, split: str = "test", batch_size: int | None = 
         results = previous if isinstance(previous, dict) else {}
         results[split] = report
         write_json_atomic(path, results)
+    if log is not None:
+        log(translation_summary(report))
     return report

@@ -95,17 +95,23 @@ def test_bad_train_arguments_are_one_line(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_eval_writes_bleu_chrf_rouge_and_exact_match(run, tmp_path):
+@pytest.fixture(scope="module")
+def evaluated(run, tmp_path_factory):
+    """(the eval command's result, the run it scored: a copy of ``run``)."""
     import shutil
+    copy = tmp_path_factory.mktemp("evaluated") / "copy"
+    shutil.copytree(run, copy)
+    result = cli("eval", "--run", copy, "--split", "test")
+    assert result.returncode == 0, result.stderr
+    return result, copy
 
+
+def test_eval_writes_bleu_chrf_rouge_and_exact_match(evaluated):
     from scratchlm import metrics
     from scratchlm.pairs import PairTask, load_pairs
     from scratchlm.runs import load_model
     from scratchlm.translate import decode
-    copy = tmp_path / "copy"
-    shutil.copytree(run, copy)
-    result = cli("eval", "--run", copy, "--split", "test")
-    assert result.returncode == 0, result.stderr
+    _, copy = evaluated
     report = json.loads((copy / "eval.json").read_text())["test"]
     model, vocab, _ = load_model(copy)
     data = load_pairs("copy")
@@ -119,6 +125,36 @@ def test_eval_writes_bleu_chrf_rouge_and_exact_match(run, tmp_path):
     assert {"bleu", "chrf", "rougeL", "exact_match"} <= set(report["beam4"])
     task_loss = report["loss"]
     assert np.isfinite(task_loss) and report["tokens"] == PairTask(data, vocab).tokens("test")
+
+
+def assert_line_shows(line, report):
+    """The printed greedy and beam-4 figures are the report's, to the digits printed."""
+    import re
+    number = r"(-?[0-9.]+)"
+    pattern = (rf"greedy BLEU {number}, chrF {number}, ROUGE-L {number}, exact match {number}%; "
+               rf"beam 4 BLEU {number}, chrF {number}, ROUGE-L {number}, exact match {number}%")
+    printed = [float(x) for x in re.search(pattern, line).groups()]
+    expected = [report[side][key] * (100 if key == "exact_match" else 1)
+                for side in ("greedy", "beam4") for key in ("bleu", "chrf", "rougeL", "exact_match")]
+    places = [2, 2, 4, 1] * 2                                   # the digits each figure is printed with
+    assert printed == [round(x, p) for x, p in zip(expected, places)]
+    assert f"({report['sentences']} distinct sources)" in line
+
+
+def test_eval_prints_the_figures_of_eval_json(evaluated):
+    result, copy = evaluated
+    report = json.loads((copy / "eval.json").read_text())["test"]
+    assert_line_shows(next(line for line in result.stdout.splitlines() if "BLEU" in line), report)
+    assert f"loss {report['loss']:.4f}" in result.stdout        # the loss line is still there
+
+
+def test_translation_summary_keeps_greedy_and_beam_figures_apart():
+    """The tiny run's figures are mostly 0; distinct made-up ones catch a swapped key or side."""
+    from scratchlm.pairs import translation_summary
+    report = {"split": "test", "sentences": 7,
+              "greedy": {"bleu": 28.016, "chrf": 43.424, "rougeL": 0.51236, "exact_match": 0.1875},
+              "beam4": {"bleu": 31.294, "chrf": 45.006, "rougeL": 0.53349, "exact_match": 0.2031}}
+    assert_line_shows(translation_summary(report), report)
 
 
 def test_attention_map_of_a_seq2seq_run(run, tmp_path):
