@@ -152,6 +152,9 @@ def greedy_search(model, src, max_len: int | None = None, use_cache: bool = True
 
 # ================================================================ beam search
 
+BEAM_STEP_BYTES = 2 ** 31      # beam_search refuses a beam whose per-step scores would take more
+
+
 def length_penalty(length: int, alpha: float) -> float:
     """Wu et al. 2016: lp(Y) = ((5 + |Y|) / 6)^alpha."""
     return ((5.0 + length) / 6.0) ** alpha
@@ -166,6 +169,11 @@ def beam_search(model, src, beam: int = 4, alpha: float = 0.6, max_len: int | No
     if not 1 <= n_best <= beam:
         raise UserError(f"n_best must be between 1 and the beam size {beam}, got {n_best}")
     src, max_len = _source(model, src), _max_len(model, max_len)
+    step_bytes = 8 * len(src) * int(beam) * model.config.vocab_size     # a step's (BK, V) float64 log-probs
+    if step_bytes > BEAM_STEP_BYTES:
+        raise UserError(f"beam {beam} over {len(src)} sentence(s) and a vocabulary of {model.config.vocab_size} "
+                        f"needs {step_bytes / 2**30:.1f} GiB a step, more than the {BEAM_STEP_BYTES / 2**30:.0f} GiB allowed; "
+                        f"use a smaller beam (4 to 10 is usual)")
     B, K = len(src), int(beam)
     finished = [[] for _ in range(B)]                     # per sentence: (s(Y), log P, tokens)
     active = np.ones(B, dtype=bool)

@@ -19,6 +19,7 @@ from scratchlm.models.seq2seq import (BOS, EOS, PAD, Seq2SeqConfig, Seq2SeqTrans
 from scratchlm.pairs import DATE_FORMS, MONTHS, PairTask, load_pairs, make_generated, ordinal
 from scratchlm.tokenizers import load as load_tokenizer
 from scratchlm.tokenizers.pairs import PairVocab
+from scratchlm import translate
 from scratchlm.translate import beam_search, decode, greedy_search, length_penalty
 
 from gradcheck import check_gradients
@@ -239,6 +240,9 @@ def test_bad_beam_and_max_len_are_user_errors(decoder_model):
     from scratchlm.errors import UserError
     with pytest.raises(UserError, match="beam size"):
         beam_search(decoder_model, sources(), beam=0)
+    too_wide = translate.BEAM_STEP_BYTES // (8 * len(sources()) * decoder_model.config.vocab_size) + 1
+    with pytest.raises(UserError, match="GiB a step"):                   # refused before any memory is taken
+        beam_search(decoder_model, sources(), beam=too_wide)
     with pytest.raises(UserError, match="max_len"):
         greedy_search(decoder_model, sources(), max_len=99)
 

@@ -80,6 +80,8 @@ def test_stdin_lines_and_beam_n_best(run):
     (["--beam", "0", "1"], "--beam must be at least 1"),
     (["--beam", "2", "--n-best", "3", "1"], "--n-best"),
     (["--data", "copy", "1"], "translate train"),
+    (["--alpha", "nan", "--beam", "2", "1"], "--alpha must be a number >= 0"),
+    (["--beam", "1000000000", "1"], "use a smaller beam"),
 ])
 def test_bad_translate_arguments_are_one_line(run, args, fragment):
     assert_one_line_error(cli("translate", "--run", run, *args), fragment)

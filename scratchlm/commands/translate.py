@@ -208,8 +208,8 @@ def translate_command(args) -> int:
         raise UserError(f"--beam must be at least 1 (1 = greedy), got {args.beam}")
     if not 1 <= args.n_best <= args.beam:
         raise UserError(f"--n-best must be between 1 and --beam ({args.beam}), got {args.n_best}")
-    if args.alpha < 0:
-        raise UserError(f"--alpha must be >= 0, got {args.alpha}")
+    if not 0 <= args.alpha < float("inf"):                  # also refuses nan, which no comparison passes
+        raise UserError(f"--alpha must be a number >= 0, got {args.alpha}")
     try:
         backend.use_backend(args.backend or "numpy")
     except backend.BackendUnavailable as exc:
