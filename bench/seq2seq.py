@@ -1,7 +1,10 @@
 """Translation on eng-fra: scratchlm's Seq2SeqTransformer against the same model in plain PyTorch.
 
-    python bench/seq2seq.py                        # the eng-fra-seq2seq preset, both sides, ~2 x 12 minutes
+    python bench/seq2seq.py --threads 1            # the eng-fra-seq2seq preset, both sides, one after the other
     python bench/seq2seq.py --iters 300 --skip-torch
+    # the two sides at once, as two processes, then their table:
+    python bench/seq2seq.py --threads 1 --skip-torch & python bench/seq2seq.py --threads 1 --torch-only; wait
+    python bench/seq2seq.py --table
 
 Both sides train the same architecture (shared word vocabulary, embeddings scaled by sqrt(C),
 sinusoidal positions, torch.nn.Transformer post-LN, tied head), with the same recipe (AdamW,
@@ -10,9 +13,12 @@ same batches (the PairTask sampler's, drawn from (seed, step)), for the same ite
 trains through the shared Trainer (a run folder in a temp dir). Printed per side: ms/iter
 (median of the logged windows), dev and test BLEU for greedy and beam 4 (alpha 0.6; every
 distinct source sentence against all its references), chrF and exact match on test, and decode
-sentences/s on test. The PyTorch side decodes with scratchlm's search code over an adapter that
-recomputes the prefix each step (no cache), so its decode rate is not compared.
-Writes bench/results/seq2seq.json.
+sentences/s on test, and train wall and CPU (user+sys) seconds. The PyTorch side decodes with
+its own greedy and beam search written in torch (``torch_search``: the same rules, vectorised over
+sentences, recomputing the decoder over the prefix each step) through the same batching and the
+same metric code (scratchlm.metrics); scratchlm decodes with its KV cache. On a shared machine use
+``--threads 1``: torch with 2 threads on 2 busy cores spins and runs ~10x slower.
+Writes bench/results/seq2seq.json (--torch-only: seq2seq-torch.json).
 """
 from __future__ import annotations
 
