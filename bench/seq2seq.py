@@ -290,7 +290,8 @@ def main(argv=None) -> int:
     data = load_pairs("eng-fra")
     task = PairTask(data, vocab, max_len=model.config.max_len)
     ours = {"ms_per_iter": statistics.median(m["ms_per_iter"] for m in train_lines[5:] or train_lines),
-            "train_s": train_s, "train_cpu_s": train_cpu_s, "iters": run.iteration, "final_train_loss": train_lines[-1]["train_loss"],
+            "train_s": train_s, "train_cpu_s": train_cpu_s, "iters": run.iteration,
+            "final_train_loss": train_lines[-1]["train_loss"],
             "parameters": model.num_parameters()}
     for split in ("val", "test"):
         for beam in (1, 4):

@@ -172,8 +172,8 @@ def beam_search(model, src, beam: int = 4, alpha: float = 0.6, max_len: int | No
     step_bytes = 8 * len(src) * int(beam) * model.config.vocab_size     # a step's (BK, V) float64 log-probs
     if step_bytes > BEAM_STEP_BYTES:
         raise UserError(f"beam {beam} over {len(src)} sentence(s) and a vocabulary of {model.config.vocab_size} "
-                        f"needs {step_bytes / 2**30:.1f} GiB a step, more than the {BEAM_STEP_BYTES / 2**30:.0f} GiB allowed; "
-                        f"use a smaller beam (4 to 10 is usual)")
+                        f"needs {step_bytes / 2**30:.1f} GiB a step, more than the {BEAM_STEP_BYTES / 2**30:.0f} "
+                        f"GiB allowed; use a smaller beam (4 to 10 is usual)")
     B, K = len(src), int(beam)
     finished = [[] for _ in range(B)]                     # per sentence: (s(Y), log P, tokens)
     active = np.ones(B, dtype=bool)
