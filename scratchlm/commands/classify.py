@@ -23,9 +23,7 @@ the mean probability of its K fold models.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np

@@ -242,7 +242,6 @@ class _Classifier(nn.Module):
                 {"params": [p for p in params if id(p) not in ids], "weight_decay": 0.0}]
 
 
-
 # ================================================================ the three encoders
 
 class BagOfEmbeddings(_Classifier):
