@@ -1,6 +1,7 @@
 """Text classification on ``sentiment``: scratchlm's classifiers vs TF-IDF + logistic regression, same folds.
 
     python bench/classify.py [--folds 10] [--models bow,bilstm,transformer] [--variants plain,eda,w2v]
+                             [--w2v-corpus small|large] [--w2v-extra FILE ...] [--set KEY=VALUE]
                              [--baseline-only] [--out bench/results/classify.json]
 
 Every row is 10-fold cross-validation on the same stratified folds (``textdata.stratified_folds``,
@@ -11,8 +12,9 @@ seed 0): the exact folds ``scratchlm classify --data sentiment --folds 10`` uses
 - each scratchlm model with its CLI defaults (the ``sentiment-<model>`` preset), via the same code
   as ``scratchlm classify --data sentiment --model NAME --folds 10`` (``commands.classify.cross_validate``):
   ``plain``; ``eda`` = ``--augment eda``; ``w2v`` = ``--vectors`` from word2vec trained (here, once)
-  on the shipped unlabelled text: COCO captions and the sentiment sentences themselves (labels unused).
-  A scratchlm model trains on 90% of the training folds and selects its checkpoint on the other 10%.
+  on unlabelled text (``w2v_sentences``: ``--w2v-corpus large`` by default; the sentiment sentences'
+  labels are never used), rescaled to the embedding's init scale (``init_embeddings_scale=match``).
+  A scratchlm model trains on 95% of the training folds and selects its checkpoint on the other 5%.
 
 Prints accuracy / precision / recall / F1 (positive class) mean +- std over folds, accuracy per
 source (amazon, imdb, yelp), the ratio of each row's mean accuracy to the TF-IDF baseline's, and
@@ -73,18 +75,34 @@ def summary(per_fold, predicted, seconds) -> dict:
             "train_minutes": seconds / 60}
 
 
-def shipped_vectors(out_dir: Path, dim: int) -> str:
-    """word2vec (skip-gram, scratchlm's) on the shipped unlabelled text; returns the vectors file."""
+def w2v_sentences(corpus: str, extra=()) -> list:
+    """Unlabelled sentences for word2vec. ``small``: the sentiment sentences (labels unused) and the
+    shipped COCO captions (23,000 sentences, 0.27 M words). ``large``: those, the English side of
+    eng-fra, CPython's pydoc topics (always there) and every ``extra`` text file, one sentence a
+    line (e.g. tinyshakespeare.txt): 0.63 M words with tinyshakespeare."""
     from scratchlm.commands.word2vec import corpus_sentences
+    from scratchlm.data import load_corpus
     from scratchlm.datasets import dataset_path
-    from scratchlm.models.word2vec import train_word2vec
-    from scratchlm.tokenizers.word import split_words
+    lines = lambda text: [s for s in text.split("\n") if s.strip()]
     sentences = corpus_sentences("sentiment")
     for name in ("coco_captions_train.txt", "coco_captions_test.txt"):
-        sentences += [s for s in dataset_path(name).read_text(encoding="utf-8").split("\n") if s.strip()]
-    stats = train_word2vec([split_words(s) for s in sentences], out_dir, progress=False, dim=dim, min_count=2,
-                           epochs=10, workers=2)
-    print(f"word2vec: {len(sentences):,} sentences, {stats['vocab_size']:,} words, {stats['seconds']:.0f} s")
+        sentences += lines(dataset_path(name).read_text(encoding="utf-8"))
+    if corpus == "large":
+        sentences += [s.split("\t")[0] for s in lines(dataset_path("eng-fra-5k.tsv").read_text(encoding="utf-8"))]
+        sentences += [s for s in lines(load_corpus("pydoc").text) if len(s.split()) > 3]
+        for path in extra:
+            sentences += lines(Path(path).read_text(encoding="utf-8"))
+    return sentences
+
+
+def shipped_vectors(out_dir: Path, dim: int, corpus: str = "small", extra=()) -> str:
+    """word2vec (skip-gram, scratchlm's) on unlabelled text (``w2v_sentences``); returns the vectors file."""
+    from scratchlm.models.word2vec import train_word2vec
+    from scratchlm.tokenizers.word import split_words
+    sentences = [split_words(s) for s in w2v_sentences(corpus, extra)]
+    stats = train_word2vec(sentences, out_dir, progress=False, dim=dim, min_count=2, epochs=10, workers=2)
+    print(f"word2vec ({corpus}): {len(sentences):,} sentences, {sum(map(len, sentences)):,} words, "
+          f"{stats['vocab_size']:,} in the vocabulary, {stats['seconds']:.0f} s")
     return stats["vectors"]
 
 
@@ -94,6 +112,12 @@ def main() -> None:
     parser.add_argument("--models", default="bow,bilstm,transformer")
     parser.add_argument("--variants", default="plain,eda,w2v")
     parser.add_argument("--baseline-only", action="store_true")
+    parser.add_argument("--w2v-corpus", choices=["small", "large"], default="large",
+                        help="the unlabelled text word2vec trains on for the w2v variants (w2v_sentences)")
+    parser.add_argument("--w2v-extra", nargs="*", default=[], metavar="FILE",
+                        help="more unlabelled text files for --w2v-corpus large (e.g. tinyshakespeare.txt)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every scratchlm row (as scratchlm classify --set)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "classify.json"))
     args = parser.parse_args()
 
@@ -120,11 +144,11 @@ def main() -> None:
                     config, model_dict = resolve_config(family, corpus="sentiment")
                     dim = family.model_config(config, model_dict, vocab_size=2).n_embd
                     if dim not in vectors:
-                        vectors[dim] = shipped_vectors(Path(tmp) / f"w2v-{dim}", dim)
+                        vectors[dim] = shipped_vectors(Path(tmp) / f"w2v-{dim}", dim, args.w2v_corpus, args.w2v_extra)
                     extra["vectors"] = vectors[dim]
                 start = time.perf_counter()
                 report = cross_validate("sentiment", model, Path(tmp) / f"{model}-{variant}", folds=args.folds,
-                                        seed=SEED, log=lambda *a: None, **extra)
+                                        seed=SEED, log=lambda *a: None, overrides=args.set, **extra)
                 predicted = np.zeros(len(data), dtype=np.int64)
                 for fold in report["per_fold"]:
                     predicted[fold["test_index"]] = fold["test_predicted"]

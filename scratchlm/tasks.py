@@ -290,6 +290,9 @@ class Classification:
         if not self.vectors:
             return
         from scratchlm.models.word2vec import embedding_from_vectors
+        # words without a vector keep the model's own random rows; the vectors are put on that
+        # rows' scale unless the config says init_embeddings_scale=raw
         table, _ = embedding_from_vectors(self.tokenizer.itos, self.vectors, model.config.n_embd,
-                                          np.random.default_rng(0), scale=0.1)
+                                          np.random.default_rng(0), base=model.wte.weight.numpy(),
+                                          match_scale=getattr(model.config, "init_embeddings_scale", "raw") == "match")
         model.set_embeddings(table)

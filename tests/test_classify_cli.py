@@ -137,10 +137,44 @@ def test_init_embeddings_copies_the_vectors_of_known_words(tmp_path):
     vectors.write_text("2 3\ngood 1 2 3\nawful -1 -2 -3\n")
     tok = WordTokenizer.from_text(["good food", "awful food"], min_count=1)
     task = Classification({"train": [["good"]]}, {"train": [1]}, tok, 8, vectors=str(vectors))
-    model = BagOfEmbeddings(BagOfEmbeddingsConfig(vocab_size=tok.vocab_size, n_embd=3), seed=0)
+    model = BagOfEmbeddings(BagOfEmbeddingsConfig(vocab_size=tok.vocab_size, n_embd=3, init_embeddings_scale="raw"),
+                            seed=0)
     before = model.wte.weight.numpy().copy()
     task.init_model(model)
     table = model.wte.weight.numpy()
     np.testing.assert_allclose(table[tok.stoi["good"]], [1, 2, 3])
     np.testing.assert_allclose(table[tok.stoi["awful"]], [-1, -2, -3])
     assert np.all(table[tok.pad_id] == 0)
+    food = tok.stoi["food"]                                           # no vector: the model's own row
+    np.testing.assert_array_equal(table[food], before[food])
+
+
+def test_init_embeddings_match_scale_puts_the_vectors_on_the_tables_scale(tmp_path):
+    """Default ``init_embeddings_scale=match``: vector rows = vectors x (std of the model's random
+    table) / (std of the vectors found), here std of {1,2,3,-1,-2,-3} = sqrt(14/3)."""
+    from scratchlm.models.classifier import BagOfEmbeddings, BagOfEmbeddingsConfig
+    from scratchlm.tasks import Classification
+    from scratchlm.tokenizers.word import WordTokenizer
+    vectors = tmp_path / "vectors.txt"
+    vectors.write_text("2 3\ngood 1 2 3\nawful -1 -2 -3\n")
+    tok = WordTokenizer.from_text(["good food", "awful food"], min_count=1)
+    task = Classification({"train": [["good"]]}, {"train": [1]}, tok, 8, vectors=str(vectors))
+    model = BagOfEmbeddings(BagOfEmbeddingsConfig(vocab_size=tok.vocab_size, n_embd=3), seed=0)
+    before = model.wte.weight.numpy().copy()
+    task.init_model(model)
+    table = model.wte.weight.numpy()
+    factor = before.std() / np.sqrt(14 / 3)
+    np.testing.assert_allclose(table[tok.stoi["good"]], np.array([1, 2, 3]) * factor, rtol=1e-5)
+    np.testing.assert_allclose(table[tok.stoi["awful"]], np.array([-1, -2, -3]) * factor, rtol=1e-5)
+    assert np.all(table[tok.pad_id] == 0)
+
+
+def test_freeze_embeddings_leaves_the_table_out_of_the_optimiser():
+    from scratchlm.models.classifier import MODELS
+    for name, (cls, config_cls) in MODELS.items():
+        frozen = cls(config_cls(vocab_size=12, n_embd=8, freeze_embeddings=True), seed=0)
+        free = cls(config_cls(vocab_size=12, n_embd=8), seed=0)
+        in_groups = lambda m: {id(p) for g in m.configure_optimizer_groups(0.01) for p in g["params"]}
+        assert id(frozen.wte.weight) not in in_groups(frozen), name
+        assert id(free.wte.weight) in in_groups(free), name
+        assert len(in_groups(free)) == len(list(free.parameters())) == len(in_groups(frozen)) + 1, name

@@ -23,9 +23,7 @@ the mean probability of its K fold models.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +50,9 @@ def register(subparsers) -> None:
     p.add_argument("--augment", choices=["none", "eda"], default="none",
                    help="eda: random deletion/swap/insertion/replacement on training batches (default none)")
     p.add_argument("--vectors", metavar="FILE", help="word2vec text file to start the embeddings from "
-                                                     "(= --set init_embeddings=FILE)")
+                                                     "(= --set init_embeddings=FILE), rescaled to the "
+                                                     "embedding's init scale (--set init_embeddings_scale=raw: "
+                                                     "as read; --set freeze_embeddings=true: never updated)")
     p.add_argument("--min-count", type=int, default=1, metavar="N",
                    help="words seen fewer times in a fold's training text map to <unk> (default 1)")
     p.add_argument("--seed", type=int, default=0, help="the seed of the folds (default 0)")

@@ -62,6 +62,8 @@ class _ClassifierConfig(_Config):
         if self.pooling not in self._poolings:
             raise ModelArgumentError(f"pooling must be one of {', '.join(self._poolings)}, got {self.pooling!r}")
         self.weights()                                          # class_weights parses
+        if self.init_embeddings_scale not in ("match", "raw"):
+            raise ModelArgumentError(f"init_embeddings_scale must be match or raw, got {self.init_embeddings_scale!r}")
 
     def weights(self):
         """class_weights "w0,w1,..." as floats (K of them, > 0), or None for equal weights."""
@@ -86,6 +88,8 @@ class BagOfEmbeddingsConfig(_ClassifierConfig):
     dropout: float = 0.0        # on the pooled vector
     class_weights: str = ""     # "" = equal; else K comma-separated weights
     init_embeddings: str = ""   # a word2vec text file the embedding starts from (read by the task)
+    init_embeddings_scale: str = "match"    # "match": vectors rescaled to the table's init std; "raw": as read
+    freeze_embeddings: bool = False         # keep the (initialised) embedding table fixed
     _poolings = ("mean", "max", "meanmax")
 
 
@@ -100,6 +104,8 @@ class BiLSTMConfig(_ClassifierConfig):
     dropout: float = 0.0        # on the embeddings and on the pooled vector
     class_weights: str = ""
     init_embeddings: str = ""
+    init_embeddings_scale: str = "match"
+    freeze_embeddings: bool = False
     _positive = ("vocab_size", "num_classes", "n_embd", "n_hidden", "n_layer")
     _poolings = ("mean", "max", "final")
 
@@ -117,6 +123,8 @@ class TransformerClassifierConfig(_ClassifierConfig):
     dropout: float = 0.1
     class_weights: str = ""
     init_embeddings: str = ""
+    init_embeddings_scale: str = "match"
+    freeze_embeddings: bool = False
     _positive = ("vocab_size", "num_classes", "n_embd", "n_head", "n_layer", "dim_feedforward", "block_size")
     _poolings = ("cls", "mean")
 
@@ -223,12 +231,15 @@ class _Classifier(nn.Module):
         _fill(self.wte.weight, table)
 
     def configure_optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """Decay the matrices that multiply (Linear, recurrent, attention), not biases, norms or tables."""
+        """Decay the matrices that multiply (Linear, recurrent, attention), not biases, norms or tables;
+        with ``freeze_embeddings`` the token table is left out, so no step ever moves it."""
         tables = {id(self.wte.weight)} | {id(p) for p in getattr(self, "_extra_tables", lambda: [])()}
-        decay = [p for p in self.parameters() if p.ndim == 2 and id(p) not in tables]
+        frozen = {id(self.wte.weight)} if self.config.freeze_embeddings else set()
+        params = [p for p in self.parameters() if id(p) not in frozen]
+        decay = [p for p in params if p.ndim == 2 and id(p) not in tables]
         ids = {id(p) for p in decay}
         return [{"params": decay, "weight_decay": weight_decay},
-                {"params": [p for p in self.parameters() if id(p) not in ids], "weight_decay": 0.0}]
+                {"params": [p for p in params if id(p) not in ids], "weight_decay": 0.0}]
 
 
 # ================================================================ the three encoders

@@ -361,20 +361,28 @@ def load_vectors(path, dim: int | None = None):
     return words, vectors
 
 
-def embedding_from_vectors(itos, path, dim: int, rng, scale: float = 0.02):
+def embedding_from_vectors(itos, path, dim: int, rng, scale: float = 0.02, base=None, match_scale: bool = False):
     """An embedding table (len(itos), dim) initialised from a vectors file where a word has a vector
-    (random N(0, scale^2) elsewhere, zero for ``<pad>``); returns (table, number of words found)."""
+    (elsewhere the row of ``base`` if given, else random N(0, scale^2); zero for ``<pad>``); returns
+    (table, number of words found). ``match_scale`` multiplies the vectors by s_table / s_vectors
+    (standard deviations over all entries: the table's random rows, the vectors found) so pretrained
+    rows start on the scale the rest of the table, and the model's optimiser settings, were made for:
+    word2vec's vectors are ~0.24 per entry at dim 64, 4-12x a classifier's init."""
     words, vectors = load_vectors(path, dim=dim)
     found = {w: i for i, w in enumerate(words)}
-    table = (rng.standard_normal((len(itos), dim)) * scale).astype(np.float32)
-    hits = 0
+    table = (np.array(base, dtype=np.float32) if base is not None
+             else (rng.standard_normal((len(itos), dim)) * scale).astype(np.float32))
+    rows = [(i, found[w]) for i, w in enumerate(itos) if w in found]
+    if rows:
+        mine, theirs = np.array(rows).T
+        factor = 1.0
+        if match_scale:
+            factor = float(table.std()) / max(float(vectors[theirs].std()), 1e-12)
+        table[mine] = vectors[theirs] * factor
     for i, w in enumerate(itos):
-        if w in found:
-            table[i] = vectors[found[w]]
-            hits += 1
-        elif w == "<pad>":
+        if w == "<pad>":
             table[i] = 0.0
-    return table, hits
+    return table, len(rows)
 
 
 def train_word2vec(corpus, out_dir, progress: bool = True, **settings) -> dict:
