@@ -35,11 +35,18 @@ from contextlib import contextmanager
 
 try:  # Numba is optional: without it the package imports and every NumPy array takes the reference.
     import numba
+    from llvmlite import ir as llvm_ir          # for ``intrinsic`` code generators
+    from numba.core import types
+    from numba.extending import intrinsic
     njit = numba.njit
     prange = numba.prange
 except ImportError:  # pragma: no cover - exercised only where numba is missing
-    numba = None
+    numba = llvm_ir = types = None
     prange = range
+
+    def intrinsic(function):
+        """Stand-in decorator (never called without Numba)."""
+        return function
 
     def njit(*args, **kwargs):
         """Stand-in decorator: the function stays plain Python (never called: pick() says reference)."""
