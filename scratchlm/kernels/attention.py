@@ -178,7 +178,7 @@ def _scaled_row_max(row, count, factor, fast):
     clear wins the max; any other NaN reaches the exp pass, which carries it into the row sum.
     """
     if not fast:
-        peak = row[0] * 0 - np.inf
+        peak = row.dtype.type(-np.inf)
         for j in range(count):
             x = row[j] * factor
             row[j] = x
