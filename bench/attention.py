@@ -7,7 +7,9 @@ at B=4, H in {4, 12}, D=64, causal, T in {128, ..., 2048}, float32, with the sam
 GPU (--gpu, needs CuPy and a GPU): the CuPy kernels of scratchlm.kernels.cuda against torch SDPA
 on CUDA, float32, T up to 8192, timed between device synchronisations.
 
-Times are medians of --repeats runs after --warmup runs. "fwd+bwd" is timed as one unit (forward
+Times are medians of --repeats runs after --warmup runs; "f+b cpu" is the median process CPU
+time (user + sys of every thread) of one forward+backward, and "x f+b cpu" the ratio of those:
+on a shared, loaded machine wall times are distorted and the CPU times are the fairer figure. "fwd+bwd" is timed as one unit (forward
 then backward), so it is not the sum of two medians. Speed ratios are torch time / scratchlm time
 from the same run: above 1 means scratchlm is faster.
 
@@ -18,6 +20,8 @@ own allocator, torch), which tracemalloc would not see for Numba and torch. Wher
 writable the column says n/a. GPU memory: torch.cuda.max_memory_allocated and CuPy's memory pool.
 
     python bench/attention.py                     # full CPU table, writes bench/results/attention.json
+    python bench/attention.py --quick             # T = 1024 and 2048 rows only (H = 4), about a minute
+    python bench/attention.py --quick --threads 1 # the same with one thread for everyone
     python bench/attention.py --heads 4 --max-t 1024 --repeats 3
     python bench/attention.py --gpu               # CuPy kernels vs torch SDPA CUDA
 """
@@ -47,16 +51,21 @@ RESULTS = Path(__file__).resolve().parent / "results" / "attention.json"
 
 # ---------------------------------------------------------------- measuring
 
-def median_seconds(run, repeats: int, warmup: int, sync=lambda: None) -> float:
+def median_seconds(run, repeats: int, warmup: int, sync=lambda: None, cpu_out=None) -> float:
+    """Median wall seconds of ``run``; ``cpu_out`` (a list), if given, gets the median process
+    CPU seconds (every thread's user + sys), the figure to trust when the machine is shared."""
     for _ in range(warmup):
         run()
     sync()
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         run()
         sync()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    if cpu_out is not None:
+        cpu_out.append(statistics.median(cpu_times))
     return statistics.median(times)
 
 
@@ -113,8 +122,9 @@ def measure_scratchlm(forward, backward, q, k, v, do, repeats, warmup):
         o, l = forward(q, k, v, True, scale)
         return backward(do, q, k, v, o, l, True, scale)
 
-    total = median_seconds(both, repeats, warmup)
-    return {"fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, "fwd_bwd_ms": total * 1e3,
+    cpu = []
+    total = median_seconds(both, repeats, warmup, cpu_out=cpu)
+    return {"fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, "fwd_bwd_ms": total * 1e3, "fwd_bwd_cpu_ms": cpu[0] * 1e3,
             "fwd_peak_mib": peak_memory_mib(lambda: forward(q, k, v, True, scale)),
             "fwd_bwd_peak_mib": peak_memory_mib(both)}
 
@@ -140,8 +150,10 @@ def measure_torch(torch, q, k, v, do, repeats, warmup, device="cpu", sync=lambda
 
     fwd = median_seconds(forward_only, repeats, warmup, sync)
     fwd_graph = median_seconds(forward_with_graph, repeats, warmup, sync)
-    total = median_seconds(both, repeats, warmup, sync)
-    row = {"fwd_ms": fwd * 1e3, "bwd_ms": max(0.0, total - fwd_graph) * 1e3, "fwd_bwd_ms": total * 1e3}
+    cpu = []
+    total = median_seconds(both, repeats, warmup, sync, cpu_out=cpu)
+    row = {"fwd_ms": fwd * 1e3, "bwd_ms": max(0.0, total - fwd_graph) * 1e3, "fwd_bwd_ms": total * 1e3,
+           "fwd_bwd_cpu_ms": cpu[0] * 1e3}
     if device == "cpu":
         row["fwd_peak_mib"] = peak_memory_mib(forward_only)
         row["fwd_bwd_peak_mib"] = peak_memory_mib(both)
@@ -156,15 +168,18 @@ def run_cpu(args, torch):
             row = {"B": args.batch, "H": heads, "T": seq_len, "D": args.head_dim}
             # The reference keeps several (B, H, T, T) float32 matrices alive at once.
             score_mib = args.batch * heads * seq_len * seq_len * 4 / 2**20
-            if score_mib <= args.reference_max_mib:
+            if args.quick:
+                pass                                    # --quick: the strip path and torch only
+            elif score_mib <= args.reference_max_mib:
                 row["numpy_reference"] = measure_scratchlm(attention.forward_reference, attention.backward_reference,
                                                            q, k, v, do, args.repeats, args.warmup)
             else:
                 row["numpy_reference"] = {"skipped": f"one (B,H,T,T) score matrix is {score_mib:.0f} MiB "
                                                      f"> --reference-max-mib {args.reference_max_mib}"}
-            if kernels.numba is not None:
+            if kernels.numba is not None and not args.quick:
                 row["numba"] = measure_scratchlm(attention.forward_numba, attention.backward_numba,
                                                  q, k, v, do, args.repeats, args.warmup)
+            if kernels.numba is not None:
                 row["numba_strips_blas"] = measure_scratchlm(attention.forward_strips_blas,
                                                              attention.backward_strips_blas,
                                                              q, k, v, do, args.repeats, args.warmup)
@@ -175,6 +190,8 @@ def run_cpu(args, torch):
                         row[rung]["speed_vs_torch_fwd"] = ratio(row["torch_sdpa_cpu"]["fwd_ms"], row[rung]["fwd_ms"])
                         row[rung]["speed_vs_torch_fwd_bwd"] = ratio(row["torch_sdpa_cpu"]["fwd_bwd_ms"],
                                                                     row[rung]["fwd_bwd_ms"])
+                        row[rung]["cpu_vs_torch_fwd_bwd"] = ratio(row["torch_sdpa_cpu"]["fwd_bwd_cpu_ms"],
+                                                                  row[rung]["fwd_bwd_cpu_ms"])
             rows.append(row)
             print_cpu_row(row)
     return rows
@@ -184,8 +201,8 @@ def fmt(value, digits=1):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-CPU_HEADER = (f"{'H':>3} {'T':>5} | {'rung':<17} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} "
-              f"{'fwd MiB':>8} {'f+b MiB':>8} | {'x torch fwd':>11} {'x torch f+b':>11}")
+CPU_HEADER = (f"{'H':>3} {'T':>5} | {'rung':<17} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'f+b cpu':>9} "
+              f"{'fwd MiB':>8} {'f+b MiB':>8} | {'x torch fwd':>11} {'x torch f+b':>11} {'x f+b cpu':>9}")
 
 
 def print_cpu_row(row):
@@ -197,8 +214,9 @@ def print_cpu_row(row):
             print(f"{row['H']:>3} {row['T']:>5} | {rung:<17} skipped: {cell['skipped']}")
             continue
         print(f"{row['H']:>3} {row['T']:>5} | {rung:<17} {fmt(cell['fwd_ms']):>9} {fmt(cell['bwd_ms']):>9} "
-              f"{fmt(cell['fwd_bwd_ms']):>9} {fmt(cell.get('fwd_peak_mib')):>8} {fmt(cell.get('fwd_bwd_peak_mib')):>8} | "
-              f"{fmt(cell.get('speed_vs_torch_fwd'), 2):>11} {fmt(cell.get('speed_vs_torch_fwd_bwd'), 2):>11}")
+              f"{fmt(cell['fwd_bwd_ms']):>9} {fmt(cell.get('fwd_bwd_cpu_ms')):>9} {fmt(cell.get('fwd_peak_mib')):>8} "
+              f"{fmt(cell.get('fwd_bwd_peak_mib')):>8} | {fmt(cell.get('speed_vs_torch_fwd'), 2):>11} "
+              f"{fmt(cell.get('speed_vs_torch_fwd_bwd'), 2):>11} {fmt(cell.get('cpu_vs_torch_fwd_bwd'), 2):>9}")
     sys.stdout.flush()
 
 
@@ -270,10 +288,14 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="threads for Numba and torch (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="H=4, T in {1024, 2048}, 3 repeats, the strip path and torch only (about a minute)")
     parser.add_argument("--gpu", action="store_true", help="CuPy kernels vs torch SDPA on CUDA instead of the CPU")
     parser.add_argument("--gpu-seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.heads, args.seq_lens, args.repeats, args.warmup = [4], [1024, 2048], 3, 1
 
     try:
         import torch
@@ -287,6 +309,12 @@ def main(argv=None):
         torch.set_num_threads(threads)
     if kernels.numba is not None:
         kernels.numba.set_num_threads(min(threads, kernels.numba.config.NUMBA_NUM_THREADS))
+    try:            # optional: give NumPy's BLAS the same thread count (the library never needs it)
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(threads, user_api="blas")
+    except ImportError:
+        if args.threads is not None:
+            print("threadpoolctl is not installed: NumPy's BLAS keeps its own thread count")
 
     info = {"machine": platform.machine(), "processor": platform.processor() or platform.platform(),
             "threads": threads, "numpy": np.__version__,

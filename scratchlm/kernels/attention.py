@@ -336,50 +336,6 @@ def _softmax_backward_rows_kernel(scores, dprobs, do, o, lse, causal, scale, fas
     return 0
 
 
-@njit(parallel=True, cache=True, error_model="numpy", fastmath={"contract"})
-def _softmax_backward_columns_kernel(scores_t, dprobs_t, lse, delta, causal, scale, fast, blocked,
-                                     heads_per_batch, diagonal, query_offset, key_offset):
-    """The backward's pass over key-major blocks, in place: scores_t (N, Tk', Tq') = K Q^T -> P^T,
-    dprobs_t (N, Tk', Tq') = V dO^T -> scale * dS^T; lse, delta (N, Tq').
-
-    Row jj is key j = key_offset + jj; column c is query i = query_offset + c, which sees the key
-    when causal and c >= jj + diagonal (diagonal = key_offset - (Tk - Tq) - query_offset), and
-    where blocked[b, i, j] is False (``blocked`` as in ``_softmax_rows_kernel``). Visible:
-    P = exp(scale s - lse_i) (base 2 when ``fast``), dS = P (dP - delta_i); elsewhere both 0.
-    Both loops run along a key's row of queries, so lse and delta are read as contiguous vectors.
-    """
-    n_heads, n_keys, n_queries = scores_t.shape
-    masked = blocked.shape[0] > 0
-    dtype = scores_t.dtype.type
-    factor = dtype(scale * LOG2_E) if fast else dtype(scale)
-    for head in prange(n_heads):
-        shift = np.empty(n_queries, dtype=scores_t.dtype)              # lse in the exp's base
-        for c in range(n_queries):
-            shift[c] = lse[head, c] * LOG2_E if fast else lse[head, c]
-        batch = head // heads_per_batch if blocked.shape[0] > 1 else 0
-        for jj in range(n_keys):
-            probs = scores_t[head, jj]
-            dscores = dprobs_t[head, jj]
-            first = min(n_queries, max(0, jj + diagonal)) if causal else 0
-            for c in range(first):
-                probs[c] = 0
-                dscores[c] = 0
-            if fast:
-                for c in range(first, n_queries):
-                    probs[c] = _exp2_float32(probs[c] * factor - shift[c])
-            else:
-                for c in range(first, n_queries):
-                    probs[c] = math.exp(probs[c] * factor - shift[c])
-            if masked:                        # blocked keys (and rows whose lse is -inf) -> 0
-                for c in range(first, n_queries):
-                    row = query_offset + c if blocked.shape[1] > 1 else 0
-                    if blocked[batch, row, key_offset + jj]:
-                        probs[c] = 0
-            for c in range(first, n_queries):
-                dscores[c] = scale * probs[c] * (dscores[c] - delta[head, c])
-    return 0
-
-
 # ============================================================== 2c. batched BLAS in query strips (long T)
 
 # Long sequences: the (B*H) stack is walked one strip of STRIP_Q query rows at a time. A strip's
@@ -432,17 +388,11 @@ def forward_strips_blas(q, k, v, causal: bool, scale: float | None = None, block
 
 
 def backward_strips_blas(do, q, k, v, o, lse, causal: bool, scale: float | None = None, blocked=None):
-    """Same contract as ``backward_reference``, for long T, in key strips: per key strip [a, b)
-    and the queries [c, Tq) that may see it (c = a - (Tk - Tq) when causal, else 0),
+    """Same contract as ``backward_reference``, for long T: per query strip [a, b), keys [0, e),
 
-        S^T = K[a:b] Q[c:]^T,  dP^T = V[a:b] dO[c:]^T (batched BLAS, (N, b - a, Tq - c));
-        P^T = exp(scale S^T - lse[c:]),  dS'^T = scale P^T (dP^T - delta[c:]),
-            delta_i = dO_i . o_i (Numba, column by column);
-        dV[a:b] = P^T dO[c:],  dK[a:b] = dS'^T Q[c:],  dQ[c:] += dS' K[a:b] (batched BLAS).
-
-    Walking keys rather than queries writes dK and dV once (only dQ accumulates), and puts the
-    long key-strip-by-queries products in the shape OpenBLAS runs fastest (measured at 1 thread,
-    (N, 128, 2048) scores: K Q^T 70 GFLOP/s against 54 for Q K^T; P^T dO 72 against 64).
+        S = Q[a:b] K[:e]^T,  dP = dO[a:b] V[:e]^T (batched BLAS);
+        P = exp(scale S - lse[a:b]),  dS' = scale P (dP - delta), delta_i = dO_i . o_i (Numba);
+        dV[:e] += P^T dO[a:b],  dK[:e] += dS'^T Q[a:b],  dQ[a:b] = dS' K[:e] (batched BLAS).
     """
     scale = _default_scale(q, scale)
     t_query, t_key = q.shape[-2], k.shape[-2]
@@ -452,35 +402,29 @@ def backward_strips_blas(do, q, k, v, o, lse, causal: bool, scale: float | None 
     flags = _blocked_rows(blocked)
     do3, q3, k3, v3, o3 = (_as_heads(a) for a in (do, q, k, v, o))
     lse2 = np.ascontiguousarray(lse, dtype=q.dtype).reshape(q3.shape[:2])   # (N, Tq)
-    delta = np.einsum("nid,nid->ni", do3, o3)                            # (N, Tq): dO_i . o_i
-    dq = np.zeros_like(q3)
-    dk = np.empty_like(k3)
-    dv = np.empty_like(v3)
+    dq = np.empty_like(q3)
+    dk = np.zeros_like(k3)
+    dv = np.zeros_like(v3)
     offset = t_key - t_query
-    n_heads, strip = q3.shape[0], min(STRIP_Q, t_key)
-    scores_buffer = np.empty(n_heads * strip * t_query, q.dtype)
-    dscores_buffer = np.empty_like(scores_buffer)
-    query_grad_buffer = np.empty_like(q3)                               # one strip's share of dQ
-    for start in range(0, t_key, strip):
-        stop = min(start + strip, t_key)
-        first_query = min(t_query, max(0, start - offset)) if causal else 0
-        keys, values = k3[:, start:stop], v3[:, start:stop]            # (N, ks, D)
-        queries, dout = q3[:, first_query:], do3[:, first_query:]      # (N, nq, D)
-        if first_query == t_query:                                     # no query sees these keys
-            dk[:, start:stop] = 0
-            dv[:, start:stop] = 0
-            continue
-        scores = _strip_view(scores_buffer, n_heads, stop - start, t_query - first_query)
-        dscores = _strip_view(dscores_buffer, n_heads, stop - start, t_query - first_query)
-        np.matmul(keys, np.swapaxes(queries, -1, -2), out=scores)       # S^T   (N, ks, nq)
-        np.matmul(values, np.swapaxes(dout, -1, -2), out=dscores)      # dP^T  (N, ks, nq)
-        _softmax_backward_columns_kernel(scores, dscores, lse2[:, first_query:], delta[:, first_query:],
-                                         bool(causal), q.dtype.type(scale), q.dtype == np.float32,
-                                         flags, q.shape[1], start - offset - first_query, first_query, start)
-        np.matmul(scores, dout, out=dv[:, start:stop])                 # P^T dO
-        np.matmul(dscores, queries, out=dk[:, start:stop])             # scale dS^T Q
-        query_grad = query_grad_buffer[:, first_query:]
-        dq[:, first_query:] += np.matmul(np.swapaxes(dscores, -1, -2), keys, out=query_grad)  # scale dS K
+    n_heads, strip_size = q3.shape[0], q3.shape[0] * min(STRIP_Q, t_query) * t_key
+    scores_buffer, dscores_buffer = np.empty(strip_size, q.dtype), np.empty(strip_size, q.dtype)
+    key_grad_buffer = np.empty_like(k3)                                 # one strip's share of dK or dV
+    for start in range(0, t_query, STRIP_Q):
+        stop = min(start + STRIP_Q, t_query)
+        key_stop = min(t_key, stop + offset) if causal else t_key
+        q_strip, do_strip = q3[:, start:stop], do3[:, start:stop]      # (N, rows, D)
+        keys, values = k3[:, :key_stop], v3[:, :key_stop]              # (N, e, D)
+        scores = _strip_view(scores_buffer, n_heads, stop - start, key_stop)
+        dscores = _strip_view(dscores_buffer, n_heads, stop - start, key_stop)
+        np.matmul(q_strip, np.swapaxes(keys, -1, -2), out=scores)       # S   (N, rows, e)
+        np.matmul(do_strip, np.swapaxes(values, -1, -2), out=dscores)  # dP  (N, rows, e)
+        _softmax_backward_rows_kernel(scores, dscores, do_strip, o3[:, start:stop], lse2[:, start:stop],
+                                      bool(causal), q.dtype.type(scale), q.dtype == np.float32, True,
+                                      flags, q.shape[1], start)
+        key_grad = key_grad_buffer[:, :key_stop]
+        dv[:, :key_stop] += np.matmul(np.swapaxes(scores, -1, -2), do_strip, out=key_grad)    # P^T dO
+        dk[:, :key_stop] += np.matmul(np.swapaxes(dscores, -1, -2), q_strip, out=key_grad)    # scale dS^T Q
+        np.matmul(dscores, keys, out=dq[:, start:stop])                          # scale dS K
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 
 
