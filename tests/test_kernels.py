@@ -232,6 +232,29 @@ def test_attention_backward_from_kept_probs_matches_reference(case):
         np.testing.assert_allclose(fast, slow, rtol=1e-9, atol=1e-11, err_msg=name)
 
 
+@needs_numba
+def test_fast_exp2_and_row_max_against_numpy():
+    """The softmax passes' float32 exp2 within 2 float32 ulps (relative 1.2e-7) of NumPy's float64
+    exp2 over [-126, 127], clamped outside it, NaN kept; the integer-ordered row max equals
+    np.max (with -inf, mixed signs, -0.0) and scales the row in place."""
+    exp2 = kernels.njit(lambda values: np.array([attention._exp2_float32(x) for x in values], np.float32))
+    x = np.concatenate([np.linspace(-126, 127, 20001), [-0.5, 0.5, 0.0, -1e-30, 1e-30]]).astype(np.float32)
+    want = np.exp2(x.astype(np.float64))
+    assert np.max(np.abs(exp2(x) - want) / want) <= 1.2e-7
+    edges = exp2(np.array([-200, -np.inf, 200, np.nan], np.float32))
+    assert edges[0] == edges[1] == np.float32(2.0 ** -126) and edges[2] == np.float32(2.0 ** 127)
+    assert np.isnan(edges[3])
+
+    row_max = kernels.njit(lambda row, count, factor: attention._scaled_row_max(row, count, factor, True))
+    rng = np.random.default_rng(3)
+    for row in (rng.standard_normal(37).astype(np.float32), -np.abs(rng.standard_normal(64)).astype(np.float32),
+                np.array([-np.inf, -3.0, -0.0, -np.inf], np.float32), np.full(5, -np.inf, np.float32)):
+        scaled = row.copy()
+        assert row_max(scaled, row.size - 1, np.float32(0.5)) == np.max(row[:-1] * np.float32(0.5))
+        np.testing.assert_array_equal(scaled[:-1], row[:-1] * np.float32(0.5))
+        assert scaled[-1] == row[-1]                                # past count: untouched
+
+
 @pytest.mark.parametrize("rung", ["reference", "numba", "batched", "strips"])
 @pytest.mark.parametrize("t_cut", [0, 37, 63, 64, 98])
 def test_attention_is_causal(rung, t_cut, monkeypatch):
