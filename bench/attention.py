@@ -281,7 +281,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--heads", type=int, nargs="+", default=[4, 12])
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=None,
+                        help="CPU sequence lengths (default 128 ... 2048; with --quick 1024 2048)")
     parser.add_argument("--max-t", type=int, default=2048, help="skip CPU sequence lengths above this")
     parser.add_argument("--reference-max-mib", type=float, default=256.0,
                         help="skip the NumPy reference where one (B,H,T,T) float32 matrix exceeds this")
@@ -289,13 +290,16 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="threads for Numba and torch (default: all)")
     parser.add_argument("--quick", action="store_true",
-                        help="H=4, T in {1024, 2048}, 3 repeats, the strip path and torch only (about a minute)")
+                        help="H=4, T in {1024, 2048} unless --seq-lens, 3 repeats, the strip path and torch only "
+                             "(about a minute)")
     parser.add_argument("--gpu", action="store_true", help="CuPy kernels vs torch SDPA on CUDA instead of the CPU")
     parser.add_argument("--gpu-seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.heads, args.seq_lens, args.repeats, args.warmup = [4], [1024, 2048], 3, 1
+        args.heads, args.repeats, args.warmup = [4], 3, 1
+    if args.seq_lens is None:
+        args.seq_lens = [1024, 2048] if args.quick else [128, 256, 512, 1024, 2048]
 
     try:
         import torch

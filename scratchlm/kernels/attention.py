@@ -31,7 +31,7 @@ import math
 
 import numpy as np
 
-from scratchlm.kernels import cuda_kernel, intrinsic, llvm_ir, njit, numba_path, pick, prange, types
+from scratchlm.kernels import cuda_kernel, intrinsic, llvm_ir, njit, numba_path, pick, types
 from scratchlm.kernels.attention_reference import (  # noqa: F401  (the reference rung, re-exported)
     _causal_allowed, _default_scale, _masked_scores, backward_reference, blocked_keys, forward_reference,
     probs_reference)
@@ -114,7 +114,9 @@ def backward_batched_numba(do, q, k, v, o, lse, causal: bool, scale: float | Non
 # base-2 score x = s * scale * log2(e) (``_exp2_float32``: a branch-free polynomial written as one
 # loop, no libm call, no int32 scratch row); float64 uses math.exp. The row sum may be
 # reassociated ("reassoc") and multiply-adds contracted, so the loops vectorise; the exp has no
-# other fast-math flag. Both passes run in parallel over the stacked heads. Measured on one
+# other fast-math flag. The passes are serial: OpenBLAS's threads spin between the matmuls, and
+# parallel passes (Numba workqueue) measured no faster at 2 threads on the 2-core machine (and far
+# slower when it was loaded). Measured on one
 # (16, 128, 2048) causal strip, one thread, median process CPU time on the shared 2-core machine:
 # forward pass 6.2 -> 4.1 ms (1.5 -> 1.0 ns per score), backward pass 4.0 -> 2.4 ms, against the
 # previous two-loop Cody-Waite exp with a scalar max.
@@ -232,7 +234,7 @@ def _set_where(row, count, flags, value):
             row[j] = value
 
 
-@njit(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 def _softmax_rows_kernel(scores, causal, scale, fast, blocked, heads_per_batch, row_offset):
     """scores (N, Tq, Tk) = Q K^T, in place -> P = softmax(scale S + mask) row by row; returns lse (N, Tq).
 
@@ -249,7 +251,7 @@ def _softmax_rows_kernel(scores, causal, scale, fast, blocked, heads_per_batch, 
     factor = scores.dtype.type(scale * LOG2_E) if fast else scores.dtype.type(scale)
     one = scores.dtype.type(1)
     lse = np.empty((n_heads, t_query), dtype=scores.dtype)
-    for head in prange(n_heads):
+    for head in range(n_heads):
         for i in range(t_query):
             row = scores[head, i]
             visible = t_key
@@ -292,7 +294,7 @@ def _softmax_rows_kernel(scores, causal, scale, fast, blocked, heads_per_batch, 
     return lse
 
 
-@njit(parallel=True, cache=True, error_model="numpy", fastmath={"contract"})
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
 def _softmax_backward_rows_kernel(scores, dprobs, do, o, lse, causal, scale, fast, recompute,
                                   blocked, heads_per_batch, row_offset):
     """In place: scores (N, Tq, Tk) = Q K^T -> P;  dprobs (N, Tq, Tk) = dO V^T -> scale * dS.
@@ -309,7 +311,7 @@ def _softmax_backward_rows_kernel(scores, dprobs, do, o, lse, causal, scale, fas
     masked = blocked.shape[0] > 0
     dtype = scores.dtype.type
     factor = dtype(scale * LOG2_E) if fast else dtype(scale)
-    for head in prange(n_heads):
+    for head in range(n_heads):
         for i in range(t_query):
             probs = scores[head, i]
             dscores = dprobs[head, i]
