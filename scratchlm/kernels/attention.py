@@ -115,9 +115,9 @@ def backward_batched_numba(do, q, k, v, o, lse, causal: bool, scale: float | Non
 # loop, no libm call, no int32 scratch row); float64 uses math.exp. The row sum may be
 # reassociated ("reassoc") and multiply-adds contracted, so the loops vectorise; the exp has no
 # other fast-math flag. The passes are serial: OpenBLAS's threads spin between the matmuls, and
-# parallel passes (Numba workqueue) measured no faster at 2 threads on the 2-core machine (and far
-# slower when it was loaded). Measured on one
-# (16, 128, 2048) causal strip, one thread, median process CPU time on the shared 2-core machine:
+# parallel (Numba workqueue) versions were earlier found no faster at 2 threads; on the loaded
+# machine they were far slower. Measured on one (16, 128, 2048) causal strip, one thread, median
+# process CPU time on the shared 2-core machine:
 # forward pass 6.2 -> 4.1 ms (1.5 -> 1.0 ns per score), backward pass 4.0 -> 2.4 ms, against the
 # previous two-loop Cody-Waite exp with a scalar max.
 
