@@ -16,9 +16,15 @@ Budgets (2 cores, numpy backend):
 - names: each model's preset, exactly what ``scratchlm train --model NAME --corpus names`` runs
   (presets/names-<model>.json; iterations and shapes there).
 - tinyshakespeare (char-level, the file /work/shared/corpora/tinyshakespeare.txt or --shakespeare
-  PATH; train = first 90% of the characters, val = the rest): SHAKESPEARE below, a smaller budget
-  per rung (minutes, not the hours these models would need to converge); the GPT is nanoGPT's CPU
-  recipe (nano-cpu) cut to the same iteration budget as the recurrent rungs.
+  PATH; train = first 90% of the characters, val = the rest): SHAKESPEARE below, 1500 iterations a
+  rung at B=32, T=64 (minutes, not the hours these models would need to converge); the GPT is
+  nanoGPT's CPU recipe (nano-cpu: B=12, T=64, 4x4x128) cut to the same 1500 iterations.
+  ``--iters N`` sets every tinyshakespeare rung to N iterations (a shorter run on a busy machine).
+  CPU seconds a training step, measured (numpy backend, one thread): bigram 0.003, MLP 0.016,
+  RNN 0.025, LSTM 0.085, GRU 0.066, GPT 0.089, so at 1500 iterations a rung is 4 s (bigram) to
+  ~2.2 CPU-minutes (LSTM, GPT), about 7 CPU-minutes of training for the half, plus the evals.
+  The train column there is the trainer's last estimate (eval_iters batches), not the whole
+  million characters; val is the whole split.
 
 Results: the table on stdout, JSON in bench/results/ladder.json, runs in --out (default runs/ladder);
 ``--show A.json B.json`` prints the table of saved results (e.g. the two corpora run apart).
@@ -58,7 +64,7 @@ SHAKESPEARE = {      # --set overrides on top of the family's defaults (gpt: the
 }
 
 
-def train_rung(model: str, corpus: str, corpus_label: str, out: Path, quick: bool) -> dict:
+def train_rung(model: str, corpus: str, corpus_label: str, out: Path, quick: bool, iters: int | None) -> dict:
     from scratchlm.models.registry import get_family, resolve_config
     from scratchlm.train import train
     family = get_family(model)
@@ -69,16 +75,18 @@ def train_rung(model: str, corpus: str, corpus_label: str, out: Path, quick: boo
         common = {k: v for k, v in COMMON_SHAKESPEARE.items()
                   if model != "gpt" or k in ("eval_interval", "eval_iters", "log_interval")}
         overrides = [f"{k}={v}" for k, v in {**common, **SHAKESPEARE[model]}.items()]
+        if iters:
+            overrides += [f"max_iters={iters}", f"lr_decay_iters={iters}"]
     if quick:
         overrides += ["max_iters=50", "lr_decay_iters=50", "warmup_iters=5", "eval_interval=50", "eval_iters=2",
                       "log_interval=10"]
     config, model_values = resolve_config(family, corpus=corpus_label, preset=preset, overrides=overrides)
     run_dir = out / f"{corpus_label}-{model}"
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     train(config, run_dir, corpus=corpus, model=model, model_config=model_values, progress=False,
           overwrite=True, log=lambda *_: None)
-    return {"seconds": time.perf_counter() - start, "iters": config.max_iters, "batch_size": config.batch_size,
-            "run": str(run_dir)}
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start,
+            "iters": config.max_iters, "batch_size": config.batch_size, "run": str(run_dir)}
 
 
 def speed(run_dir: Path) -> tuple[float, float]:
@@ -103,17 +111,26 @@ def sample_text(run_dir: Path, documents: bool) -> str:
     return generate_text(model, tokenizer, "\n", max_new_tokens=60, temperature=0.8, seed=0).replace("\n", " / ")
 
 
-def run_corpus(corpus: str, label: str, models: list[str], out: Path, quick: bool) -> list[dict]:
+def last_train_estimate(run_dir: Path) -> float:
+    """The trainer's last train-loss estimate (eval_iters batches), for a split too big to score whole."""
+    from scratchlm.runs import read_metrics
+    return [m for m in read_metrics(run_dir / "metrics.jsonl") if m.get("kind") == "eval"][-1]["train_loss"]
+
+
+def run_corpus(corpus: str, label: str, models: list[str], out: Path, quick: bool, iters: int | None) -> list[dict]:
     from scratchlm.evaluate import evaluate_run
     from scratchlm.models.registry import num_parameters
     from scratchlm.runs import load_model
     rows = []
     for model in models:
         print(f"[{label}] training {model} ...", file=sys.stderr, flush=True)
-        info = train_rung(model, corpus, label, out, quick)
+        info = train_rung(model, corpus, label, out, quick, iters)
         run_dir = Path(info["run"])
         splits = json.loads((run_dir / "config.json").read_text())["data"]["splits"]
-        losses = {split: evaluate_run(run_dir, split=split, batch_size=256)["loss"] for split in splits}
+        whole = splits if label == "names" else [s for s in splits if s != "train"]   # see the docstring
+        losses = {split: evaluate_run(run_dir, split=split, batch_size=256)["loss"] for split in whole}
+        if "train" not in whole:
+            losses = {"train": last_train_estimate(run_dir), **losses}
         ms, tok_s = speed(run_dir)
         net, _, _ = load_model(run_dir)
         row = {"corpus": label, "model": model, "parameters": num_parameters(net), **info,
@@ -122,7 +139,7 @@ def run_corpus(corpus: str, label: str, models: list[str], out: Path, quick: boo
                "makemore": MAKEMORE[model] if label == "names" else ""}
         rows.append(row)
         print(f"[{label}] {model}: " + ", ".join(f"{s} {v:.4f}" for s, v in losses.items())
-              + f", {info['seconds']:.0f} s", file=sys.stderr, flush=True)
+              + f", {info['seconds']:.0f} s ({info['cpu_seconds']:.0f} CPU s)", file=sys.stderr, flush=True)
     return rows
 
 
@@ -131,13 +148,14 @@ def table(rows: list[dict]) -> str:
     for label in dict.fromkeys(r["corpus"] for r in rows):
         group = sorted((r for r in rows if r["corpus"] == label), key=lambda r: MODELS.index(r["model"]))
         splits = [s for s in ("train", "val", "test") if f"{s}_loss" in group[0]]
-        names = {"val": "dev" if label == "names" else "val"}
-        head = ["model", "params", *[names.get(s, s) for s in splits], "iters", "train s", "ms/iter", "tok/s",
+        names = {"val": "dev"} if label == "names" else {"train": "train (est.)"}
+        head = ["model", "params", *[names.get(s, s) for s in splits], "iters", "train s", "CPU s", "ms/iter",
+                "tok/s",
                 *(["makemore"] if label == "names" else []), "sample"]
         lines += [f"\n{label}", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in group:
             cells = [r["model"], f"{r['parameters']:,}", *[f"{r[f'{s}_loss']:.3f}" for s in splits], str(r["iters"]),
-                     f"{r['seconds']:.0f}", f"{r['ms_per_iter']:.1f}", f"{r['tokens_per_s']:,.0f}",
+                     f"{r['seconds']:.0f}", f"{r.get('cpu_seconds', float('nan')):.0f}", f"{r['ms_per_iter']:.1f}", f"{r['tokens_per_s']:,.0f}",
                      *([r["makemore"]] if label == "names" else []), r["sample"][:70].replace("|", "/")]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -152,6 +170,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/ladder", help="run folders (default runs/ladder)")
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "ladder.json"))
     parser.add_argument("--quick", action="store_true", help="50 iterations a rung (a smoke run)")
+    parser.add_argument("--iters", type=int, help="iterations of every tinyshakespeare rung (default: the budgets "
+                        "in SHAKESPEARE, 1500)")
     parser.add_argument("--show", nargs="+", metavar="JSON", help="print the table of saved results and stop")
     args = parser.parse_args(argv)
     if args.show:
@@ -163,10 +183,10 @@ def main(argv=None) -> int:
     rows = []
     for label in [c.strip() for c in args.corpora.split(",") if c.strip()]:
         corpus = args.shakespeare if label == "tinyshakespeare" else label
-        rows += run_corpus(corpus, label, models, Path(args.out), args.quick)
+        rows += run_corpus(corpus, label, models, Path(args.out), args.quick, args.iters)
     print(table(rows))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"quick": args.quick, "rows": rows}, indent=1) + "\n")
+    Path(args.json).write_text(json.dumps({"quick": args.quick, "iters": args.iters, "rows": rows}, indent=1) + "\n")
     print(f"\nwrote {args.json}", file=sys.stderr)
     return 0
 
