@@ -16,13 +16,13 @@ Budgets (2 cores, numpy backend):
 - names: each model's preset, exactly what ``scratchlm train --model NAME --corpus names`` runs
   (presets/names-<model>.json; iterations and shapes there).
 - tinyshakespeare (char-level, the file /work/shared/corpora/tinyshakespeare.txt or --shakespeare
-  PATH; train = first 90% of the characters, val = the rest): SHAKESPEARE below, 1500 iterations a
+  PATH; train = first 90% of the characters, val = the rest): SHAKESPEARE below, 750 iterations a
   rung at B=32, T=64 (minutes, not the hours these models would need to converge); the GPT is
-  nanoGPT's CPU recipe (nano-cpu: B=12, T=64, 4x4x128) cut to the same 1500 iterations.
-  ``--iters N`` sets every tinyshakespeare rung to N iterations (a shorter run on a busy machine).
+  nanoGPT's CPU recipe (nano-cpu: B=12, T=64, 4x4x128) cut to the same 750 iterations.
+  ``--iters N`` sets every tinyshakespeare rung to N iterations (e.g. 1500 on a quiet machine).
   CPU seconds a training step, measured (numpy backend, one thread): bigram 0.003, MLP 0.016,
-  RNN 0.025, LSTM 0.085, GRU 0.066, GPT 0.089, so at 1500 iterations a rung is 4 s (bigram) to
-  ~2.2 CPU-minutes (LSTM, GPT), about 7 CPU-minutes of training for the half, plus the evals.
+  RNN 0.025, LSTM 0.085, GRU 0.066, GPT 0.089, so at 750 iterations a rung is 2 s (bigram) to
+  ~1.1 CPU-minutes (LSTM, GPT), about 3.5 CPU-minutes of training for the half, plus the evals.
   The train column there is the trainer's last estimate (eval_iters batches), not the whole
   million characters; val is the whole split.
 
@@ -51,16 +51,16 @@ MAKEMORE = {"bigram": "2.48 (count, whole set)", "mlp": "dev 2.17; batch-norm 2.
 COMMON_SHAKESPEARE = {"batch_size": 32, "block_size": 64, "eval_interval": 500, "eval_iters": 20,
                       "log_interval": 50, "warmup_iters": 50, "grad_clip": 1.0}
 SHAKESPEARE = {      # --set overrides on top of the family's defaults (gpt: the nano-cpu preset)
-    "bigram": {"learning_rate": 0.1, "max_iters": 1000, "lr_decay_iters": 1000, "min_lr": 0.01, "weight_decay": 0.0},
-    "mlp": {"model.block_size": 8, "n_embd": 16, "n_hidden": 256, "learning_rate": 3e-3, "max_iters": 1500,
-            "lr_decay_iters": 1500, "min_lr": 3e-4, "weight_decay": 0.01},
-    "rnn": {"n_embd": 64, "n_hidden": 256, "learning_rate": 3e-3, "max_iters": 1500, "lr_decay_iters": 1500,
+    "bigram": {"learning_rate": 0.1, "max_iters": 750, "lr_decay_iters": 750, "min_lr": 0.01, "weight_decay": 0.0},
+    "mlp": {"model.block_size": 8, "n_embd": 16, "n_hidden": 256, "learning_rate": 3e-3, "max_iters": 750,
+            "lr_decay_iters": 750, "min_lr": 3e-4, "weight_decay": 0.01},
+    "rnn": {"n_embd": 64, "n_hidden": 256, "learning_rate": 3e-3, "max_iters": 750, "lr_decay_iters": 750,
             "min_lr": 3e-4, "weight_decay": 0.01},
-    "lstm": {"n_embd": 64, "n_hidden": 256, "learning_rate": 3e-3, "max_iters": 1500, "lr_decay_iters": 1500,
+    "lstm": {"n_embd": 64, "n_hidden": 256, "learning_rate": 3e-3, "max_iters": 750, "lr_decay_iters": 750,
              "min_lr": 3e-4, "weight_decay": 0.01},
-    "gru": {"n_embd": 64, "n_hidden": 256, "learning_rate": 3e-3, "max_iters": 1500, "lr_decay_iters": 1500,
+    "gru": {"n_embd": 64, "n_hidden": 256, "learning_rate": 3e-3, "max_iters": 750, "lr_decay_iters": 750,
             "min_lr": 3e-4, "weight_decay": 0.01},
-    "gpt": {"max_iters": 1500, "lr_decay_iters": 1500},
+    "gpt": {"max_iters": 750, "lr_decay_iters": 750},
 }
 
 
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "ladder.json"))
     parser.add_argument("--quick", action="store_true", help="50 iterations a rung (a smoke run)")
     parser.add_argument("--iters", type=int, help="iterations of every tinyshakespeare rung (default: the budgets "
-                        "in SHAKESPEARE, 1500)")
+                        "in SHAKESPEARE, 750)")
     parser.add_argument("--show", nargs="+", metavar="JSON", help="print the table of saved results and stop")
     args = parser.parse_args(argv)
     if args.show:
