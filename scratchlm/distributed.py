@@ -638,13 +638,15 @@ def _launcher_child() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
-def _force_stop(proc, grace: float, folder: str) -> None:
+def _force_stop(proc, grace: float, folder: str, forced) -> None:
     """The grace after Ctrl-C ran out: a second SIGINT (mpiexec: "abort now"), then, if mpiexec
-    still runs, SIGKILL to it and every rank."""
+    still runs, SIGKILL to it and every rank. Sets the event ``forced``: an aborted mpiexec may
+    still exit with status 0, and the job was not a success."""
     import signal
     import time
     if proc.poll() is not None:
         return
+    forced.set()
     print(f"scratchlm: error: the ranks did not stop within {grace:g} s of Ctrl-C "
           f"(${STOP_GRACE_VARIABLE}); killing them; the last checkpoint is what --resume continues",
           file=sys.stderr, flush=True)
@@ -694,7 +696,8 @@ def relaunch(nproc: int, argv: list[str]) -> int:
         grace = stop_grace_seconds()            # (a bad value refused before anything starts)
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, bufsize=1,
                                 preexec_fn=_launcher_child)
-        force = threading.Timer(grace, _force_stop, args=(proc, grace, folder))
+        forced = threading.Event()
+        force = threading.Timer(grace, _force_stop, args=(proc, grace, folder, forced))
         force.daemon = True
 
         def forward(signum, frame):
@@ -715,6 +718,8 @@ def relaunch(nproc: int, argv: list[str]) -> int:
                 sys.stdout.write(line)
                 sys.stdout.flush()
             status = proc.wait()
+            if forced.is_set() and status == 0:
+                status = 130                     # forced down after Ctrl-C (128 + SIGINT), whatever mpiexec said
         finally:
             signal.signal(signal.SIGINT, previous)
             force.cancel()
