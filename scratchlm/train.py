@@ -44,7 +44,6 @@ transfer brings them back, and a NaN/inf among them stops the run, naming its it
 from __future__ import annotations
 
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ from pathlib import Path
 from scratchlm import backend, distributed, precision
 from scratchlm.config import TrainConfig
 from scratchlm.errors import UserError
+from scratchlm.interrupts import DeferredInterrupt
 from scratchlm.runlog import RunLog
 from scratchlm.runs import TRAINER_FORMAT, keep_metrics_before, load_checkpoint, save_checkpoint, write_run_header
 
@@ -64,32 +64,6 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 class TrainingDiverged(UserError):
     """The loss (or the gradient norm) became NaN or infinite: the run stopped without saving it."""
-
-
-class _DeferredInterrupt:
-    """Turn the first Ctrl-C into a flag the loop reads between iterations, so the checkpoint it saves
-    is never a half-applied optimizer step. A second Ctrl-C interrupts at once (no save)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:          # not the main thread: Ctrl-C stays a plain KeyboardInterrupt
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
 
 
 def _quiet_float_errors():
@@ -222,7 +196,7 @@ class Trainer:
         self.optimizer.zero_grad()
         return grad_norm
 
-    def evaluate(self, interrupt: _DeferredInterrupt | None = None) -> dict[str, float] | None:
+    def evaluate(self, interrupt: DeferredInterrupt | None = None) -> dict[str, float] | None:
         """Mean loss over the same ``eval_iters`` batches of each split; None if Ctrl-C came meanwhile."""
         from scratchlm.tensor import no_grad
         self.model.eval()
@@ -251,7 +225,7 @@ class Trainer:
         self._pending, self._window_start = [], time.perf_counter()
         self.evaluated_at = self.dist.bcast(self.evaluated_at)     # every rank: the same eval points
         try:
-            with _DeferredInterrupt() as interrupt:
+            with DeferredInterrupt() as interrupt:
                 it = self.iteration
                 while True:
                     # every rank stops after the same step: the flag is read once per iteration and
