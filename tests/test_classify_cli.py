@@ -1,23 +1,14 @@
 """``scratchlm classify`` / ``scratchlm word2vec`` end to end (subprocesses): k-fold bookkeeping,
 a saved model that labels text, and every bad input as one line on stderr with exit status 2."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from clitools import assert_one_line_error  # noqa: E402
+from clitools import cli as scratchlm  # noqa: E402
 FAST = ["--set", "max_iters=30", "--set", "lr_decay_iters=30", "--set", "eval_interval=10", "--set", "n_embd=8",
         "--set", "learning_rate=0.03", "--set", "batch_size=8"]
-
-
-def scratchlm(*args, stdin=None):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "scratchlm", *map(str, args)], capture_output=True, text=True,
-                          env=env, input=stdin, timeout=600)
 
 
 def write_tsv(path, n=24):
@@ -30,14 +21,6 @@ def write_tsv(path, n=24):
         lines.append(" ".join(rng.permutation(words)) + "\t" + ("pos" if k % 2 else "neg"))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-def assert_one_line_error(result, *needles):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().split("\n")
-    assert len(lines) == 1 and lines[0].startswith("scratchlm: error:"), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_kfold_tests_every_example_once_and_summarizes(tmp_path):

@@ -5,46 +5,25 @@ set to this checkout, and checks the exit status and the exact shape of stderr.
 """
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from clitools import REPO, assert_one_line_error, cli, write_word_corpus  # noqa: E402
 TINY = ["--set", "batch_size=4", "--set", "block_size=16", "--set", "n_layer=1", "--set", "n_head=2",
         "--set", "n_embd=16", "--set", "eval_iters=2", "--set", "eval_interval=2", "--set", "log_interval=1",
         "--set", "warmup_iters=1", "--set", "lr_decay_iters=4"]
-
-
-def cli(*args, cwd=None, env_extra=None, timeout=120):
-    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "scratchlm", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("scratchlm: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A cache folder, a small corpus, and one trained tiny run that tests copy before damaging."""
     root = tmp_path_factory.mktemp("cli")
-    words = "the cat sat on a mat and the dog ran to the park while birds sang in old trees".split()
-    rng = random.Random(1)
-    corpus = root / "tiny.txt"
-    corpus.write_text(" ".join(rng.choice(words) for _ in range(800)) + "\n", encoding="utf-8")
+    corpus = write_word_corpus(root / "tiny.txt", seed=1)
     env = {"SCRATCHLM_CACHE": str(root / "cache")}
     result = cli("train", "--corpus", corpus, "--preset", "nano-cpu", "--out", root / "run", "--iters", 4,
                  *TINY, env_extra=env)

@@ -6,11 +6,7 @@ sampling through a recurrent state gives the tokens of a full forward per step. 
 tiny and trains a few iterations.
 """
 import json
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +23,7 @@ from scratchlm.tasks import IGNORE_INDEX, documents_task
 from scratchlm.tokenizers import CharTokenizer
 from scratchlm.train import train
 
-REPO = Path(__file__).resolve().parents[1]
+from clitools import assert_one_line_error, cli, write_word_corpus  # noqa: E402
 
 TINY_MODELS = {"bigram": {}, "mlp": {"block_size": 3, "n_embd": 4, "n_hidden": 16},
                "rnn": {"n_embd": 8, "n_hidden": 16, "dropout": 0.1},
@@ -41,11 +37,7 @@ TINY_MODELS = {"bigram": {}, "mlp": {"block_size": 3, "n_embd": 4, "n_hidden": 1
 @pytest.fixture
 def corpus_file(tmp_path, monkeypatch):
     monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
-    words = "the cat sat on a mat and the dog ran to the park while birds sang in old trees".split()
-    rng = random.Random(0)
-    path = tmp_path / "tiny.txt"
-    path.write_text(" ".join(rng.choice(words) for _ in range(800)) + "\n", encoding="utf-8")
-    return path
+    return write_word_corpus(tmp_path / "tiny.txt")
 
 
 def tiny_config(**overrides) -> TrainConfig:
@@ -205,22 +197,6 @@ def test_state_decoding_gives_the_tokens_of_a_full_forward_per_step(family):
 
 
 # ---------------------------------------------------------------- the command line
-
-def cli(*args, env_extra=None, timeout=180):
-    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "scratchlm", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("scratchlm: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-
 
 TINY_LSTM = ["--model", "lstm", "--iters", 2, "--set", "batch_size=4", "--set", "n_embd=8", "--set", "n_hidden=16",
              "--set", "eval_iters=1", "--set", "eval_interval=2", "--set", "warmup_iters=0", "--set", "lr_decay_iters=2",

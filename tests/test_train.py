@@ -6,10 +6,10 @@ written into tmp_path, so the whole file takes seconds.
 import importlib.util
 import json
 import math
-import random
 
 import numpy as np
 import pytest
+from clitools import write_word_corpus
 
 from scratchlm import backend
 from scratchlm.errors import UserError
@@ -23,11 +23,7 @@ TIMING_KEYS = {"ms_per_iter", "tokens_per_s", "mfu"}
 @pytest.fixture
 def corpus_file(tmp_path, monkeypatch):
     monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
-    words = "the cat sat on a mat and the dog ran to the park while birds sang in old trees".split()
-    rng = random.Random(0)
-    path = tmp_path / "tiny.txt"
-    path.write_text(" ".join(rng.choice(words) for _ in range(800)) + "\n", encoding="utf-8")
-    return path
+    return write_word_corpus(tmp_path / "tiny.txt")
 
 
 def tiny_config(**overrides) -> TrainConfig:
@@ -174,7 +170,6 @@ def test_checkpoint_round_trip_restores_model_and_optimizer_exactly(tmp_path, co
 
 
 def test_checkpoint_with_files_of_different_iterations_is_refused(tmp_path, corpus_file):
-    from scratchlm.models import GPT
     from scratchlm.optim import AdamW
     train(tiny_config(max_iters=3), tmp_path / "run", corpus=str(corpus_file), progress=False)
     state_path = tmp_path / "run" / "trainer.json"

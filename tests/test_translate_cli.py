@@ -1,33 +1,14 @@
 """`scratchlm translate`, `scratchlm eval` and `scratchlm attention` on seq2seq runs, as subprocesses:
 a tiny model trained for a few iterations (nothing is learned; the plumbing is what is checked)."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from clitools import assert_one_line_error, cli  # noqa: E402
 TINY = ["--set", "d_model=16", "--set", "nhead=2", "--set", "dim_feedforward=32", "--set", "num_encoder_layers=1",
         "--set", "num_decoder_layers=2", "--set", "batch_size=8", "--set", "eval_iters=1", "--set", "eval_interval=3",
         "--set", "warmup_iters=1", "--set", "log_interval=1"]
-
-
-def cli(*args, stdin=None, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "scratchlm", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout, input=stdin)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("scratchlm: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 @pytest.fixture(scope="module")
