@@ -52,6 +52,14 @@ NEG = -1e9                      # the value padding takes before a max: never th
 
 @dataclasses.dataclass
 class _ClassifierConfig(_Config):
+    """The fields every classifier has; each model's config adds its own and its pooling's default."""
+    vocab_size: int = 1000
+    num_classes: int = 2
+    n_embd: int = 64            # C
+    class_weights: str = ""     # "" = equal; else K comma-separated weights
+    init_embeddings: str = ""   # a word2vec text file the embedding starts from (read by the task)
+    init_embeddings_scale: str = "match"    # "match": vectors rescaled to the table's init std; "raw": as read
+    freeze_embeddings: bool = False         # keep the (initialised) embedding table fixed
     _positive = ("vocab_size", "num_classes", "n_embd")
     _poolings = ()
 
@@ -81,50 +89,29 @@ class _ClassifierConfig(_Config):
 
 @dataclasses.dataclass
 class BagOfEmbeddingsConfig(_ClassifierConfig):
-    vocab_size: int = 1000
-    num_classes: int = 2
-    n_embd: int = 64            # C
     pooling: str = "mean"       # "mean" | "max" | "meanmax" (both, concatenated: 2C)
     dropout: float = 0.0        # on the pooled vector
-    class_weights: str = ""     # "" = equal; else K comma-separated weights
-    init_embeddings: str = ""   # a word2vec text file the embedding starts from (read by the task)
-    init_embeddings_scale: str = "match"    # "match": vectors rescaled to the table's init std; "raw": as read
-    freeze_embeddings: bool = False         # keep the (initialised) embedding table fixed
     _poolings = ("mean", "max", "meanmax")
 
 
 @dataclasses.dataclass
 class BiLSTMConfig(_ClassifierConfig):
-    vocab_size: int = 1000
-    num_classes: int = 2
-    n_embd: int = 64            # C
     n_hidden: int = 64          # H per direction
     n_layer: int = 1
     pooling: str = "max"        # "mean" | "max" | "final" (each direction's last state)
     dropout: float = 0.0        # on the embeddings and on the pooled vector
-    class_weights: str = ""
-    init_embeddings: str = ""
-    init_embeddings_scale: str = "match"
-    freeze_embeddings: bool = False
     _positive = ("vocab_size", "num_classes", "n_embd", "n_hidden", "n_layer")
     _poolings = ("mean", "max", "final")
 
 
 @dataclasses.dataclass
 class TransformerClassifierConfig(_ClassifierConfig):
-    vocab_size: int = 1000
-    num_classes: int = 2
-    n_embd: int = 64            # C
     n_head: int = 4
     n_layer: int = 2
     dim_feedforward: int = 128
     block_size: int = 128       # the longest input (learned positions); longer inputs are cut
     pooling: str = "cls"        # "cls" | "mean"
     dropout: float = 0.1
-    class_weights: str = ""
-    init_embeddings: str = ""
-    init_embeddings_scale: str = "match"
-    freeze_embeddings: bool = False
     _positive = ("vocab_size", "num_classes", "n_embd", "n_head", "n_layer", "dim_feedforward", "block_size")
     _poolings = ("cls", "mean")
 
