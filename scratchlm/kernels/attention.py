@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scratchlm.kernels import cuda_kernel, numba_path, pick
+from scratchlm.kernels import attention_threads, cuda_kernel, numba_path, pick
 from scratchlm.kernels.attention_reference import (  # noqa: F401  (the reference rung, re-exported)
     _causal_allowed, _default_scale, _masked_scores, backward_reference, blocked_keys, forward_reference,
     probs_reference)
@@ -72,7 +72,7 @@ def forward_batched_numba(q, k, v, causal: bool, scale: float | None = None, blo
     scores = np.matmul(q, np.swapaxes(k, -1, -2))                       # (B, H, Tq, Tk)
     lse = _softmax_rows_kernel(scores.reshape(-1, t_query, t_key), bool(causal),
                                q.dtype.type(scale), q.dtype == np.float32,
-                               _blocked_rows(blocked), q.shape[1], 0)    # scores -> P
+                               _blocked_rows(blocked), q.shape[1], 0, 0)  # scores -> P
     out = np.matmul(scores, v)                                           # (B, H, Tq, D)
     if keep_probs:
         return out, lse.reshape(q.shape[:-1]), scores
@@ -102,7 +102,7 @@ def backward_batched_numba(do, q, k, v, o, lse, causal: bool, scale: float | Non
     lse3 = np.ascontiguousarray(lse, dtype=q.dtype).reshape(-1, t_query)
     _softmax_backward_rows_kernel(scores.reshape(-1, t_query, t_key), dscores.reshape(-1, t_query, t_key),
                                   _as_heads(do), _as_heads(o), lse3, bool(causal), q.dtype.type(scale),
-                                  q.dtype == np.float32, recompute, _blocked_rows(blocked), q.shape[1], 0)
+                                  q.dtype == np.float32, recompute, _blocked_rows(blocked), q.shape[1], 0, 0)
     # (S -> P), dP -> scale dS
     dv = np.matmul(np.swapaxes(scores, -1, -2), do)                     # P^T dO      (B, H, Tk, D)
     dq = np.matmul(dscores, k)                                           # scale dS K  (B, H, Tq, D)
@@ -118,60 +118,111 @@ def backward_batched_numba(do, q, k, v, o, lse, causal: bool, scale: float | Non
 # Numba softmax passes of 2b turn them into P (or scale dS) in place, and BLAS multiplies again.
 # Only one strip's scores live at a time, so memory is O(N * STRIP_Q * T): linear in T, never
 # (T x T). Causal strips stop at their last row's last visible key, which skips the future.
+# On several cores the stack is cut into chunks of whole heads, one per thread, each thread's
+# BLAS on one thread (``attention_threads``: faster than BLAS threading these small matmuls).
 STRIP_Q = 128
 
+# A training step's forward may keep every strip's P for the backward, which then skips
+# recomputing S = Q K^T (one of its four matmuls) and the exps. Kept only while P fits in this
+# many bytes: causal P is ~N T^2 / 2 floats (134 MB at B*H = 16, T = 2048 float32), so the cap
+# keeps the saving (about a seventh of the strip path's matmul time) from turning into a
+# quadratic memory bill at long T; above it the backward recomputes as before.
+KEPT_PROBS_MAX_BYTES = 256 * 2**20
 
-def _strip_view(buffer, n_heads: int, rows: int, cols: int):
-    """A C-contiguous (N, rows, cols) view of the front of a flat scratch buffer: every strip
-    reuses one allocation (strips of growing causal width would otherwise each take a new one)."""
-    return buffer[:n_heads * rows * cols].reshape(n_heads, rows, cols)
+
+class StripProbs:
+    """P as the strip forward left it, for ``backward_strips_blas``: per chunk of heads
+    (start, stop), one flat buffer holding that chunk's strips one after another, strip
+    [a, b) x keys [0, e) as a C-contiguous (stop - start, b - a, e) block. ``strip`` is the
+    STRIP_Q it was cut with (the backward must walk the same strips)."""
+
+    def __init__(self, strip: int, t_query: int, t_key: int, causal: bool, parts):
+        self.strip, self.t_query, self.t_key, self.causal, self.parts = strip, t_query, t_key, causal, parts
+
+    def fits(self, q, k, causal: bool) -> bool:
+        return (self.strip == STRIP_Q and (self.t_query, self.t_key, self.causal) == (q.shape[-2], k.shape[-2], causal)
+                and all(buffer.dtype == q.dtype for _, _, buffer in self.parts))
 
 
-def forward_strips_blas(q, k, v, causal: bool, scale: float | None = None, blocked=None):
+def _strips(t_query: int, t_key: int, causal: bool):
+    """(start, stop, key_stop) of each query strip: rows [start, stop) see keys [0, key_stop)."""
+    offset = t_key - t_query
+    return [(start, min(start + STRIP_Q, t_query),
+             min(t_key, min(start + STRIP_Q, t_query) + offset) if causal else t_key)
+            for start in range(0, t_query, STRIP_Q)]
+
+
+def _strip_view(buffer, n_heads: int, rows: int, cols: int, at: int = 0):
+    """A C-contiguous (N, rows, cols) view of a flat buffer from ``at``: every strip reuses one
+    scratch allocation (strips of growing causal width would otherwise each take a new one)."""
+    return buffer[at:at + n_heads * rows * cols].reshape(n_heads, rows, cols)
+
+
+def _strip_dtypes_ok(*arrays) -> bool:
+    return len({a.dtype for a in arrays}) == 1 and arrays[0].dtype in (np.float32, np.float64)
+
+
+def forward_strips_blas(q, k, v, causal: bool, scale: float | None = None, blocked=None,
+                        keep_probs: bool = False):
     """Same contract as ``forward_reference``, for long T: per query strip [a, b) of STRIP_Q rows,
 
         S = Q[a:b] K[:e]^T (batched BLAS, (N, b - a, e)),  e = Tk, or b + (Tk - Tq) when causal;
         P, lse[a:b] = masked softmax of scale * S (Numba, in place; masked P exactly 0);
         O[a:b] = P V[:e] (batched BLAS).
 
+    ``keep_probs=True`` returns (o, lse, probs) with probs a ``StripProbs`` for
+    ``backward_strips_blas`` when P fits KEPT_PROBS_MAX_BYTES, else None.
     Needs Tq <= Tk (every row sees a key); other shapes and dtypes go to the tiled kernel
     (and from there, with ``blocked``, to the reference).
     """
     scale = _default_scale(q, scale)
     t_query, t_key = q.shape[-2], k.shape[-2]
-    if (q.dtype not in (np.float32, np.float64) or not (q.dtype == k.dtype == v.dtype)
-            or t_query > t_key):
-        return forward_numba(q, k, v, causal, scale, blocked)
+    if not _strip_dtypes_ok(q, k, v) or t_query > t_key:
+        result = forward_numba(q, k, v, causal, scale, blocked)
+        return (*result, None) if keep_probs else result
     flags = _blocked_rows(blocked)
     q3, k3, v3 = _as_heads(q), _as_heads(k), _as_heads(v)              # (N, T, D)
     out = np.empty_like(q3)
     lse = np.empty(q3.shape[:2], dtype=q.dtype)                          # (N, Tq)
-    offset = t_key - t_query
-    strip_buffer = np.empty(q3.shape[0] * min(STRIP_Q, t_query) * t_key, dtype=q.dtype)
-    for start in range(0, t_query, STRIP_Q):
-        stop = min(start + STRIP_Q, t_query)
-        key_stop = min(t_key, stop + offset) if causal else t_key
-        # The strip's causal offset is key_stop - (stop - start) = start + offset, which the
-        # softmax pass reads from the strip's shape: row i sees strip keys j <= i + start + offset.
-        scores = _strip_view(strip_buffer, q3.shape[0], stop - start, key_stop)         # (N, rows, e)
-        np.matmul(q3[:, start:stop], np.swapaxes(k3[:, :key_stop], -1, -2), out=scores)  # S
-        lse[:, start:stop] = _softmax_rows_kernel(scores, bool(causal), q.dtype.type(scale),
-                                                  q.dtype == np.float32, flags, q.shape[1], start)                 # S -> P
-        np.matmul(scores, v3[:, :key_stop], out=out[:, start:stop])                     # P V
-    return out.reshape(q.shape), lse.reshape(q.shape[:-1])
+    strips = _strips(t_query, t_key, causal)
+    kept_floats = sum((stop - start) * key_stop for start, stop, key_stop in strips)
+    keep = keep_probs and q3.shape[0] * kept_floats * q.itemsize <= KEPT_PROBS_MAX_BYTES
+    scale = q.dtype.type(scale)
+
+    def heads(first: int, last: int):                                   # heads [first, last)
+        n_heads = last - first
+        buffer = np.empty(n_heads * (kept_floats if keep else min(STRIP_Q, t_query) * t_key), q.dtype)
+        at = 0
+        for start, stop, key_stop in strips:
+            # The strip's causal offset is key_stop - (stop - start) = start + offset, which the
+            # softmax pass reads from the strip's shape: row i sees strip keys j <= i + start + offset.
+            scores = _strip_view(buffer, n_heads, stop - start, key_stop, at)                 # (n, rows, e)
+            at += scores.size if keep else 0
+            np.matmul(q3[first:last, start:stop], np.swapaxes(k3[first:last, :key_stop], -1, -2), out=scores)
+            lse[first:last, start:stop] = _softmax_rows_kernel(scores, bool(causal), scale, q.dtype == np.float32,
+                                                               flags, q.shape[1], start, first)  # S -> P
+            np.matmul(scores, v3[first:last, :key_stop], out=out[first:last, start:stop])    # P V
+        return buffer if keep else None
+
+    parts = attention_threads.over_heads(heads, attention_threads.chunks(q3.shape[0], attention_threads.workers(q3.shape[0])))
+    o, lse = out.reshape(q.shape), lse.reshape(q.shape[:-1])
+    if not keep_probs:
+        return o, lse
+    return o, lse, (StripProbs(STRIP_Q, t_query, t_key, bool(causal), parts) if keep else None)
 
 
-def backward_strips_blas(do, q, k, v, o, lse, causal: bool, scale: float | None = None, blocked=None):
+def backward_strips_blas(do, q, k, v, o, lse, causal: bool, scale: float | None = None, blocked=None,
+                         probs: StripProbs | None = None):
     """Same contract as ``backward_reference``, for long T: per query strip [a, b), keys [0, e),
 
         S = Q[a:b] K[:e]^T,  dP = dO[a:b] V[:e]^T (batched BLAS);
         P = exp(scale S - lse[a:b]),  dS' = scale P (dP - delta), delta_i = dO_i . o_i (Numba);
         dV[:e] += P^T dO[a:b],  dK[:e] += dS'^T Q[a:b],  dQ[a:b] = dS' K[:e] (batched BLAS).
+    ``probs``: the forward's ``StripProbs``; then S and P are not recomputed (P is only read).
     """
     scale = _default_scale(q, scale)
     t_query, t_key = q.shape[-2], k.shape[-2]
-    if (len({a.dtype for a in (do, q, k, v, o)}) != 1 or q.dtype not in (np.float32, np.float64)
-            or t_query > t_key):
+    if not _strip_dtypes_ok(do, q, k, v, o) or t_query > t_key:
         return backward_numba(do, q, k, v, o, lse, causal, scale, blocked)
     flags = _blocked_rows(blocked)
     do3, q3, k3, v3, o3 = (_as_heads(a) for a in (do, q, k, v, o))
@@ -179,26 +230,40 @@ def backward_strips_blas(do, q, k, v, o, lse, causal: bool, scale: float | None 
     dq = np.empty_like(q3)
     dk = np.zeros_like(k3)
     dv = np.zeros_like(v3)
-    offset = t_key - t_query
-    n_heads, strip_size = q3.shape[0], q3.shape[0] * min(STRIP_Q, t_query) * t_key
-    scores_buffer, dscores_buffer = np.empty(strip_size, q.dtype), np.empty(strip_size, q.dtype)
-    key_grad_buffer = np.empty_like(k3)                                 # one strip's share of dK or dV
-    for start in range(0, t_query, STRIP_Q):
-        stop = min(start + STRIP_Q, t_query)
-        key_stop = min(t_key, stop + offset) if causal else t_key
-        q_strip, do_strip = q3[:, start:stop], do3[:, start:stop]      # (N, rows, D)
-        keys, values = k3[:, :key_stop], v3[:, :key_stop]              # (N, e, D)
-        scores = _strip_view(scores_buffer, n_heads, stop - start, key_stop)
-        dscores = _strip_view(dscores_buffer, n_heads, stop - start, key_stop)
-        np.matmul(q_strip, np.swapaxes(keys, -1, -2), out=scores)       # S   (N, rows, e)
-        np.matmul(do_strip, np.swapaxes(values, -1, -2), out=dscores)  # dP  (N, rows, e)
-        _softmax_backward_rows_kernel(scores, dscores, do_strip, o3[:, start:stop], lse2[:, start:stop],
-                                      bool(causal), q.dtype.type(scale), q.dtype == np.float32, True,
-                                      flags, q.shape[1], start)
-        key_grad = key_grad_buffer[:, :key_stop]
-        dv[:, :key_stop] += np.matmul(np.swapaxes(scores, -1, -2), do_strip, out=key_grad)    # P^T dO
-        dk[:, :key_stop] += np.matmul(np.swapaxes(dscores, -1, -2), q_strip, out=key_grad)    # scale dS^T Q
-        np.matmul(dscores, keys, out=dq[:, start:stop])                          # scale dS K
+    strips = _strips(t_query, t_key, causal)
+    kept = probs is not None and probs.fits(q, k, causal)
+    kept_buffers = {(first, last): buffer for first, last, buffer in probs.parts} if kept else {}
+    scale = q.dtype.type(scale)
+
+    def heads(first: int, last: int):                                   # heads [first, last)
+        n_heads, strip_size = last - first, (last - first) * min(STRIP_Q, t_query) * t_key
+        kept_buffer = kept_buffers.get((first, last))
+        scores_buffer = np.empty(strip_size, q.dtype) if kept_buffer is None else kept_buffer
+        dscores_buffer = np.empty(strip_size, q.dtype)
+        key_grad_buffer = np.empty_like(k3[first:last])                # one strip's share of dK or dV
+        at = 0
+        for start, stop, key_stop in strips:
+            q_strip, do_strip = q3[first:last, start:stop], do3[first:last, start:stop]   # (n, rows, D)
+            keys, values = k3[first:last, :key_stop], v3[first:last, :key_stop]          # (n, e, D)
+            scores = _strip_view(scores_buffer, n_heads, stop - start, key_stop, at)
+            dscores = _strip_view(dscores_buffer, n_heads, stop - start, key_stop)
+            if kept_buffer is None:
+                np.matmul(q_strip, np.swapaxes(keys, -1, -2), out=scores)   # S   (n, rows, e)
+            else:
+                at += scores.size                                          # P, kept by the forward
+            np.matmul(do_strip, np.swapaxes(values, -1, -2), out=dscores)  # dP  (n, rows, e)
+            _softmax_backward_rows_kernel(scores, dscores, do_strip, o3[first:last, start:stop],
+                                          lse2[first:last, start:stop], bool(causal), scale,
+                                          q.dtype == np.float32, kept_buffer is None, flags, q.shape[1],
+                                          start, first)                # (S -> P), dP -> scale dS
+            key_grad = key_grad_buffer[:, :key_stop]
+            dv[first:last, :key_stop] += np.matmul(np.swapaxes(scores, -1, -2), do_strip, out=key_grad)   # P^T dO
+            dk[first:last, :key_stop] += np.matmul(np.swapaxes(dscores, -1, -2), q_strip, out=key_grad)   # scale dS^T Q
+            np.matmul(dscores, keys, out=dq[first:last, start:stop])                          # scale dS K
+
+    n_heads = q3.shape[0]
+    bounds = list(kept_buffers) if kept else attention_threads.chunks(n_heads, attention_threads.workers(n_heads))
+    attention_threads.over_heads(heads, bounds)
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 
 

@@ -103,7 +103,7 @@ def _scaled_row_max(row, count, factor, fast):
     return _float32_from_bits(_ordered_int(peak_key))
 
 
-@njit(cache=True, fastmath={"reassoc"})
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
 def _row_dot(a, b):
     """sum_d a[d] b[d] over two rows of equal length, accumulated in float64."""
     total = 0.0
@@ -123,8 +123,8 @@ def _blocked_rows(blocked):
 
 @njit(inline="always")
 def _blocked_row(blocked, head, row, heads_per_batch):
-    """The (Tk,) blocked flags of ``row`` of stacked head ``head`` (= b * H + h), broadcasting
-    blocked's size-1 batch and query axes."""
+    """The (Tk,) blocked flags of ``row`` of stacked head ``head`` (= b * H + h, counted over the
+    whole (B*H) stack), broadcasting blocked's size-1 batch and query axes."""
     b = head // heads_per_batch if blocked.shape[0] > 1 else 0
     return blocked[b, row if blocked.shape[1] > 1 else 0]
 
@@ -137,14 +137,15 @@ def _set_where(row, count, flags, value):
             row[j] = value
 
 
-@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
-def _softmax_rows_kernel(scores, causal, scale, fast, blocked, heads_per_batch, row_offset):
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def _softmax_rows_kernel(scores, causal, scale, fast, blocked, heads_per_batch, row_offset, head_offset):
     """scores (N, Tq, Tk) = Q K^T, in place -> P = softmax(scale S + mask) row by row; returns lse (N, Tq).
 
     Row i keeps its visible keys j <= i + (Tk - Tq) when causal; the rest of the row becomes 0
     (exactly the -inf score's weight). ``blocked`` (B|1, Tq'|1, Tk' >= Tk) bool, or empty for
-    none: key j of row i is skipped where blocked[b, row_offset + i, j] (N = B * heads_per_batch;
-    row_offset places a strip of rows). A row with no visible key gets P = 0 and lse = -inf.
+    none: key j of row i of head n is skipped where blocked[b, row_offset + i, j] with
+    b = (head_offset + n) // heads_per_batch (row_offset places a strip of rows, head_offset a
+    chunk of heads in the (B*H) stack). A row with no visible key gets P = 0 and lse = -inf.
     ``fast`` (float32): the scores are taken in base 2, x = s * scale * log2(e), so
     P = 2^(x - max x) / sum and lse = ln 2 * (max x + log2(sum)).
     """
@@ -166,7 +167,7 @@ def _softmax_rows_kernel(scores, causal, scale, fast, blocked, heads_per_batch, 
             if visible == 0:
                 continue
             if masked:                                               # blocked scores -> -inf
-                flags = _blocked_row(blocked, head, row_offset + i, heads_per_batch)
+                flags = _blocked_row(blocked, head_offset + head, row_offset + i, heads_per_batch)
                 _set_where(row, visible, flags, -np.inf)
             row_max = _scaled_row_max(row, visible, factor, fast)   # row -> x = factor * s
             if row_max == -np.inf:                                   # every visible key blocked
@@ -197,12 +198,12 @@ def _softmax_rows_kernel(scores, causal, scale, fast, blocked, heads_per_batch, 
     return lse
 
 
-@njit(cache=True, error_model="numpy", fastmath={"contract"})
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 def _softmax_backward_rows_kernel(scores, dprobs, do, o, lse, causal, scale, fast, recompute,
-                                  blocked, heads_per_batch, row_offset):
+                                  blocked, heads_per_batch, row_offset, head_offset):
     """In place: scores (N, Tq, Tk) = Q K^T -> P;  dprobs (N, Tq, Tk) = dO V^T -> scale * dS.
     With ``recompute=False`` scores already holds P (zeros where masked) and is only read.
-    ``blocked``, ``heads_per_batch``, ``row_offset``: as in ``_softmax_rows_kernel``.
+    ``blocked``, ``heads_per_batch``, ``row_offset``, ``head_offset``: as in ``_softmax_rows_kernel``.
 
     P = exp(scale s_ij - lse_i) on visible keys and 0 elsewhere (as 2^(x_ij - lse_i log2 e)
     with x = s scale log2(e) when ``fast``);
@@ -224,7 +225,7 @@ def _softmax_backward_rows_kernel(scores, dprobs, do, o, lse, causal, scale, fas
             row_delta = dtype(_row_dot(do[head, i], o[head, i]))
             if recompute:
                 if masked:
-                    flags = _blocked_row(blocked, head, row_offset + i, heads_per_batch)
+                    flags = _blocked_row(blocked, head_offset + head, row_offset + i, heads_per_batch)
                     if lse[head, i] == -np.inf:                      # a row with every key blocked
                         visible = 0
                 if fast:

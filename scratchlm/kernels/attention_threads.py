@@ -1,0 +1,120 @@
+"""Attention's strip path on several cores: chunks of the (B*H) head stack on Python threads, each
+thread's BLAS calls on one BLAS thread.
+
+Why not let BLAS thread each matmul: the strip path's matmuls are small (one strip: 128 query rows
+by at most T keys, depth D = 64) and OpenBLAS splits each one over its threads with a hand-off
+per call; on the 2-core machine that ran at well under twice the one-thread rate, and it stalls
+when another process holds a core (a thread of every call waits for it). Heads are independent,
+so instead each worker thread takes whole heads: its matmuls run on one BLAS thread in the
+calling thread (NumPy's matmul releases the GIL) and its Numba softmax passes are compiled
+``nogil=True``, so the workers really run at once.
+
+``workers(n_heads)`` says how many threads to use: the BLAS library's current thread count (so
+``threadpoolctl.threadpool_limits(1)`` or OMP_NUM_THREADS=1 keeps everything on one core), capped
+by the cores this process may run on and by the number of heads. It is 1, and the caller runs as
+before (one chunk, BLAS threading each matmul), where threadpoolctl is not installed (it is
+optional: the core needs only NumPy), where no BLAS library is found, or with a single head.
+
+``over_heads(task, chunks(n_heads, n_workers))`` runs ``task(start, stop)`` on chunks of the
+stack, the calling thread taking the first, a persistent pool the rest, with the BLAS limit set to one
+thread for the duration. The BLAS thread count is process-wide: a matmul of another Python thread
+that overlaps the call also runs on one thread. threadpoolctl lets only one live Python thread
+change OpenBLAS's limit; if the limit did not take (another thread holds it), the chunks run
+one after another in the calling thread instead, correct but not parallel.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+# A cap on ``workers`` (None: none). 1 turns the chunking off: one chunk, BLAS threading each
+# matmul, as before this module (bench/attention.py's "serial" row; tests compare the two).
+MAX_WORKERS: int | None = None
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_lock = threading.Lock()
+_blas = None                    # threadpoolctl controller of the BLAS libraries; False without one
+
+
+def _blas_controller():
+    """threadpoolctl's controller over the loaded BLAS libraries (made once), or False."""
+    global _blas
+    if _blas is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _blas = False
+        else:
+            controller = ThreadpoolController().select(user_api="blas")
+            _blas = controller if controller.lib_controllers else False
+    return _blas
+
+
+def _cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _blas_threads(controller) -> int:
+    return max((lib.num_threads or 1) for lib in controller.lib_controllers)
+
+
+def workers(n_heads: int) -> int:
+    """Threads the strip path may run ``n_heads`` heads on (see the module docstring)."""
+    if n_heads < 2:
+        return 1
+    controller = _blas_controller()
+    if not controller:
+        return 1
+    cap = n_heads if MAX_WORKERS is None else MAX_WORKERS
+    return max(1, min(_blas_threads(controller), _cores(), n_heads, cap))
+
+
+def chunks(n_heads: int, n_workers: int) -> list[tuple[int, int]]:
+    """``n_workers`` contiguous (start, stop) ranges covering range(n_heads), sizes differing by
+    at most one (an odd head count leaves one chunk a head longer)."""
+    n_workers = max(1, min(n_workers, n_heads))
+    base, extra = divmod(n_heads, n_workers)
+    bounds, start = [], 0
+    for index in range(n_workers):
+        stop = start + base + (1 if index < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _get_pool(size: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _lock:
+        if _pool is None or _pool_size < size:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="scratchlm-attention")
+            _pool_size = size
+        return _pool
+
+
+def over_heads(task, bounds):
+    """[(start, stop, task(start, stop))] for the chunks ``bounds`` (from ``chunks``), in order.
+    Several chunks run at once, one per thread, with BLAS at one thread each, when ``workers``
+    allows it; else in turn in the calling thread."""
+    n_heads = bounds[-1][1]
+    controller = _blas_controller()
+    if len(bounds) == 1 or workers(n_heads) < 2:
+        return [(start, stop, task(start, stop)) for start, stop in bounds]
+    limit = controller.limit(limits=1)
+    try:
+        if _blas_threads(controller) != 1:               # another thread controls the BLAS limit
+            return [(start, stop, task(start, stop)) for start, stop in bounds]
+        pool = _get_pool(len(bounds) - 1)
+        futures = [pool.submit(task, start, stop) for start, stop in bounds[1:]]
+        try:
+            first = task(*bounds[0])
+        finally:
+            others = [future.result() for future in futures]   # wait for all, even if ours failed
+        return [(start, stop, result) for (start, stop), result in zip(bounds, [first] + others)]
+    finally:
+        limit.restore_original_limits()
