@@ -123,11 +123,13 @@ def backward_batched_numba(do, q, k, v, o, lse, causal: bool, scale: float | Non
 STRIP_Q = 128
 
 # A training step's forward may keep every strip's P for the backward, which then skips
-# recomputing S = Q K^T (one of its four matmuls) and the exps. Kept only while P fits in this
-# many bytes: causal P is ~N T^2 / 2 floats (134 MB at B*H = 16, T = 2048 float32), so the cap
-# keeps the saving (about a seventh of the strip path's matmul time) from turning into a
-# quadratic memory bill at long T; above it the backward recomputes as before.
-KEPT_PROBS_MAX_BYTES = 256 * 2**20
+# recomputing S = Q K^T (one of its four matmuls) and the exps. Causal P is ~N T^2 / 2 floats:
+# 34 MB at B*H = 16, T = 1024 float32, 134 MB at T = 2048. Measured at one thread (process CPU
+# time, medians, on the loaded shared machine): at T = 1024 forward+backward went 200 -> 180 ms;
+# at T = 2048 user time fell 670 -> 560 ms but the page faults on 134 MB of fresh memory every
+# step cost 10 -> 320 ms of system time, a net loss (and the memory grows as T^2 per layer). So P
+# is kept only up to this many bytes; above it the backward recomputes.
+KEPT_PROBS_MAX_BYTES = 64 * 2**20
 
 
 class StripProbs:
@@ -294,20 +296,35 @@ def forward(q, k, v, causal: bool, scale: float | None = None, blocked=None):
 
 
 def forward_keeping_probs(q, k, v, causal: bool, scale: float | None = None, blocked=None):
-    """(o, lse, probs) for a training step: as ``forward``, plus P (B, H, Tq, Tk) where the
-    batched path made it anyway (short T on the Numba rung), else None. Hand ``probs`` to
-    ``backward_from_probs``."""
-    if pick(q, "attention") == "numba" and _numba_path(q, k) == "batched":
-        return forward_batched_numba(q, k, v, causal, scale, blocked, keep_probs=True)
+    """(o, lse, probs) for a training step: as ``forward``, plus what the backward can reuse
+    instead of recomputing P: P (B, H, Tq, Tk) where the batched path made it anyway (short T
+    on the Numba rung), a ``StripProbs`` where the strip path kept its strips (within
+    KEPT_PROBS_MAX_BYTES), else None. Hand ``probs`` to ``backward_from_probs``."""
+    if pick(q, "attention") == "numba":
+        path = _numba_path(q, k)
+        if path == "batched":
+            return forward_batched_numba(q, k, v, causal, scale, blocked, keep_probs=True)
+        if path == "strips":
+            return forward_strips_blas(q, k, v, causal, scale, blocked, keep_probs=True)
     o, lse = forward(q, k, v, causal, scale, blocked)
     return o, lse, None
 
 
 def backward_from_probs(do, q, k, v, o, lse, probs, causal: bool, scale: float | None = None, blocked=None):
     """(dq, dk, dv) as ``backward``, reusing P from ``forward_keeping_probs`` when it kept one."""
+    if isinstance(probs, StripProbs):
+        return backward_strips_blas(do, q, k, v, o, lse, causal, scale, blocked, probs=probs)
     if probs is not None and pick(q, "attention") == "numba":
         return backward_batched_numba(do, q, k, v, o, lse, causal, scale, blocked, probs=probs)
     return backward(do, q, k, v, o, lse, causal, scale, blocked)
+
+
+def attention_weights(q, k, lse, probs, causal: bool, scale: float | None = None, blocked=None):
+    """P (B, H, Tq, Tk), the attention weights (need_weights): ``probs`` from
+    ``forward_keeping_probs`` when it is that array (a copy), else rebuilt from lse."""
+    if probs is not None and not isinstance(probs, StripProbs):
+        return probs.copy()
+    return probs_reference(q, k, lse, causal, scale, blocked)
 
 
 def backward(do, q, k, v, o, lse, causal: bool, scale: float | None = None, blocked=None):

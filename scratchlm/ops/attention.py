@@ -63,8 +63,8 @@ class ScaledDotProductAttention(Function):
         else:
             o, lse, probs = attention_kernel.forward_keeping_probs(q, k, v, causal, scale, blocked)
         if weights_out is not None:
-            weights = probs if probs is not None else attention_kernel.probs_reference(q, k, lse, causal, scale, blocked)
-            weights_out.append(weights * dropout_scale if dropout_scale is not None else weights.copy())
+            weights = attention_kernel.attention_weights(q, k, lse, probs, causal, scale, blocked)
+            weights_out.append(weights * dropout_scale if dropout_scale is not None else weights)
         return o, (q, k, v, o, lse, probs, causal, scale, blocked, dropout_scale)
 
     @staticmethod
