@@ -231,6 +231,102 @@ def test_attention_backward_from_kept_probs_matches_reference(case):
     for name, fast, slow in zip(("dq", "dk", "dv"), actual, expected):
         np.testing.assert_allclose(fast, slow, rtol=1e-9, atol=1e-11, err_msg=name)
 
+# ============================================================== attention: the strips on threads
+
+@pytest.fixture
+def two_workers(monkeypatch):
+    """The strip path cuts the head stack into two chunks on two threads, whatever this machine's
+    cores and BLAS thread count (the mechanism under test); threadpoolctl is optional."""
+    pytest.importorskip("threadpoolctl")
+    from scratchlm.kernels import attention_threads
+    monkeypatch.setattr(attention_threads, "workers", lambda n_heads: min(2, n_heads))
+    return attention_threads
+
+
+def test_attention_head_chunks_run_at_once_with_one_blas_thread(two_workers):
+    """over_heads: every chunk of the stack runs, on its own thread, all at the same time (a
+    barrier that only opens when both are inside), with the BLAS limit at one thread meanwhile
+    and restored after; chunks cover the stack in order, sizes differing by at most one."""
+    import threading
+    for n_heads, n_workers in [(1, 2), (5, 2), (16, 2), (7, 3), (2, 5)]:
+        bounds = two_workers.chunks(n_heads, n_workers)
+        sizes = [stop - start for start, stop in bounds]
+        assert bounds[0][0] == 0 and bounds[-1][1] == n_heads and min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])) and len(bounds) == min(n_heads, n_workers)
+    controller = two_workers._blas_controller()
+    before = two_workers._blas_threads(controller)
+    barrier = threading.Barrier(2, timeout=20)
+    seen = []
+
+    def task(start, stop):
+        barrier.wait()                              # both chunks inside at once, or BrokenBarrierError
+        seen.append((threading.get_ident(), two_workers._blas_threads(controller)))
+        return stop - start
+
+    assert two_workers.over_heads(task, two_workers.chunks(5, 2)) == [(0, 3, 3), (3, 5, 2)]
+    assert len({ident for ident, _ in seen}) == 2 and all(threads == 1 for _, threads in seen)
+    assert two_workers._blas_threads(controller) == before
+
+
+@needs_numba
+@pytest.mark.parametrize("batch, heads", [(1, 1), (1, 3), (3, 1), (2, 3)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_strips_on_threads_equal_one_thread_and_the_reference(two_workers, batch, heads, masked,
+                                                                         monkeypatch):
+    """Threaded strips (two chunks, odd head counts and B*H = 1 included) equal the unthreaded run
+    to float32 rounding and the float64 reference within the module's bounds, with a per-batch
+    key mask so a chunk that starts mid-stack must find its heads' batch rows."""
+    monkeypatch.setattr(attention, "STRIP_Q", 16)
+    t_query, t_key = 40, 53
+    seed = batch * 10 + heads
+    q = uniform(seed, (batch, heads, t_query, 8), np.float32)
+    k, v = (uniform(seed + n, (batch, heads, t_key, 8), np.float32) for n in (1, 2))
+    do = uniform(seed + 3, (batch, heads, t_query, 8), np.float32)
+    padding = np.arange(t_key)[None, :] >= t_key - 3 * np.arange(1, batch + 1)[:, None]   # (B, Tk)
+    blocked = attention.blocked_keys(padding) if masked else None
+    for causal in (True, False):
+        runs = {}
+        for name, cap in (("threads", None), ("serial", 1)):
+            monkeypatch.setattr(two_workers, "MAX_WORKERS", cap)
+            out, lse = attention.forward_strips_blas(q, k, v, causal, None, blocked)
+            runs[name] = (out, lse, *attention.backward_strips_blas(do, q, k, v, out, lse, causal, None, blocked))
+        for threaded, serial in zip(runs["threads"], runs["serial"]):
+            assert_close_float32(threaded, serial, rtol=1e-6)
+        wide = [a.astype(np.float64) for a in (q, k, v, do)]
+        out, lse = attention.forward_reference(*wide[:3], causal, None, blocked)
+        expected = (out, lse, *attention.backward_reference(wide[3], *wide[:3], out, lse, causal, None, blocked))
+        for threaded, want, rtol in zip(runs["threads"], expected, (2e-5, 2e-5, 1e-4, 1e-4, 1e-4)):
+            assert_close_float32(threaded, want, rtol=rtol)
+
+
+@needs_numba
+@pytest.mark.parametrize("heads", [1, 3])
+def test_attention_strips_kept_probs_give_the_reference_gradients(two_workers, heads, monkeypatch):
+    """The training pair on the strip path: the forward keeps P per chunk of heads, the backward
+    reuses it (and leaves it as it was) and gets the reference's gradients; over the byte budget,
+    or cut with another strip width, nothing is kept or reused and the result is the same."""
+    monkeypatch.setattr(attention, "STRIP_Q", 16)
+    q, k, v, do = (uniform(70 + n, (1, heads, 45, 8)) for n in range(4))
+    out, lse = attention.forward_reference(q, k, v, True)
+    expected = attention.backward_reference(do, q, k, v, out, lse, True)
+    with kernels.force_rung("attention", "strips"):
+        fast_out, fast_lse, probs = attention.forward_keeping_probs(q, k, v, True)
+        assert isinstance(probs, attention.StripProbs)
+        kept = [buffer.copy() for _, _, buffer in probs.parts]
+        np.testing.assert_allclose(fast_out, out, rtol=1e-10, atol=1e-12)
+        weights = attention.attention_weights(q, k, fast_lse, probs, True)
+        np.testing.assert_allclose(weights, attention.probs_reference(q, k, lse, True), rtol=1e-10, atol=1e-12)
+        actual = attention.backward_from_probs(do, q, k, v, fast_out, fast_lse, probs, True)
+        assert all(np.array_equal(buffer, copy) for (_, _, buffer), copy in zip(probs.parts, kept))
+        monkeypatch.setattr(attention, "STRIP_Q", 8)                    # a P cut in other strips
+        assert not probs.fits(q, k, True)
+        recomputed = attention.backward_from_probs(do, q, k, v, fast_out, fast_lse, probs, True)
+        monkeypatch.setattr(attention, "KEPT_PROBS_MAX_BYTES", 0)
+        assert attention.forward_keeping_probs(q, k, v, True)[2] is None
+    for fast, again, slow in zip(actual, recomputed, expected):
+        np.testing.assert_allclose(fast, slow, rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(again, slow, rtol=1e-9, atol=1e-11)
+
 
 @needs_numba
 def test_fast_exp2_and_row_max_against_numpy():
