@@ -1,8 +1,11 @@
 """Attention forward / backward time and peak memory: scratchlm's rungs side by side with PyTorch.
 
 CPU (default): the NumPy reference (materialises the (T, T) scores), the Numba FlashAttention-style
-kernel, and torch.nn.functional.scaled_dot_product_attention on the CPU when torch is installed,
-at B=4, H in {4, 12}, D=64, causal, T in {128, ..., 2048}, float32, with the same thread count.
+kernel, the BLAS strip path (``numba_strips_blas``: what the dispatcher runs at long T, with the
+(B*H) heads in chunks on threads and, for fwd+bwd, the training pair that keeps P when it fits
+KEPT_PROBS_MAX_BYTES), and torch.nn.functional.scaled_dot_product_attention on the CPU when torch
+is installed, at B=4, H in {4, 12}, D=64, causal, T in {128, ..., 2048}, float32, with the same
+thread count.
 
 GPU (--gpu, needs CuPy and a GPU): the CuPy kernels of scratchlm.kernels.cuda against torch SDPA
 on CUDA, float32, T up to 8192, timed between device synchronisations.
@@ -22,6 +25,7 @@ writable the column says n/a. GPU memory: torch.cuda.max_memory_allocated and Cu
     python bench/attention.py                     # full CPU table, writes bench/results/attention.json
     python bench/attention.py --quick             # T = 1024 and 2048 rows only (H = 4), about a minute
     python bench/attention.py --quick --threads 1 # the same with one thread for everyone
+    python bench/attention.py --quick --serial    # plus the strips as before (one chunk, BLAS threads)
     python bench/attention.py --heads 4 --max-t 1024 --repeats 3
     python bench/attention.py --gpu               # CuPy kernels vs torch SDPA CUDA
 """
@@ -44,7 +48,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scratchlm import kernels  # noqa: E402
-from scratchlm.kernels import attention  # noqa: E402
+from scratchlm.kernels import attention, attention_threads  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "attention.json"
 
@@ -112,13 +116,18 @@ def cpu_inputs(batch, heads, seq_len, head_dim, seed=0):
     return [rng.standard_normal((batch, heads, seq_len, head_dim)).astype(np.float32) for _ in range(4)]
 
 
-def measure_scratchlm(forward, backward, q, k, v, do, repeats, warmup):
+def measure_scratchlm(forward, backward, q, k, v, do, repeats, warmup, keeps_probs=False):
+    """``keeps_probs``: the rung's forward takes keep_probs=True and its backward probs=, as a
+    training step on the dispatcher's strip path runs them (the kept P is reused when it fits)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     out, lse = forward(q, k, v, True, scale)
     fwd = median_seconds(lambda: forward(q, k, v, True, scale), repeats, warmup)
     bwd = median_seconds(lambda: backward(do, q, k, v, out, lse, True, scale), repeats, warmup)
 
     def both():
+        if keeps_probs:
+            o, l, probs = forward(q, k, v, True, scale, keep_probs=True)
+            return backward(do, q, k, v, o, l, True, scale, probs=probs)
         o, l = forward(q, k, v, True, scale)
         return backward(do, q, k, v, o, l, True, scale)
 
@@ -182,10 +191,18 @@ def run_cpu(args, torch):
             if kernels.numba is not None:
                 row["numba_strips_blas"] = measure_scratchlm(attention.forward_strips_blas,
                                                              attention.backward_strips_blas,
-                                                             q, k, v, do, args.repeats, args.warmup)
+                                                             q, k, v, do, args.repeats, args.warmup, keeps_probs=True)
+            if kernels.numba is not None and args.serial:
+                attention_threads.MAX_WORKERS = 1           # the strips as before: one chunk, BLAS threads
+                try:
+                    row["strips_one_chunk"] = measure_scratchlm(attention.forward_strips_blas,
+                                                                attention.backward_strips_blas,
+                                                                q, k, v, do, args.repeats, args.warmup)
+                finally:
+                    attention_threads.MAX_WORKERS = None
             if torch is not None:
                 row["torch_sdpa_cpu"] = measure_torch(torch, q, k, v, do, args.repeats, args.warmup)
-                for rung in ("numba", "numba_strips_blas", "numpy_reference"):
+                for rung in ("numba", "numba_strips_blas", "strips_one_chunk", "numpy_reference"):
                     if "fwd_ms" in row.get(rung, {}):
                         row[rung]["speed_vs_torch_fwd"] = ratio(row["torch_sdpa_cpu"]["fwd_ms"], row[rung]["fwd_ms"])
                         row[rung]["speed_vs_torch_fwd_bwd"] = ratio(row["torch_sdpa_cpu"]["fwd_bwd_ms"],
@@ -206,7 +223,7 @@ CPU_HEADER = (f"{'H':>3} {'T':>5} | {'rung':<17} {'fwd ms':>9} {'bwd ms':>9} {'f
 
 
 def print_cpu_row(row):
-    for rung in ("numpy_reference", "numba", "numba_strips_blas", "torch_sdpa_cpu"):
+    for rung in ("numpy_reference", "numba", "numba_strips_blas", "strips_one_chunk", "torch_sdpa_cpu"):
         cell = row.get(rung)
         if cell is None:
             continue
@@ -292,6 +309,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="H=4, T in {1024, 2048} unless --seq-lens, 3 repeats, the strip path and torch only "
                              "(about a minute)")
+    parser.add_argument("--serial", action="store_true",
+                        help="also time the strip path as it was before head chunks on threads (one chunk, "
+                             "BLAS threading each matmul, no kept P): the 'strips_one_chunk' row")
     parser.add_argument("--gpu", action="store_true", help="CuPy kernels vs torch SDPA on CUDA instead of the CPU")
     parser.add_argument("--gpu-seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--out", type=Path, default=RESULTS)

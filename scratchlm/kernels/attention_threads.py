@@ -103,7 +103,7 @@ def over_heads(task, bounds):
     allows it; else in turn in the calling thread."""
     n_heads = bounds[-1][1]
     controller = _blas_controller()
-    if len(bounds) == 1 or workers(n_heads) < 2:
+    if len(bounds) == 1 or workers(n_heads) < 2 or not controller:
         return [(start, stop, task(start, stop)) for start, stop in bounds]
     limit = controller.limit(limits=1)
     try:
