@@ -333,6 +333,49 @@ def test_scaled_dot_product_attention(qkv_arrays, causal):
     check_gradients(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal), *qkv_arrays)
 
 
+@st.composite
+def chunk_over_cache(draw):
+    """q (B, H, Tq, D) of new tokens over k, v (B, H, Tk, D), Tq <= Tk (a filled KV cache)."""
+    b, h, d = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 4]))
+    t_key = draw(st.integers(1, 6))
+    t_query = draw(st.integers(1, t_key))
+    q = draw(arrays((b, h, t_query, d), st.floats(-3, 3, width=64)))
+    k, v = (draw(arrays((b, h, t_key, d), st.floats(-3, 3, width=64))) for _ in range(2))
+    return q, k, v
+
+
+def causal_chunk_by_formula(q, k, v):
+    """softmax(q k^T / sqrt(D)) v with query i at position Tk - Tq + i, seeing keys j <= Tk - Tq + i."""
+    t_query, t_key = q.shape[-2], k.shape[-2]
+    scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
+    future = np.arange(t_key)[None, :] > (t_key - t_query) + np.arange(t_query)[:, None]
+    scores = np.where(future, -np.inf, scores)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return weights / weights.sum(axis=-1, keepdims=True) @ v
+
+
+@given(chunk_over_cache())
+def test_causal_attention_of_a_chunk_over_a_longer_cache(qkv_arrays):
+    """Chunked prefill: Tq new queries over Tk >= Tq keys, causal, bottom-right aligned; the
+    output is the formula's, equals the last Tq rows of causal attention over all Tk positions
+    (whatever the earlier queries were), and its gradients match finite differences."""
+    q, k, v = qkv_arrays
+    out = F.scaled_dot_product_attention(sl.tensor(q), sl.tensor(k), sl.tensor(v), causal=True).numpy()
+    np.testing.assert_allclose(out, causal_chunk_by_formula(q, k, v), rtol=1e-10, atol=1e-12)
+    t_query, t_key = q.shape[-2], k.shape[-2]
+    earlier = np.random.default_rng(t_key).standard_normal(q.shape[:2] + (t_key - t_query, q.shape[-1]))
+    full = F.scaled_dot_product_attention(sl.tensor(np.concatenate([earlier, q], axis=2)), sl.tensor(k),
+                                          sl.tensor(v), causal=True).numpy()
+    np.testing.assert_allclose(out, full[:, :, t_key - t_query:], rtol=1e-10, atol=1e-12)
+    check_gradients(lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_, causal=True), q, k, v)
+
+
+def test_causal_attention_refuses_more_queries_than_keys():
+    x, y = sl.tensor(np.zeros((1, 1, 3, 2))), sl.tensor(np.zeros((1, 1, 2, 2)))
+    with pytest.raises(ValueError, match="at most as many queries as keys"):
+        F.scaled_dot_product_attention(x, y, y, causal=True)
+
+
 @given(st.integers(1, 4), st.integers(1, 4), hnp.array_shapes(min_dims=0, max_dims=2, max_side=3), st.booleans(),
        st.data())
 def test_linear(n_in, n_out, lead, with_bias, data):

@@ -15,10 +15,14 @@ class ScaledDotProductAttention(Function):
         dV = P^T dO,    dP = dO V^T,
         dS = P * (dP - rowsum(dO * O))     (softmax backward; rowsum(dP * P) = rowsum(dO * O)),
         dQ = scale * dS K,    dK = scale * dS^T Q.
-    Masks: ``causal`` (query i sees keys j <= i; needs Tq == Tk) and ``blocked`` (B|1, Tq|1, Tk)
+    Masks: ``causal`` (query i sees keys j <= i + Tk - Tq; needs Tq <= Tk) and ``blocked`` (B|1, Tq|1, Tk)
     bool, True where a key may not be seen (``kernels.attention.blocked_keys`` builds it from a
     key padding mask and an attention mask). Masked scores are exactly -inf, so their probability
-    is exactly 0 and no gradient reaches a masked key. A query row with no key left gets O = 0
+    is exactly 0 and no gradient reaches a masked key. The causal mask is bottom-right aligned:
+    the Tq queries are the last Tq of the Tk positions (query i sits at position Tk - Tq + i), so
+    a chunk of new tokens over a filled KV cache is causal too (PyTorch's
+    ``torch.nn.attention.bias.causal_lower_right``; SDPA's ``is_causal=True`` aligns top-left
+    instead when Tq != Tk). With Tq == Tk it is the usual j <= i. A query row with no key left gets O = 0
     (lse = -inf): its output no longer depends on anything, so all its gradients are 0, not NaN.
 
     Dropout on the attention weights (``dropout_p`` > 0, as torch.nn.MultiheadAttention's):
@@ -45,9 +49,9 @@ class ScaledDotProductAttention(Function):
                              f"and k, v alike; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
         batch, _, t_query, _ = q.shape
         t_key = k.shape[2]
-        if causal and t_query != t_key:
-            raise ValueError(f"causal attention needs as many queries as keys, got {t_query} and "
-                             f"{t_key}; for one new query over a cache use causal=False")
+        if causal and t_query > t_key:
+            raise ValueError(f"causal attention needs at most as many queries as keys, got {t_query} "
+                             f"queries and {t_key} keys (the queries are the last {t_query} positions)")
         if blocked is not None and (blocked.ndim != 3 or blocked.shape[0] not in (1, batch)
                                     or blocked.shape[1] not in (1, t_query) or blocked.shape[2] != t_key):
             raise ValueError(f"attention mask 'blocked' must be (B or 1, Tq or 1, Tk) = ({batch}, {t_query}, "
