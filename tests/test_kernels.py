@@ -253,6 +253,10 @@ def test_attention_head_chunks_run_at_once_with_one_blas_thread(two_workers):
         sizes = [stop - start for start, stop in bounds]
         assert bounds[0][0] == 0 and bounds[-1][1] == n_heads and min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
         assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])) and len(bounds) == min(n_heads, n_workers)
+    # split: chunks of at most CHUNK_BYTES of strip scores (one head at least), one per worker at least
+    assert two_workers.split(16, two_workers.CHUNK_BYTES) == [(h, h + 1) for h in range(16)]
+    assert two_workers.split(16, two_workers.CHUNK_BYTES // 4 + 1) == two_workers.chunks(16, 6)
+    assert two_workers.split(16, 1) == [(0, 8), (8, 16)]
     controller = two_workers._blas_controller()
     before = two_workers._blas_threads(controller)
     barrier = threading.Barrier(2, timeout=20)

@@ -206,7 +206,8 @@ def forward_strips_blas(q, k, v, causal: bool, scale: float | None = None, block
             np.matmul(scores, v3[first:last, :key_stop], out=out[first:last, start:stop])    # P V
         return buffer if keep else None
 
-    parts = attention_threads.over_heads(heads, attention_threads.chunks(q3.shape[0], attention_threads.workers(q3.shape[0])))
+    head_bytes = min(STRIP_Q, t_query) * t_key * q.itemsize              # one head's strip of scores
+    parts = attention_threads.over_heads(heads, attention_threads.split(q3.shape[0], head_bytes))
     o, lse = out.reshape(q.shape), lse.reshape(q.shape[:-1])
     if not keep_probs:
         return o, lse
@@ -264,7 +265,8 @@ def backward_strips_blas(do, q, k, v, o, lse, causal: bool, scale: float | None 
             np.matmul(dscores, keys, out=dq[first:last, start:stop])                          # scale dS K
 
     n_heads = q3.shape[0]
-    bounds = list(kept_buffers) if kept else attention_threads.chunks(n_heads, attention_threads.workers(n_heads))
+    head_bytes = min(STRIP_Q, t_query) * t_key * q.itemsize              # one head's strip of scores
+    bounds = list(kept_buffers) if kept else attention_threads.split(n_heads, head_bytes)
     attention_threads.over_heads(heads, bounds)
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 

@@ -28,6 +28,15 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+# A chunk holds at most this many bytes of one strip's scores (heads x STRIP_Q x Tk floats), so
+# a strip stays in a core's L2 cache (1 MiB here) between the matmul that writes it, the softmax
+# pass and the matmul that reads it; it was 16 MiB for all 16 heads at T = 2048. Small chunks
+# also balance the threads when another process holds a core: each thread takes the next chunk
+# not yet started. Measured at T = 2048, one thread, process CPU time on the loaded machine:
+# one chunk of 16 heads 700 ms, 8 of 2 heads 680 ms, 16 of one head 580 ms; at two threads the
+# one-head chunks also ran faster than two chunks of 8 (1785 vs 1885 ms wall, load ~6).
+CHUNK_BYTES = 1 << 20
+
 # A cap on ``workers`` (None: none). 1 turns the chunking off: one chunk, BLAS threading each
 # matmul, as before this module (bench/attention.py's "serial" row; tests compare the two).
 MAX_WORKERS: int | None = None
@@ -86,6 +95,13 @@ def chunks(n_heads: int, n_workers: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def split(n_heads: int, head_bytes: int) -> list[tuple[int, int]]:
+    """The chunks the strip path cuts ``n_heads`` heads into, each ``head_bytes`` of strip scores
+    per head: at most CHUNK_BYTES a chunk (at least one head), and at least one per worker."""
+    per_chunk = max(1, CHUNK_BYTES // max(1, head_bytes))
+    return chunks(n_heads, max(workers(n_heads), -(-n_heads // per_chunk)))
+
+
 def _get_pool(size: int) -> ThreadPoolExecutor:
     global _pool, _pool_size
     with _lock:
@@ -99,22 +115,37 @@ def _get_pool(size: int) -> ThreadPoolExecutor:
 
 def over_heads(task, bounds):
     """[(start, stop, task(start, stop))] for the chunks ``bounds`` (from ``chunks``), in order.
-    Several chunks run at once, one per thread, with BLAS at one thread each, when ``workers``
-    allows it; else in turn in the calling thread."""
+    With ``workers`` > 1 the chunks run on that many threads (the calling one and the pool), each
+    thread taking the next chunk not yet started, with BLAS at one thread; else in turn in the
+    calling thread."""
     n_heads = bounds[-1][1]
     controller = _blas_controller()
-    if len(bounds) == 1 or workers(n_heads) < 2 or not controller:
+    n_threads = min(len(bounds), workers(n_heads)) if controller else 1
+    if n_threads < 2:
         return [(start, stop, task(start, stop)) for start, stop in bounds]
     limit = controller.limit(limits=1)
     try:
         if _blas_threads(controller) != 1:               # another thread controls the BLAS limit
             return [(start, stop, task(start, stop)) for start, stop in bounds]
-        pool = _get_pool(len(bounds) - 1)
-        futures = [pool.submit(task, start, stop) for start, stop in bounds[1:]]
+        results = [None] * len(bounds)
+        todo = iter(range(len(bounds)))
+        todo_lock = threading.Lock()
+
+        def run_chunks():
+            while True:
+                with todo_lock:
+                    index = next(todo, None)
+                if index is None:
+                    return
+                results[index] = task(*bounds[index])
+
+        pool = _get_pool(n_threads - 1)
+        futures = [pool.submit(run_chunks) for _ in range(n_threads - 1)]
         try:
-            first = task(*bounds[0])
+            run_chunks()
         finally:
-            others = [future.result() for future in futures]   # wait for all, even if ours failed
-        return [(start, stop, result) for (start, stop), result in zip(bounds, [first] + others)]
+            for future in futures:                       # wait for all, even if ours failed
+                future.result()
+        return [(start, stop, result) for (start, stop), result in zip(bounds, results)]
     finally:
         limit.restore_original_limits()
