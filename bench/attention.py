@@ -193,13 +193,14 @@ def run_cpu(args, torch):
                                                              attention.backward_strips_blas,
                                                              q, k, v, do, args.repeats, args.warmup, keeps_probs=True)
             if kernels.numba is not None and args.serial:
-                attention_threads.MAX_WORKERS = 1           # the strips as before: one chunk, BLAS threads
+                chunk_bytes = attention_threads.CHUNK_BYTES   # the strips as before: one chunk, BLAS threads
+                attention_threads.MAX_WORKERS, attention_threads.CHUNK_BYTES = 1, 1 << 62
                 try:
                     row["strips_one_chunk"] = measure_scratchlm(attention.forward_strips_blas,
                                                                 attention.backward_strips_blas,
                                                                 q, k, v, do, args.repeats, args.warmup)
                 finally:
-                    attention_threads.MAX_WORKERS = None
+                    attention_threads.MAX_WORKERS, attention_threads.CHUNK_BYTES = None, chunk_bytes
             if torch is not None:
                 row["torch_sdpa_cpu"] = measure_torch(torch, q, k, v, do, args.repeats, args.warmup)
                 for rung in ("numba", "numba_strips_blas", "strips_one_chunk", "numpy_reference"):
