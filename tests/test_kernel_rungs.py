@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import scratchlm.kernels as kernels
-from scratchlm.kernels import adamw, attention, cross_entropy, embedding, gelu, layer_norm
+from scratchlm.kernels import adamw, attention, attention_strips, cross_entropy, embedding, gelu, layer_norm
 
 pytestmark = pytest.mark.skipif(not kernels.numba_available(), reason="numba is not installed")
 
@@ -80,7 +80,7 @@ ATTENTION_SHAPES = [(1, 1, 1, 1), (2, 3, 5, 5), (1, 2, 67, 67), (1, 1, 3, 70), (
 def test_attention_every_rung_at_odd_sizes(rung, head_dim, shape, dtype, monkeypatch):
     batch, heads, t_query, t_key = shape
     # narrow strips so that the strip path walks several strips with a ragged last one
-    monkeypatch.setattr(attention, "STRIP_Q", 16)
+    monkeypatch.setattr(attention_strips, "STRIP_Q", 16)
     seed = head_dim * 1000 + t_query
     q = uniform(seed, (batch, heads, t_query, head_dim)).astype(dtype)
     k = uniform(seed + 1, (batch, heads, t_key, head_dim)).astype(dtype)

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import scratchlm.kernels as kernels
-from scratchlm.kernels import attention, cross_entropy, embedding, gelu, layer_norm
+from scratchlm.kernels import attention, attention_strips, cross_entropy, embedding, gelu, layer_norm
 
 needs_numba = pytest.mark.skipif(not kernels.numba_available(), reason="numba is not installed")
 
@@ -191,7 +191,7 @@ def test_attention_strips_match_reference_with_narrow_strips(case, strip):
     """Strips of 1 to 64 rows over T up to 80: several strips, a ragged last one, Tq <= Tk."""
     q, k, v, do, causal = case
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(attention, "STRIP_Q", strip)
+        patch.setattr(attention_strips, "STRIP_Q", strip)
         assert_strips_match_reference(q, k, v, do, causal)
 
 
@@ -280,7 +280,7 @@ def test_attention_strips_on_threads_equal_one_thread_and_the_reference(two_work
     """Threaded strips (two chunks, odd head counts and B*H = 1 included) equal the unthreaded run
     to float32 rounding and the float64 reference within the module's bounds, with a per-batch
     key mask so a chunk that starts mid-stack must find its heads' batch rows."""
-    monkeypatch.setattr(attention, "STRIP_Q", 16)
+    monkeypatch.setattr(attention_strips, "STRIP_Q", 16)
     t_query, t_key = 40, 53
     seed = batch * 10 + heads
     q = uniform(seed, (batch, heads, t_query, 8), np.float32)
@@ -309,7 +309,7 @@ def test_attention_strips_kept_probs_give_the_reference_gradients(two_workers, h
     """The training pair on the strip path: the forward keeps P per chunk of heads, the backward
     reuses it (and leaves it as it was) and gets the reference's gradients; over the byte budget,
     or cut with another strip width, nothing is kept or reused and the result is the same."""
-    monkeypatch.setattr(attention, "STRIP_Q", 16)
+    monkeypatch.setattr(attention_strips, "STRIP_Q", 16)
     q, k, v, do = (uniform(70 + n, (1, heads, 45, 8)) for n in range(4))
     out, lse = attention.forward_reference(q, k, v, True)
     expected = attention.backward_reference(do, q, k, v, out, lse, True)
@@ -322,10 +322,10 @@ def test_attention_strips_kept_probs_give_the_reference_gradients(two_workers, h
         np.testing.assert_allclose(weights, attention.probs_reference(q, k, lse, True), rtol=1e-10, atol=1e-12)
         actual = attention.backward_from_probs(do, q, k, v, fast_out, fast_lse, probs, True)
         assert all(np.array_equal(buffer, copy) for (_, _, buffer), copy in zip(probs.parts, kept))
-        monkeypatch.setattr(attention, "STRIP_Q", 8)                    # a P cut in other strips
+        monkeypatch.setattr(attention_strips, "STRIP_Q", 8)                    # a P cut in other strips
         assert not probs.fits(q, k, True)
         recomputed = attention.backward_from_probs(do, q, k, v, fast_out, fast_lse, probs, True)
-        monkeypatch.setattr(attention, "KEPT_PROBS_MAX_BYTES", 0)
+        monkeypatch.setattr(attention_strips, "KEPT_PROBS_MAX_BYTES", 0)
         assert attention.forward_keeping_probs(q, k, v, True)[2] is None
     for fast, again, slow in zip(actual, recomputed, expected):
         np.testing.assert_allclose(fast, slow, rtol=1e-9, atol=1e-11)
@@ -361,7 +361,7 @@ def test_attention_is_causal(rung, t_cut, monkeypatch):
     """Changing q, k, v at positions after t_cut leaves outputs and lse at positions <= t_cut."""
     if rung != "reference" and not kernels.numba_available():
         pytest.skip("numba is not installed")
-    monkeypatch.setattr(attention, "STRIP_Q", 32)           # several strips over T = 100
+    monkeypatch.setattr(attention_strips, "STRIP_Q", 32)           # several strips over T = 100
     run = {"reference": attention.forward_reference, "numba": attention.forward_numba,
            "batched": attention.forward_batched_numba, "strips": attention.forward_strips_blas}[rung]
     q, k, v = (uniform(seed, (2, 3, 100, 32)) for seed in (1, 2, 3))

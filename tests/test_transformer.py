@@ -18,7 +18,7 @@ import scratchlm.kernels as kernels
 import scratchlm.nn as nn
 import scratchlm.nn.functional as F
 from scratchlm.errors import UserError
-from scratchlm.kernels import attention
+from scratchlm.kernels import attention, attention_strips
 from gradcheck import check_gradients
 
 # The float64 fixture holds for every example of a test (it is not meant to reset between them).
@@ -147,7 +147,7 @@ def test_masked_kernels_match_reference(monkeypatch, rung, case, strip):
     forward, backward = RUNGS[rung]
     blocked = attention.blocked_keys(kpm, attn_mask)
     with monkeypatch.context() as patch:
-        patch.setattr(attention, "STRIP_Q", strip)
+        patch.setattr(attention_strips, "STRIP_Q", strip)
         out, lse = attention.forward_reference(q, k, v, causal, None, blocked)
         expected = attention.backward_reference(do, q, k, v, out, lse, causal, None, blocked)
         fast_out, fast_lse = forward(q, k, v, causal, None, blocked)

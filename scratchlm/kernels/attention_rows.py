@@ -17,10 +17,11 @@ from scratchlm.kernels import intrinsic, llvm_ir, njit, types
 # base-2 score x = s * scale * log2(e) (``_exp2_float32``: a branch-free polynomial written as one
 # loop, no libm call, no int32 scratch row); float64 uses math.exp. The row sum may be
 # reassociated ("reassoc") and multiply-adds contracted, so the loops vectorise; the exp has no
-# other fast-math flag. The passes are serial: OpenBLAS's threads spin between the matmuls, and
-# parallel (Numba workqueue) versions were earlier found no faster at 2 threads; on the loaded
-# machine they were far slower. Measured on one (16, 128, 2048) causal strip, one thread, median
-# process CPU time on the shared 2-core machine:
+# other fast-math flag. A pass is serial (one strip of a chunk of heads) and compiled nogil, so
+# the strip path's worker threads run passes of different chunks at once (parallel Numba
+# versions over a strip were earlier found no faster at 2 threads, and far slower on the loaded
+# machine, next to OpenBLAS's spinning threads). Measured on one (16, 128, 2048) causal strip,
+# one thread, median process CPU time on the shared 2-core machine:
 # forward pass 6.2 -> 4.1 ms (1.5 -> 1.0 ns per score), backward pass 4.0 -> 2.4 ms, against the
 # previous two-loop Cody-Waite exp with a scalar max.
 
