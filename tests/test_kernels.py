@@ -8,6 +8,8 @@ attention within 2e-5 * (1 + |ref|) for o and lse and 1e-4 * (1 + max|ref|) for 
 and per-row kernels within 1e-5 * (1 + |ref|).
 """
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -270,6 +272,23 @@ def test_attention_head_chunks_run_at_once_with_one_blas_thread(two_workers):
     assert two_workers.over_heads(task, two_workers.chunks(5, 2)) == [(0, 3, 3), (3, 5, 2)]
     assert len({ident for ident, _ in seen}) == 2 and all(threads == 1 for _, threads in seen)
     assert two_workers._blas_threads(controller) == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_attention_head_chunks_still_run_in_a_forked_child(two_workers):
+    """A child forked after the pool was made gets a pool of its own (the parent's threads do not
+    exist there): over_heads completes in the child instead of waiting forever (SIGALRM ends a hang)."""
+    assert two_workers.over_heads(lambda start, stop: stop - start, two_workers.chunks(4, 2)) == [(0, 2, 2), (2, 4, 2)]
+    pid = os.fork()
+    if pid == 0:                                    # the child: exit 0 only if both chunks ran
+        signal.alarm(20)
+        try:
+            done = two_workers.over_heads(lambda start, stop: stop - start, two_workers.chunks(4, 2))
+            os._exit(0 if done == [(0, 2, 2), (2, 4, 2)] else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
 
 
 @needs_numba

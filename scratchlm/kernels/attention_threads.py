@@ -3,24 +3,27 @@ thread's BLAS calls on one BLAS thread.
 
 Why not let BLAS thread each matmul: the strip path's matmuls are small (one strip: 128 query rows
 by at most T keys, depth D = 64) and OpenBLAS splits each one over its threads with a hand-off
-per call; on the 2-core machine that ran at well under twice the one-thread rate, and it stalls
-when another process holds a core (a thread of every call waits for it). Heads are independent,
-so instead each worker thread takes whole heads: its matmuls run on one BLAS thread in the
-calling thread (NumPy's matmul releases the GIL) and its Numba softmax passes are compiled
-``nogil=True``, so the workers really run at once.
+per call; on the 2-core machine that ran at well under twice the one-thread rate (T = 2048:
+322 ms at 2 threads, 631 ms at 1, quiet machine), and it stalls when another process holds a
+core (a thread of every call waits for it: 12.6 s instead of 1.1 s at load ~6). Heads are
+independent, so instead each worker thread takes whole heads: its matmuls run on one BLAS thread
+in the calling thread (NumPy's matmul releases the GIL) and its Numba softmax passes are
+compiled ``nogil=True``, so the workers really run at once.
 
-``workers(n_heads)`` says how many threads to use: the BLAS library's current thread count (so
+``workers(n_heads)``: how many threads to use: the BLAS library's current thread count (so
 ``threadpoolctl.threadpool_limits(1)`` or OMP_NUM_THREADS=1 keeps everything on one core), capped
-by the cores this process may run on and by the number of heads. It is 1, and the caller runs as
-before (one chunk, BLAS threading each matmul), where threadpoolctl is not installed (it is
-optional: the core needs only NumPy), where no BLAS library is found, or with a single head.
+by the cores this process may run on, by the number of heads and by MAX_WORKERS. It is 1, and
+the chunks run in turn in the calling thread with BLAS as it was, where threadpoolctl is not
+installed (it is optional: the core needs only NumPy), where no BLAS library is found, or with
+a single head.
 
-``over_heads(task, chunks(n_heads, n_workers))`` runs ``task(start, stop)`` on chunks of the
-stack, the calling thread taking the first, a persistent pool the rest, with the BLAS limit set to one
-thread for the duration. The BLAS thread count is process-wide: a matmul of another Python thread
-that overlaps the call also runs on one thread. threadpoolctl lets only one live Python thread
-change OpenBLAS's limit; if the limit did not take (another thread holds it), the chunks run
-one after another in the calling thread instead, correct but not parallel.
+``split(n_heads, head_bytes)`` cuts the stack into chunks of at most CHUNK_BYTES of strip scores;
+``over_heads(task, chunks)`` runs ``task(start, stop)`` on each, the calling thread and a
+persistent pool taking the next chunk not yet started, with the BLAS limit at one thread for
+the duration. The BLAS thread count is process-wide: a matmul of another Python thread that
+overlaps the call also runs on one thread. threadpoolctl lets only one live Python thread change
+OpenBLAS's limit; if the limit did not take (another thread holds it), the chunks run in turn in
+the calling thread instead, correct but not parallel.
 """
 from __future__ import annotations
 
@@ -37,12 +40,14 @@ from concurrent.futures import ThreadPoolExecutor
 # one-head chunks also ran faster than two chunks of 8 (1785 vs 1885 ms wall, load ~6).
 CHUNK_BYTES = 1 << 20
 
-# A cap on ``workers`` (None: none). 1 turns the chunking off: one chunk, BLAS threading each
-# matmul, as before this module (bench/attention.py's "serial" row; tests compare the two).
+# A cap on ``workers`` (None: none). 1 runs the chunks in turn in the calling thread, BLAS
+# threading each matmul; with CHUNK_BYTES = 1 << 62 too it is the strip path as before this
+# module (one chunk: bench/attention.py --serial's "strips_one_chunk" row; tests compare).
 MAX_WORKERS: int | None = None
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_pool_pid = 0
 _lock = threading.Lock()
 _blas = None                    # threadpoolctl controller of the BLAS libraries; False without one
 
@@ -103,13 +108,15 @@ def split(n_heads: int, head_bytes: int) -> list[tuple[int, int]]:
 
 
 def _get_pool(size: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
+    """The persistent pool, with at least ``size`` threads. Made again in a forked child: the
+    parent's threads do not exist there, but its pool would count them as idle and wait on them."""
+    global _pool, _pool_size, _pool_pid
     with _lock:
-        if _pool is None or _pool_size < size:
-            if _pool is not None:
+        if _pool is None or _pool_size < size or _pool_pid != os.getpid():
+            if _pool is not None and _pool_pid == os.getpid():
                 _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="scratchlm-attention")
-            _pool_size = size
+            _pool_size, _pool_pid = size, os.getpid()
         return _pool
 
 
