@@ -31,9 +31,10 @@ class ScaledDotProductAttention(Function):
     on the reference, which materialises P anyway.
 
     The forward saves O and the per-row log-sum-exp of S; the backward recomputes
-    P = exp(S - lse) from Q, K and lse instead of storing the (T x T) matrix -- except at short T
-    on the CPU, where the batched-BLAS path has P in hand anyway and it is small, so it is saved
-    and reused. The arithmetic runs in kernels/attention.py: a plain reference that materialises
+    P = exp(S - lse) from Q, K and lse instead of storing the (T x T) matrix -- except on the
+    CPU where P is small: the batched-BLAS path (short T) has it in hand anyway, and the strip
+    path (long T) keeps its strips up to ``kernels.attention.KEPT_PROBS_MAX_BYTES`` (64 MiB:
+    T = 1024 at B*H = 16); then it is saved and reused. The arithmetic runs in kernels/attention.py: a plain reference that materialises
     P (readable), a tiled Numba kernel and batched-BLAS paths (CPU) and a CUDA kernel (GPU),
     chosen by the arrays' backend (masked calls on the GPU take the reference).
 
