@@ -54,7 +54,6 @@ Shapes: B batch (rows generated together), T context length, V vocabulary, H hea
 from __future__ import annotations
 
 import codecs
-import contextlib
 import math
 import signal
 from typing import Iterator
@@ -64,6 +63,7 @@ import numpy as np
 from . import backend
 from .errors import UserError
 from .tensor import Tensor, is_grad_enabled, no_grad
+from .rowdecode import RowDecoder, blas_threads_for  # noqa: F401  (the batched step; callers import it from here)
 
 
 class SamplingArgumentError(UserError, ValueError):
@@ -300,198 +300,8 @@ def decode_step(model, token: np.ndarray, cache) -> np.ndarray:
 
 # ====================================================================== 2b. rows with their own positions
 
-class RowDecoder:
-    """The decode step of a GPT over B rows that each have their own position: the batched
-    path of ``generate`` and of the server (``scratchlm.serve.batching``), where requests of
-    different lengths are decoded together, each in its own row ("slot") of one ``KVCache``.
-
-    ``step(tokens, positions)`` runs one token per row, row b at position positions[b] (its
-    slot must hold positions [0, positions[b]) of its sequence): the GPT forward of
-    ``GPT._features`` + head for T = 1, on the arrays, without the autograd machinery:
-
-        x = wte[token] + pos_emb[position]                                      (B, C)
-        per block:  q, k, v = split(ln_1(x) @ W_attn + b_attn)                  (B, C) each
-                    k, v written into the row's slot at its position
-                    a = softmax(q k_{0..position}^T / sqrt(D)) v_{0..position}  per head, (B, C)
-                    x += a @ W_proj + b_proj;   x += gelu(ln_2(x) @ W_fc + b_fc) @ W_out + b_out
-        logits = ln_f(x) @ wte^T                                                (B, V)
-
-    A row attends over its own prefix only: the shorter rows' scores past their position
-    (another row's length) get -inf. Every activation lives in a buffer allocated once for
-    ``rows`` rows (a step with B <= rows uses the first B), updated in place, and the matrix
-    products run on one BLAS thread when they are small (``blas_threads_for``): at batch 1 a
-    step is a handful of matrix-vector products, bound by reading the weights, and threads
-    only add hand-offs.
-
-    Shapes: B rows in this step, S = rows slots, L attended positions, H heads, D head size.
-    """
-
-    def __init__(self, model, rows: int):
-        if not hasattr(model, "transformer") or not hasattr(model.transformer, "h"):
-            raise TypeError(f"batched decoding needs a GPT (token and position embeddings, blocks with "
-                            f"self-attention), got {type(model).__name__}")
-        xp = backend.xp
-        config = model.config
-        self.model, self.rows = model, rows
-        dtype = model.transformer.wte.weight.dtype
-        self.cache = KVCache(config, rows, dtype)                                 # n_layer x (S, H, block, D)
-        C, H, V, T = config.n_embd, config.n_head, config.vocab_size, config.block_size
-        self.H, self.D = H, C // H
-        self.scale = 1.0 / math.sqrt(self.D)
-        R = max(rows, T)                                        # a step's rows, or a prefill's positions
-        self.x = xp.empty((R, C), dtype)                        # the residual stream
-        self.h = xp.empty((R, C), dtype)                        # a LayerNorm's output, then a sublayer's
-        self.qkv = xp.empty((R, 3 * C), dtype)
-        self.attended = xp.empty((R, H, 1, self.D), dtype)      # the heads' outputs = (R, C) once merged
-        self.fc = xp.empty((R, 4 * C), dtype)
-        self.tmp = xp.empty((R, 4 * C), dtype)                  # GELU's scratch
-        self.scores = xp.empty((R, H, 1, T), dtype)
-        self.mask = xp.empty((R, 1, 1, T), dtype)               # 0 up to the row's position, -inf after
-        self.logits = xp.empty((rows, V), dtype)
-        if "wpe" not in model.transformer:                      # the sinusoidal table, once
-            with no_grad():
-                self.sinusoidal = model.transformer.sinusoidal(xp.arange(T)).data.astype(dtype)   # (T, C)
-
-    def step(self, tokens, positions) -> np.ndarray:
-        """tokens (B,), positions (B,) host ints -> the next-token logits (B, V), float64, on the host.
-        Row b is slot b."""
-        B = len(tokens)
-        logits = self._forward(np.asarray(tokens, dtype=np.int64), np.asarray(positions, dtype=np.int64),
-                               backend.xp.arange(B), slice(0, B))
-        return backend.to_numpy(logits).astype(np.float64)                       # (B, V)
-
-    def prefill(self, tokens, slot: int) -> np.ndarray:
-        """A whole prompt tokens (T,) into ``slot`` (positions 0..T-1) -> the next-token logits (V,),
-        float64, on the host. The step's code with the T positions as rows that all write and
-        read the one slot: row t attends over positions 0..t (causal), and only the last row goes
-        through the head."""
-        T = len(tokens)
-        logits = self._forward(np.asarray(tokens, dtype=np.int64), np.arange(T), backend.xp.full(T, slot),
-                               slice(slot, slot + 1), last_only=True)
-        return backend.to_numpy(logits[0]).astype(np.float64)                    # (V,)
-
-    def _forward(self, tokens: np.ndarray, positions: np.ndarray, slots, read: slice, last_only: bool = False):
-        """Rows (B,) of tokens at positions, writing their keys and values into ``slots`` (B,) and
-        attending over the slots ``read`` (B of them, or one that every row shares)."""
-        with blas_threads_for(len(tokens), self.H * self.D):
-            return self._layers(tokens, positions, slots, read, last_only)
-
-    def _layers(self, tokens, positions, rows, read, last_only):
-        xp = backend.xp
-        t = self.model.transformer
-        B, H, D = len(tokens), self.H, self.D
-        C = H * D
-        L = int(positions.max()) + 1                                              # positions the longest row attends
-        pos = backend.to_device(positions)
-        x, h, qkv, fc = self.x[:B], self.h[:B], self.qkv[:B], self.fc[:B]
-        table = t.wpe.weight.data if "wpe" in t else self.sinusoidal
-        xp.add(t.wte.weight.data[backend.to_device(tokens)], table[pos], out=x)   # (B, C)
-        mask = self.mask[:B, :, :, :L]                                            # (B, 1, 1, L)
-        mask[...] = 0
-        beyond = (xp.arange(L)[None, :] > pos[:, None])[:, None, None, :]         # (B, 1, 1, L)
-        mask[beyond] = -xp.inf
-        scores = self.scores[:B, :, :, :L]                                        # (B, H, 1, L)
-        attended = self.attended[:B]                                              # (B, H, 1, D)
-        for block, layer in zip(t.h, self.cache.layers):
-            _layer_norm(x, block.ln_1, h)
-            _linear(h, block.attn.c_attn, qkv)                                    # (B, 3C)
-            layer.keys[rows, :, pos] = qkv[:, C:2 * C].reshape(B, H, D)
-            layer.values[rows, :, pos] = qkv[:, 2 * C:].reshape(B, H, D)
-            q = qkv[:, :C].reshape(B, H, 1, D)
-            xp.matmul(q, layer.keys[read, :, :L].swapaxes(-1, -2), out=scores)   # (B, H, 1, L)
-            scores *= self.scale
-            scores += mask
-            scores -= scores.max(axis=-1, keepdims=True)
-            xp.exp(scores, out=scores)
-            scores /= scores.sum(axis=-1, keepdims=True)
-            xp.matmul(scores, layer.values[read, :, :L], out=attended)           # (B, H, 1, D)
-            _linear(attended.reshape(B, C), block.attn.c_proj, h)
-            x += h
-            _layer_norm(x, block.ln_2, h)
-            _linear(h, block.mlp.c_fc, fc)                                        # (B, 4C)
-            _gelu_tanh(fc, self.tmp[:B])
-            _linear(fc, block.mlp.c_proj, h)
-            x += h
-        if last_only:
-            x, h = x[-1:], h[-1:]
-        _layer_norm(x, t.ln_f, h)
-        logits = self.logits[:len(h)]
-        xp.matmul(h, t.wte.weight.data.T, out=logits)                             # (B, V), the tied head
-        return logits
-
-
-def _linear(x, layer, out) -> None:
-    """out = x @ W + b, in place (a ``nn.Linear``'s weights, stored (n_in, n_out))."""
-    backend.xp.matmul(x, layer.weight.data, out=out)
-    if layer.bias is not None:
-        out += layer.bias.data
-
-
-def _layer_norm(x, norm, out) -> None:
-    """out = (x - mean) / sqrt(var + eps) * weight + bias over the last axis (a ``nn.LayerNorm``)."""
-    xp = backend.xp
-    inv_c = 1.0 / x.shape[-1]                # sum * 1/C: ndarray.mean's Python wrapper costs more than the sum here
-    xp.subtract(x, x.sum(axis=-1, keepdims=True) * inv_c, out=out)
-    out /= xp.sqrt((out * out).sum(axis=-1, keepdims=True) * inv_c + norm.eps)
-    if norm.weight is not None:
-        out *= norm.weight.data
-    if norm.bias is not None:
-        out += norm.bias.data
-
-
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-def _gelu_tanh(x, tmp) -> None:
-    """x = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in place (GPT-2's GELU), ``tmp`` as scratch."""
-    xp = backend.xp
-    xp.multiply(x, x, out=tmp)
-    tmp *= 0.044715
-    tmp += 1.0
-    tmp *= x
-    tmp *= _SQRT_2_OVER_PI                   # sqrt(2/pi) (x + 0.044715 x^3)
-    xp.tanh(tmp, out=tmp)
-    tmp += 1.0
-    tmp *= 0.5
-    x *= tmp
-
-
-# Matrix products smaller than this many multiply-adds run on one BLAS thread: a decode step's
-# matrix-vector products read a few MB of weights, and a second thread adds a hand-off per call
-# (on the shared 2-core machine, a 16-row step ran 15x slower with threads waiting for each other).
-ONE_THREAD_BELOW = 1 << 24
-
-
-class _BlasLimit:
-    """A reusable context that caps the BLAS threads (threadpoolctl's controller, made once)."""
-    controller = None
-
-    def __init__(self, threads: int):
-        self.threads, self.limit = threads, None
-
-    def __enter__(self):
-        if _BlasLimit.controller is None:
-            from threadpoolctl import ThreadpoolController
-            _BlasLimit.controller = ThreadpoolController()
-        self.limit = _BlasLimit.controller.limit(limits=self.threads, user_api="blas")
-        return self
-
-    def __exit__(self, *exc):
-        self.limit.restore_original_limits()
-
-
-def blas_threads_for(rows: int, channels: int):
-    """The context a decode step of ``rows`` rows of ``channels`` channels runs in: one BLAS thread
-    when its largest product (rows x C x 4C multiply-adds) is small, else the library's default.
-    Without threadpoolctl (optional; the core needs only NumPy) or on CuPy it changes nothing."""
-    if rows * channels * 4 * channels >= ONE_THREAD_BELOW or backend.get_backend() != "numpy":
-        return contextlib.nullcontext()
-    try:
-        import threadpoolctl  # noqa: F401
-    except ImportError:
-        return contextlib.nullcontext()
-    return _BlasLimit(1)
-
+# ``RowDecoder`` (the batched step: every row its own cache slot and position) lives in
+# scratchlm/rowdecode.py, its kernel in scratchlm/kernels/decode.py; sampling rows apart is here.
 
 class RowGenerators:
     """The generator ``sample_next_token`` draws from when rows are sampled together but each must
