@@ -275,8 +275,8 @@ def step_numba(weights: StepWeights, keys, values, tokens, positions, slots, scr
                last_only: bool = False, threads: int | None = None):
     """Same contract as ``step_reference`` (every row reads its own slot, so no ``read``), on
     ``threads`` threads (default: Numba's current count)."""
-    threads = num_threads() if threads is None else threads
     k = scratch.kernel
+    threads = min(num_threads() if threads is None else threads, len(k.x))      # buffers for this many
     k.bind(weights, keys, values)
     B = len(tokens)
     C, H, F, V = k.shape[0], k.shape[1], 4 * k.shape[0], weights.wte.shape[0]
