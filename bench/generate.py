@@ -219,6 +219,54 @@ def bound_table(backend_name: str) -> dict:
                 load_average=load, model=BOUND_MODEL, prompt=64, new_tokens=new)
 
 
+STEP_ROWS = (1, 16)                        # a lone client and the server's 16 (serve's max batch)
+
+
+def step_table(backend_name: str) -> dict:
+    """One ``RowDecoder.step`` on the nano-cpu shapes (4 layers, 128 wide, block 64: the served
+    model) over 1 and 16 rows at spread positions: the NumPy reference path against the Numba kernel at
+    1 and 2 threads, interleaved, median ms per step (wall and this process's CPU)."""
+    import contextlib
+    import numpy as np
+    from scratchlm.kernels import decode, force_rung
+    from scratchlm.models import GPT
+    from scratchlm.rowdecode import RowDecoder
+    model = GPT(model_config("nano-cpu"), seed=0).eval()
+    modes = {"reference (NumPy)": ("reference", None), "kernel, 1 thread": ("numba", 1),
+             "kernel, 2 threads": ("numba", 2)}
+    if not decode.uses_kernel(RowDecoder(model, 1).scratch, 1):
+        modes = {"reference (NumPy)": ("reference", None)}
+    results = {}
+    for rows in STEP_ROWS:
+        decoder = RowDecoder(model, rows)
+        block = model.config.block_size
+        positions = (np.arange(rows) * 7 + block // 2) % (block - 1)      # spread over the window
+        tokens = np.arange(rows) % model.config.vocab_size
+        times = {mode: [] for mode in modes}
+        for _ in range(15):
+            for mode, (rung, threads) in modes.items():
+                with force_rung("decode", rung), (thread_limit(threads) if threads else contextlib.nullcontext()):
+                    decoder.step(tokens, positions)
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    for _ in range(20):
+                        decoder.step(tokens, positions)
+                    times[mode].append(((time.perf_counter() - wall) / 20, (time.process_time() - cpu) / 20))
+        results[rows] = {mode: tuple(float(np.median([t[i] for t in v])) for i in range(2)) for mode, v in times.items()}
+    load = os.getloadavg()
+    print(f"RowDecoder.step on nano-cpu (4 layers, 128 wide, block 64, vocab 65), {backend_name}, median of 15 "
+          f"interleaved rounds of 20 steps, load average {load[0]:.1f}")
+    header = f"{'rows':>4}  {'path':<20}{'ms/step':>9}{'CPU ms':>8}{'rows/s':>9}{'vs reference':>14}"
+    print(header)
+    print("-" * len(header))
+    for rows, by_mode in results.items():
+        reference = by_mode["reference (NumPy)"][0]
+        for mode, (wall, cpu) in by_mode.items():
+            print(f"{rows:>4}  {mode:<20}{wall * 1e3:>9.3f}{cpu * 1e3:>8.3f}{rows / wall:>9.0f}{reference / wall:>13.2f}x")
+    print()
+    return dict(load_average=load, rows={rows: {mode: {"s_per_step": w, "cpu_s_per_step": c}
+                                                 for mode, (w, c) in by_mode.items()} for rows, by_mode in results.items()})
+
+
 def hf_model(model):
     """GPT2LMHeadModel with our weights (our state_dict keys are Hugging Face's: strict load)."""
     import numpy as np
@@ -285,6 +333,7 @@ def main() -> int:
             print("torch / transformers not installed: no Hugging Face rows")
 
     bound = bound_table(args.backend)
+    steps = step_table(args.backend)
     rows = []
     if args.bound_only:
         args.models = []
@@ -352,7 +401,7 @@ def main() -> int:
                 python=platform.python_version(), numpy=np.__version__, load_average=os.getloadavg(),
                 hf=hf_ok and {"torch": __import__("torch").__version__,
                               "transformers": __import__("transformers").__version__})
-    out.write_text(json.dumps({"info": info, "bound": bound, "rows": rows}, indent=1) + "\n")
+    out.write_text(json.dumps({"info": info, "bound": bound, "steps": steps, "rows": rows}, indent=1) + "\n")
     print(f"\nwrote {out}")
     return 0
 

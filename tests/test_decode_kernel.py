@@ -53,17 +53,18 @@ def assert_close(kernel, reference):
 
 
 def step_both(model, lengths, seed, threads):
-    """Logits and the written cache entries of one step, from the reference and from the kernel."""
+    """Logits and the written cache entries of one step, from the reference (``RowDecoder.step``)
+    and from the kernel on ``threads`` claimants (a step this small would take one by default)."""
     results = []
     for rung in ("reference", "numba"):
         decoder, tokens = filled(model, len(lengths) + 1, lengths, seed)          # one slot more than used
-        before = numba.get_num_threads()
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        try:
+        if rung == "reference":
             with force_rung("decode", rung):
                 logits = decoder.step(tokens, lengths)
-        finally:
-            numba.set_num_threads(before)
+        else:
+            logits = decode.step_numba(decoder.weights, decoder.keys, decoder.values, tokens,
+                                       np.asarray(lengths), np.arange(len(lengths)), decoder.scratch,
+                                       threads=threads).astype(np.float64)
         written = [(layer.keys[b, :, t].copy(), layer.values[b, :, t].copy())
                    for layer in decoder.cache.layers for b, t in enumerate(lengths)]
         results.append((logits, written))

@@ -267,6 +267,13 @@ def max_shares(threads: int) -> int:
     return 2 * threads
 
 
+# A step of fewer multiply-adds than this (rows x weights) runs on one thread: starting and joining a
+# parallel region of Numba's workqueue takes ~20-100 us (it is longer on a busy machine), as long as
+# a whole one-row step of the nano-cpu model (0.8M weights, ~0.15 ms). The 6-layer 384-wide model's
+# one-row step (10.6M) and nano-cpu's 16-row step (13M) run on every thread.
+PARALLEL_MIN_MACS = 1 << 22
+
+
 # int64 counters 64 bytes apart: two threads' counters never share a cache line.
 COUNTER_STRIDE = 8
 
@@ -274,12 +281,14 @@ COUNTER_STRIDE = 8
 def step_numba(weights: StepWeights, keys, values, tokens, positions, slots, scratch: Scratch,
                last_only: bool = False, threads: int | None = None):
     """Same contract as ``step_reference`` (every row reads its own slot, so no ``read``), on
-    ``threads`` threads (default: Numba's current count)."""
+    ``threads`` threads (default: Numba's current count, or 1 below PARALLEL_MIN_MACS)."""
     k = scratch.kernel
-    threads = min(num_threads() if threads is None else threads, len(k.x))      # buffers for this many
     k.bind(weights, keys, values)
     B = len(tokens)
     C, H, F, V = k.shape[0], k.shape[1], 4 * k.shape[0], weights.wte.shape[0]
+    if threads is None:                        # a small step on one thread: a region's start costs more
+        threads = num_threads() if B * (12 * C * C * len(weights.blocks) + V * C) >= PARALLEL_MIN_MACS else 1
+    threads = min(threads, len(k.x))           # buffers for this many
     shares = max_shares(threads)
     head_shares = min(H, k.max_shares, shares)
     unit_shares = max(1, min(shares, k.max_shares, F // 64))
