@@ -19,9 +19,10 @@ steerable:
    state after the tokens seen so far is its cache (``RecurrentState``: ``model.init_state(B)``,
    then ``model.step(token, state)``), one fixed-size step per token, and no window to slide.
    ``new_cache(model)`` picks the kind; prefill, decode_step and the loop below serve both.
-   **Rows with their own positions** (``RowDecoder``, ``sample_rows``): the batched step of a GPT
-   in which every row has its own cache slot, position and sampling settings, on the arrays with
-   preallocated buffers; the loop below decodes a GPT with it, and so does the server
+   **Rows with their own positions** (``RowDecoder``, in rowdecode.py; ``sample_rows``): the
+   batched step of a GPT in which every row has its own cache slot, position and sampling
+   settings, on the arrays with preallocated buffers (a fused Numba kernel, kernels/decode.py,
+   for a few rows); the loop below decodes a GPT with it, and so does the server
    (``scratchlm.serve.batching``), whose concurrent requests have different lengths.
 3. **The loop** (``iter_tokens``, ``generate``) with a sliding window: a GPT with learned position
    embeddings cannot see more than block_size tokens (``wpe`` has block_size rows), and its cached

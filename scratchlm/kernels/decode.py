@@ -36,15 +36,16 @@ for each other), so it draws one core's bandwidth. The kernel runs the whole ste
   its own copy of x (each thread keeps one; the sums run in the same order, so the copies are
   equal bit for bit). One parallel region per step: Numba's workqueue threads take ~50-100 us
   to start and join a region (they wait on condition variables), too much to pay per product.
-- Nothing waits for a thread that is not running: a thread that starts late, or is descheduled
-  on a busy machine, finds the early shares taken and joins in, and one thread alone runs the
-  whole step. So 2 threads degrade towards 1, never deadlock, and the step's memory traffic is
-  spread over the cores that are free.
+- No thread waits for one that has not started: a thread that starts late (the workqueue wakes
+  its threads one by one) finds the early shares taken and joins in, and a single thread runs
+  the whole step alone. A thread waits only for shares another has claimed and is running, so
+  nothing deadlocks, whatever the thread count or scheduling, and two threads degrade towards one.
+  A step smaller than PARALLEL_MIN_MACS runs on one thread without a region.
 
 The products stream W in the order it is stored ((n_in, n_out), contiguous rows): out[:, j] +=
-x[:, i] W[i, j] for four rows i at a time, a tile of columns of every row's output staying in L1
-while a W row is used for all B rows. Sums run in another order than BLAS's, so float32 logits
-differ from the reference's in the last bits (the tests bound it).
+x[:, i] W[i, j] for eight rows i at a time. Sums run in another order than BLAS's, so float32
+logits differ from the reference's in the last bits (the tests bound it). The kernel is float32
+only (the dtype models decode in); float64 runs the reference.
 """
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ class StepWeights(NamedTuple):
 
 class Scratch:
     """Buffers of a step over up to ``rows`` rows, allocated once: a step allocates nothing but
-    the reference's few temporaries."""
+    the reference's few temporaries. ``kernel``: the Numba kernel's own, for float32 NumPy arrays
+    (models decode in float32; float64, a test's precision, runs the reference and compiles nothing)."""
 
     def __init__(self, rows: int, logit_rows: int, n_embd: int, n_head: int, n_layer: int, vocab_size: int,
                  block_size: int, dtype, xp):
@@ -298,9 +300,8 @@ def step_numba(weights: StepWeights, keys, values, tokens, positions, slots, scr
     k.counters[:] = 0
     # whole buffers (B is an argument): a slice's layout would depend on B, and each layout is a compile
     args = (weights.wte, weights.positions, k.addresses, k.eps, k.shape, weights.lnf_weight, weights.lnf_bias,
-            weights.lnf_eps, B, tokens, positions, slots, scale, head_shares,
-            unit_shares, vocab_shares, first_row, k.x, k.h, k.qkv, k.attended, k.fc, k.scores, k.partials,
-            k.counters, scratch.logits)
+            weights.lnf_eps, B, tokens, positions, slots, scale, head_shares, unit_shares, vocab_shares, first_row,
+            k.x, k.h, k.qkv, k.attended, k.fc, k.scores, k.partials, k.counters, scratch.logits)
     if threads <= 1:
         _run_step(0, *args)                    # no parallel region: one thread claims every share
     else:
@@ -314,9 +315,9 @@ def _step_parallel(threads, wte, table, addresses, eps, shape, lnf_weight, lnf_b
                    partials, counters, logits):
     """``threads`` copies of ``_run_step`` in one parallel region, each with its own buffers."""
     for thread in prange(threads):          # (prange's index is unsigned: cast, or _run_step compiles twice)
-        _run_step(np.int64(thread), wte, table, addresses, eps, shape, lnf_weight, lnf_bias, lnf_eps, B, tokens, positions,
-                  slots, scale, head_shares, unit_shares, vocab_shares, first_row, x, h, qkv, attended, fc, scores,
-                  partials, counters, logits)
+        _run_step(np.int64(thread), wte, table, addresses, eps, shape, lnf_weight, lnf_bias, lnf_eps, B, tokens,
+                  positions, slots, scale, head_shares, unit_shares, vocab_shares, first_row, x, h, qkv, attended, fc,
+                  scores, partials, counters, logits)
 
 
 @njit(cache=True)
@@ -324,7 +325,8 @@ def _run_step(thread, wte, table, addresses, eps, shape, lnf_weight, lnf_bias, l
               scale, head_shares, unit_shares, vocab_shares, first_row, xs, hs, qkvs, attendeds, fcs, scoress,
               partials, counters, logits):
     """One thread's part of the step over rows 0..B-1: every share it claims, and its own copy of x."""
-    x, h, qkv, attended, fc, scores = xs[thread], hs[thread], qkvs[thread], attendeds[thread], fcs[thread], scoress[thread]
+    x, h, qkv, attended = xs[thread], hs[thread], qkvs[thread], attendeds[thread]          # this thread's own
+    fc, scores = fcs[thread], scoress[thread]
     C, H, S, T = shape[0], shape[1], shape[2], shape[3]
     D, F, V = C // H, 4 * C, wte.shape[0]
     for b in range(B):
@@ -655,7 +657,8 @@ def _yield_core(typingctx):
 
 def uses_kernel(scratch: Scratch, rows: int) -> bool:
     """Does a step over ``rows`` rows run the Numba kernel? When the scratch was made for it (NumPy
-    float arrays, Numba importable, not forced to the reference: ``pick``) and rows <= KERNEL_MAX_ROWS."""
+    float32 arrays, Numba importable), the rung is not forced to the reference (``pick``), and
+    rows <= KERNEL_MAX_ROWS."""
     return scratch.kernel is not None and rows <= scratch.kernel.rows and pick(scratch.x, "decode") == "numba"
 
 
