@@ -29,6 +29,9 @@ the head, one position row) of the 6-layer, 6-head, 384-wide GPT with a 256-toke
 shakespeare-char model, vocab 65), and prints the bound beside the measured rates: cached decoding
 at the default threads, at 1 and at 2 BLAS/Numba threads, and uncached decoding (a full forward
 per token). Targets: cached >= 60% of the bound, >= 5x uncached, 2 threads never slower than 1.
+The ``cached, NumPy reference`` row forces the decode step's NumPy reference (kernels/decode.py;
+what runs without Numba) in the same interleaved rounds. Then the ``RowDecoder.step`` table: one
+step of the served nano-cpu model over 1 and 16 rows, reference against the kernel at 1 and 2 threads.
 
     python bench/generate.py --bound-only         # the bound table alone (about a minute on 2 quiet cores)
 
@@ -139,12 +142,15 @@ def weight_bytes(model) -> int:
     return total
 
 
-def decode_rate(model, prompt, new_tokens, use_cache, threads=None) -> tuple[float, float]:
+def decode_rate(model, prompt, new_tokens, use_cache, threads=None, rung=None) -> tuple[float, float]:
     """Batch-1 greedy decode tokens/s after the first token, at ``threads`` BLAS + Numba threads
-    (None: as the process started): (per wall second, per CPU second)."""
+    (None: as the process started), the decode step on ``rung`` (None: the dispatcher's choice):
+    (per wall second, per CPU second)."""
     import contextlib
     from scratchlm import generate as G
-    with thread_limit(threads) if threads else contextlib.nullcontext():
+    from scratchlm.kernels import force_rung
+    with thread_limit(threads) if threads else contextlib.nullcontext(), \
+            force_rung("decode", rung) if rung else contextlib.nullcontext():
         steps = G.iter_tokens(model, prompt, new_tokens, temperature=0, use_cache=use_cache)
         next(steps)
         wall, cpu = time.perf_counter(), time.process_time()
@@ -183,13 +189,15 @@ def bound_table(backend_name: str) -> dict:
     weights = weight_bytes(model)
     bound, bound_cpu = bandwidth / weights, bandwidth_cpu / weights
     new = 128
+    # the NumPy reference step (the path without Numba, and the whole path before the decode kernel)
+    # interleaved with the rest: the same load touches both
     settings = {"cached, default threads": (new, True, None), "cached, 1 thread": (new, True, 1),
-                "cached, 2 threads": (new, True, 2), "uncached, default threads": (UNCACHED_NEW, False, None),
-                "uncached, 1 thread": (UNCACHED_NEW, False, 1)}
+                "cached, 2 threads": (new, True, 2), "cached, NumPy reference": (new, True, None),
+                "uncached, default threads": (UNCACHED_NEW, False, None), "uncached, 1 thread": (UNCACHED_NEW, False, 1)}
     rates = {mode: (0.0, 0.0) for mode in settings}
     for _ in range(3):                     # rounds interleaved: a change in the machine's load touches every mode
         for mode, (n, use_cache, threads) in settings.items():
-            wall, cpu = decode_rate(model, prompt, n, use_cache, threads)
+            wall, cpu = decode_rate(model, prompt, n, use_cache, threads, "reference" if "NumPy" in mode else None)
             rates[mode] = (max(rates[mode][0], wall), max(rates[mode][1], cpu))
     load = os.getloadavg()
     print(f"batch-1 decoding of the 6-layer 384-wide GPT (block 256, vocab 65), prompt 64 tokens, {new} new "
