@@ -583,9 +583,10 @@ def _finish(counters, phase):
     _atomic_add(counters, (2 * phase + 1) * COUNTER_STRIDE, 1)
 
 
-# A share takes microseconds; a thread that waits longer than this many spins (~10-20 us) is
-# waiting on a descheduled thread, and yields its core instead of spinning for the time slice.
-SPINS_BEFORE_YIELD = 2000
+# A thread that waits longer than this many spins (~10 us; a share's threads usually finish within
+# a few us of each other) is likely waiting on a descheduled thread: it yields its core (sched_yield
+# returns at once when nothing else wants it) instead of spinning through a time slice.
+SPINS_BEFORE_YIELD = 500
 
 
 @njit(cache=True)
