@@ -425,9 +425,8 @@ def _attention_share(B, h, w_attn, b_attn, w_proj, keys, values, slots, position
         _accumulate_product(B, h, 0, C, w_attn, start + lo, start + hi, qkv)
     for b in range(B):                                                         # every row writes, then rows read:
         for head in range(first, last):                                        # a prefill's rows share one slot
-            for d in range(D):
-                keys[slots[b], head, positions[b], d] = qkv[b, C + head * D + d]
-                values[slots[b], head, positions[b], d] = qkv[b, 2 * C + head * D + d]
+            keys[slots[b], head, positions[b]] = qkv[b, C + head * D:C + (head + 1) * D]
+            values[slots[b], head, positions[b]] = qkv[b, 2 * C + head * D:2 * C + (head + 1) * D]
     for b in range(B):
         for head in range(first, last):
             _attend(qkv[b, head * D:(head + 1) * D], keys[slots[b], head], values[slots[b], head],
