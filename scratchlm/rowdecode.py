@@ -29,6 +29,11 @@ from .kernels import decode
 from .tensor import no_grad
 
 
+# A prompt is prefilled this many positions at a time (the fused kernel's largest step, so a
+# prompt runs on the kernel where the kernel runs).
+PREFILL_CHUNK = decode.KERNEL_MAX_ROWS
+
+
 class RowDecoder:
     """The decode step of a GPT over B rows that each have their own position and cache slot.
 
@@ -55,8 +60,8 @@ class RowDecoder:
         dtype = model.transformer.wte.weight.dtype
         self.cache = KVCache(config, rows, dtype)                                 # n_layer x (S, H, block, D)
         self.weights = step_weights(model)
-        # a prefill's positions are rows too: the buffers hold a step's rows or a whole window
-        self.scratch = decode.Scratch(max(rows, config.block_size), rows, config.n_embd, config.n_head,
+        # a prefill's positions are rows too: the buffers hold a step's rows or a prefill's chunk
+        self.scratch = decode.Scratch(max(rows, min(PREFILL_CHUNK, config.block_size)), rows, config.n_embd, config.n_head,
                                       config.n_layer, config.vocab_size, config.block_size, dtype, xp)
         self.keys = tuple(layer.keys for layer in self.cache.layers)
         self.values = tuple(layer.values for layer in self.cache.layers)
@@ -71,12 +76,17 @@ class RowDecoder:
 
     def prefill(self, tokens, slot: int) -> np.ndarray:
         """A whole prompt tokens (T,) into ``slot`` (positions 0..T-1) -> the next-token logits (V,),
-        float64, on the host. The step's code with the T positions as rows that all write and
-        read the one slot: row t attends over positions 0..t (causal), and only the last row goes
-        through the head."""
+        float64, on the host. The step's code with the positions as rows that all write and read
+        the one slot: row t attends over positions 0..t (causal), and only the last row goes
+        through the head. The prompt goes in chunks of ``PREFILL_CHUNK`` positions, each chunk
+        attending over the slot the earlier chunks filled, so a step's scores are at most
+        (PREFILL_CHUNK, H, 1, T): no T x T matrix, and chunks small enough for the fused kernel."""
+        tokens = np.asarray(tokens, dtype=np.int64)
         T = len(tokens)
-        logits = self._forward(np.asarray(tokens, dtype=np.int64), np.arange(T), np.full(T, slot),
-                               slice(slot, slot + 1), last_only=True)
+        for start in range(0, T, PREFILL_CHUNK):
+            stop = min(start + PREFILL_CHUNK, T)
+            logits = self._forward(tokens[start:stop], np.arange(start, stop), np.full(stop - start, slot),
+                                   slice(slot, slot + 1), last_only=True)
         return backend.to_numpy(logits[0]).astype(np.float64)                    # (V,)
 
     def _forward(self, tokens, positions, slots, read, last_only: bool = False):

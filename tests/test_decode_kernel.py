@@ -100,6 +100,24 @@ def test_kernel_prefill_equals_the_reference_prefill(overrides):
         assert_close(keys, ref_keys)
 
 
+@pytest.mark.parametrize("rung", ["reference", "numba"])
+def test_a_prefill_in_chunks_gives_the_full_forward(rung, monkeypatch):
+    """A 23-token prompt prefilled 5 positions at a time (chunks attending over the slot the earlier
+    chunks filled): its next-token logits, and those of a step after it, equal the model's full
+    forward over the prompt (no cache, one causal attention over all positions)."""
+    import scratchlm.rowdecode as rowdecode
+    monkeypatch.setattr(rowdecode, "PREFILL_CHUNK", 5)
+    model = small(seed=9)
+    prompt = np.random.default_rng(10).integers(0, SMALL["vocab_size"], 24)
+    decoder = RowDecoder(model, 2)
+    with force_rung("decode", rung):
+        logits = decoder.prefill(prompt[:23], 1)
+        after = decoder.step([0, prompt[23]], [0, 23])[1]          # row 1 (slot 1) continues at 23
+    for ours, length in ((logits, 23), (after, 24)):
+        full = sl.backend.to_numpy(G._forward_window(model, prompt[None, :length]))[0]
+        assert_close(ours, full.astype(np.float64))
+
+
 def test_more_claimants_than_running_threads_still_give_the_step():
     """Two claimants on one Numba thread run one after the other: the first takes every share and
     the second finds none left; no claimant waits for one that has not started."""
