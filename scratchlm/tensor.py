@@ -17,6 +17,12 @@ Ops live in ``scratchlm/ops/``: each is a ``Function`` subclass with a ``forward
 ``backward`` side by side. Subclassing registers it; ``tensor_method = "exp"`` also makes it a
 method, ``x.exp()``. Broadcasting is undone once, here, in ``unbroadcast``: no op sums its own
 gradient back to an input's shape.
+
+An op may have several outputs (``outputs = 2``, e.g. the fused residual add + layer norm, which
+returns the new residual stream and the normalised rows): each output tensor remembers its node
+and its index, and the node itself takes a place in the topological order, after its inputs and
+before its outputs, so its backward runs once, with one gradient per output (None for an output
+that did not reach the loss).
 """
 from __future__ import annotations
 
@@ -79,6 +85,9 @@ class Node:
     def __init__(self, fn, inputs, saved):
         self.fn, self.inputs, self.saved = fn, inputs, saved
 
+    def __repr__(self):
+        return f"Node({self.fn.__name__})"
+
 
 class Function:
     """Base of every op. Subclasses define, next to each other:
@@ -87,10 +96,15 @@ class Function:
     backward needs (save the minimum);
     ``backward(grad_out, saved) -> tuple``: one gradient (or None) per array input, each with the
     shape of the *broadcast* input -- ``unbroadcast`` reduces it to the input's own shape.
+
+    With ``outputs = n > 1`` the forward returns a tuple of n arrays (and saved), ``apply`` returns
+    n tensors, and the backward receives a tuple of n gradients, None for an output that no path
+    from the loss used.
     """
 
     registry: dict[str, type] = {}
     tensor_method: str | None = None   # also expose as Tensor.<name>
+    outputs: int = 1
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -116,10 +130,15 @@ class Function:
         else:
             out, saved = op_timer(cls, "forward", cls.forward, *arrays, **params)
         needs_grad = _grad_enabled and any(t is not None and t.requires_grad for t in tensors)
-        result = Tensor(out, requires_grad=needs_grad)
-        if needs_grad:
-            result._node = Node(cls, tensors, saved)
-        return result
+        node = Node(cls, tensors, saved) if needs_grad else None
+        if cls.outputs == 1:
+            result = Tensor(out, requires_grad=needs_grad)
+            result._node = node
+            return result
+        results = tuple(Tensor(array, requires_grad=needs_grad) for array in out)
+        for index, result in enumerate(results):
+            result._node, result._output_index = node, index
+        return results
 
 
 def _as_tensors(inputs) -> tuple:
@@ -183,6 +202,7 @@ class Tensor:
 
     __array_priority__ = 1000  # so numpy_array * tensor calls Tensor.__rmul__
     _grad_slot = None          # where backward writes .grad: a view of a flat buffer, or None
+    _output_index = None       # which output of a multi-output node this is (None: a single output)
 
     def __init__(self, data, requires_grad: bool = False):
         self.data = data
@@ -243,16 +263,25 @@ class Tensor:
                 raise ValueError(f"gradient has shape {tuple(gradient.shape)}, tensor has shape {self.shape}")
 
         grads = {id(self): gradient}
-        for tensor in reversed(_topological_order(self)):
-            grad = grads.pop(id(tensor), None)
-            if grad is None:
-                continue
-            node = tensor._node
-            if node is None:  # a leaf: accumulate, never overwrite
-                _accumulate_leaf_grad(tensor, grad)
-                if backward_hook is not None:       # its gradient of this backward is complete
-                    backward_hook(tensor)
-                continue
+        for vertex in reversed(_topological_order(self)):
+            if isinstance(vertex, Node):            # a multi-output op: all its outputs were visited
+                node, grad = vertex, grads.pop(id(vertex), None)
+                if grad is None:
+                    continue
+                grad = tuple(grad)                  # one gradient (or None) per output
+            else:
+                grad = grads.pop(id(vertex), None)
+                if grad is None:
+                    continue
+                node = vertex._node
+                if node is None:  # a leaf: accumulate, never overwrite
+                    _accumulate_leaf_grad(vertex, grad)
+                    if backward_hook is not None:       # its gradient of this backward is complete
+                        backward_hook(vertex)
+                    continue
+                if vertex._output_index is not None:    # one output of several: wait for the node
+                    grads.setdefault(id(node), [None] * node.fn.outputs)[vertex._output_index] = grad
+                    continue
             if node.saved is _Freed:
                 raise RuntimeError("backward() through a graph that was already freed by an earlier "
                                    "backward(); pass retain_graph=True to the first call to keep it")
@@ -334,24 +363,33 @@ def _index_data(index):
 def _topological_order(root: Tensor) -> list:
     """Tensors reachable from ``root`` through nodes, each after all of its inputs.
 
+    A multi-output node is a vertex of its own, between its inputs and its outputs (each output
+    depends on the node only), so the backward reaches it after every one of its outputs.
     Iterative depth-first search, so deep graphs (many layers, long unrolls) do not hit
     Python's recursion limit.
     """
     order, visited = [], set()
     stack = [(root, False)]
     while stack:
-        tensor, inputs_done = stack.pop()
+        vertex, inputs_done = stack.pop()
         if inputs_done:
-            order.append(tensor)
+            order.append(vertex)
             continue
-        if id(tensor) in visited:
+        if id(vertex) in visited:
             continue
-        visited.add(id(tensor))
-        stack.append((tensor, True))
-        if tensor._node is not None:
-            for inp in tensor._node.inputs:
-                if inp is not None and inp.requires_grad and id(inp) not in visited:
-                    stack.append((inp, False))
+        visited.add(id(vertex))
+        stack.append((vertex, True))
+        if isinstance(vertex, Node):
+            depends_on = vertex.inputs
+        elif vertex._node is None:
+            continue
+        elif vertex._output_index is not None:
+            depends_on = (vertex._node,)
+        else:
+            depends_on = vertex._node.inputs
+        for inp in depends_on:
+            if inp is not None and (isinstance(inp, Node) or inp.requires_grad) and id(inp) not in visited:
+                stack.append((inp, False))
     return order
 
 

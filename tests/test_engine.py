@@ -15,6 +15,7 @@ from hypothesis.extra import numpy as hnp
 import scratchlm as sl
 import scratchlm.nn.functional as F
 from scratchlm import backend
+from scratchlm.tensor import Function
 
 FLOATS = st.floats(-10, 10, allow_nan=False, width=64)
 
@@ -186,6 +187,60 @@ def test_backward_twice_through_freed_graph():
     z.backward(retain_graph=True)
     z.backward()             # allowed: the first call kept the graph
     np.testing.assert_allclose(host(x.grad), 3 * host((x.exp() * (x + 1.0)).detach()), rtol=1e-6)
+
+
+# A two-output op, defined here so the engine's multi-output path is tested apart from any real op.
+class SinCosForTest(Function):
+    """(sin x, cos x);  dL/dx = dL/dsin cos x - dL/dcos sin x (an unused output's term drops)."""
+
+    outputs = 2
+    calls = []   # the gradients each backward call received, to count calls and see the None
+
+    @staticmethod
+    def forward(x):
+        return (backend.xp.sin(x), backend.xp.cos(x)), x
+
+    @staticmethod
+    def backward(grads, x):
+        SinCosForTest.calls.append(tuple(g is not None for g in grads))
+        d_sin, d_cos = grads
+        dx = backend.xp.zeros_like(x)
+        if d_sin is not None:
+            dx = dx + d_sin * backend.xp.cos(x)
+        if d_cos is not None:
+            dx = dx - d_cos * backend.xp.sin(x)
+        return (dx,)
+
+
+@pytest.mark.parametrize("use, expected", [
+    # both outputs, one of them also through a longer path: L = sum(sin x cos x + sin x)
+    ("both", lambda x: np.cos(2 * x) + np.cos(x)),
+    ("sin", lambda x: np.cos(x)),                      # L = sum(sin x): cos never reaches L
+    ("cos", lambda x: -np.sin(x)),                     # L = sum(cos x)
+    # L = sum(exp(2 sin x) cos x): sin deeper in the graph than cos
+    ("deep", lambda x: 2 * np.cos(x) ** 2 * np.exp(2 * np.sin(x)) - np.sin(x) * np.exp(2 * np.sin(x))),
+])
+def test_two_output_node_runs_its_backward_once_with_each_outputs_gradient(float64, use, expected):
+    values = np.array([0.3, -1.2, 2.0])
+    x = sl.tensor(values, requires_grad=True)
+    s, c = SinCosForTest.apply(x)
+    loss = {"both": lambda: s * c + s, "sin": lambda: s * 1.0, "cos": lambda: c * 1.0,
+            "deep": lambda: (s * 2.0).exp() * c}[use]().sum()
+    SinCosForTest.calls.clear()
+    loss.backward()
+    np.testing.assert_allclose(host(x.grad), expected(values), rtol=1e-12)
+    received = {"both": (True, True), "sin": (True, False), "cos": (False, True), "deep": (True, True)}[use]
+    assert SinCosForTest.calls == [received]
+
+
+def test_an_output_of_a_two_output_node_can_be_the_root(float64):
+    x = sl.tensor([0.5, 1.0], requires_grad=True)
+    s, c = SinCosForTest.apply(x)
+    c.backward(np.array([1.0, 2.0]))
+    np.testing.assert_allclose(host(x.grad), -np.array([1.0, 2.0]) * np.sin([0.5, 1.0]), rtol=1e-12)
+    with sl.no_grad():
+        s, c = SinCosForTest.apply(x)
+    assert not s.requires_grad and s._node is None and c._node is None
 
 
 def test_no_grad_records_nothing():

@@ -34,6 +34,14 @@ def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
     return BiasGelu.apply(x, bias, approximate=approximate)
 
 
+def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+                   eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """(s, layer_norm(s)) with s = x + residual, as one op with two outputs
+    (scratchlm.ops.fused.AddLayerNorm)."""
+    from scratchlm.ops.fused import AddLayerNorm
+    return AddLayerNorm.apply(x, residual, weight, bias, eps=eps)
+
+
 def relu(x: Tensor) -> Tensor:
     return elementwise.Relu.apply(x)
 
@@ -146,6 +154,6 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return linalg.Linear.apply(x, weight, bias)
 
 
-__all__ = ["softmax", "log_softmax", "gelu", "relu", "tanh", "sigmoid", "layer_norm", "cross_entropy",
+__all__ = ["softmax", "log_softmax", "gelu", "bias_gelu", "add_layer_norm", "relu", "tanh", "sigmoid", "layer_norm", "cross_entropy",
            "embedding", "dropout", "where", "masked_fill", "mse_loss", "binary_cross_entropy_with_logits",
            "scaled_dot_product_attention", "matmul", "linear", "concatenate", "stack", "split", "tensor"]

@@ -1,14 +1,20 @@
 """Fused ops: two steps of a GPT block in one op (one tape node; one kernel launch on a GPU).
 
-Only bias + GELU so far (the MLP's c_fc bias and activation). Its CUDA path is a CuPy
-ElementwiseKernel (``kernels/cuda.py``: ``bias_gelu_forward``/``bias_gelu_backward``) that has NOT
-been run on a device; the NumPy path reuses ``kernels/gelu.py`` and is checked by finite differences
-(tests/test_fused_ops.py).
+* ``BiasGelu``: the MLP's c_fc bias add and its activation.
+* ``AddLayerNorm``: a residual add and the layer norm after it, with two outputs (the new
+  residual stream and the normalised rows), between the attention and the MLP of a block and
+  from one block into the next (or into ln_f).
+
+Their CUDA paths (``kernels/cuda.py``: a CuPy ElementwiseKernel for bias + GELU; the residual
+option of the layer-norm row kernels in ``kernels/rowops.cu``) have NOT been run on a device.
+The NumPy paths reuse ``kernels/gelu.py`` and ``kernels/layer_norm.py`` and are checked by finite
+differences and against the unfused ops (tests/test_fused_ops.py).
 """
 from __future__ import annotations
 
 from .. import backend
 from ..kernels import gelu as gelu_kernel
+from ..kernels import layer_norm as layer_norm_kernel
 from ..tensor import Function
 
 
@@ -40,3 +46,63 @@ class BiasGelu(Function):
         else:
             dh = gelu_kernel.backward(g, x + bias, approximate)
         return dh, dh.reshape(-1, dh.shape[-1]).sum(axis=0)
+
+
+class AddLayerNorm(Function):
+    """s = x + r,  y = LN(s) * w + b  over the last axis C; both s and y are outputs.
+
+    In a pre-LN transformer every residual add is followed by a layer norm of its sum (ln_2
+    after the attention, the next block's ln_1 or ln_f after the MLP), so one row pass can do
+    both: the sum s continues as the residual stream, y feeds the next sublayer.
+
+    Backward: s reaches the loss directly (dL/ds|direct, from later residual adds) and through y.
+    With LN's backward as in ``nn.LayerNorm`` (xhat = (s - mu) rstd, gh = dL/dy * w):
+        dL/ds = dL/ds|direct + rstd (gh - mean_C(gh) - xhat mean_C(gh xhat)),
+        dL/dx = dL/dr = dL/ds                (s = x + r: both inputs pass it through),
+        dL/dw = sum_rows dL/dy xhat,   dL/db = sum_rows dL/dy.
+    An output whose gradient is None (unused) contributes nothing: with y unused, dL/dx = dL/dr =
+    dL/ds|direct and w, b get no gradient.
+    Saved: the rows of s, w, and per row mu and rstd (xhat is recomputed): what the unfused
+    pair saves (the layer norm keeps its input s; the add keeps nothing).
+    x and r must have the same shape (the residual stream and a sublayer's output).
+    """
+
+    outputs = 2
+
+    @staticmethod
+    def forward(x, residual, weight, bias, eps=1e-5):
+        if residual.shape != x.shape:
+            raise ValueError(f"add_layer_norm: residual has shape {tuple(residual.shape)}, "
+                             f"x has {tuple(x.shape)}; they must be equal")
+        if weight is None and bias is not None:
+            raise ValueError("add_layer_norm with a bias needs a weight too")
+        if weight is not None and weight.shape != x.shape[-1:]:
+            raise ValueError(f"add_layer_norm weight has shape {tuple(weight.shape)}, "
+                             f"expected ({x.shape[-1]},) for input of shape {tuple(x.shape)}")
+        C = x.shape[-1]
+        if backend.is_gpu():
+            from ..kernels import cuda
+            rows, y, mean, rstd = cuda.add_layer_norm_forward(x.reshape(-1, C), residual.reshape(-1, C),
+                                                              weight, bias, eps)
+        else:
+            rows = (x + residual).reshape(-1, C)                             # s (N, C)
+            y, mean, rstd = layer_norm_kernel.forward(rows, weight, bias, eps)
+        return (rows.reshape(x.shape), y.reshape(x.shape)), (rows, weight, bias is not None, mean, rstd)
+
+    @staticmethod
+    def backward(grads, saved):
+        ds, dy = grads                                   # dL/ds|direct, dL/dy (either may be None)
+        rows, weight, has_bias, mean, rstd = saved
+        if dy is None:                                   # only the stream reached the loss
+            return ds, ds, None, None
+        shape = dy.shape
+        if backend.is_gpu():
+            from ..kernels import cuda
+            d_sum, dweight, dbias = cuda.add_layer_norm_backward(
+                None if ds is None else ds.reshape(rows.shape), dy.reshape(rows.shape), rows, weight, mean, rstd)
+        else:
+            d_sum, dweight, dbias = layer_norm_kernel.backward(dy.reshape(rows.shape), rows, weight, mean, rstd)
+            if ds is not None:
+                d_sum += ds.reshape(rows.shape)          # d_sum is this backward's own new array
+        d_sum = d_sum.reshape(shape)
+        return d_sum, d_sum, dweight, dbias if has_bias else None
