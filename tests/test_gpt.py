@@ -208,6 +208,37 @@ def test_load_state_dict_round_trip_is_exact():
     assert target.lm_head.weight is target.transformer.wte.weight
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_ops_give_the_unfused_models_logits_loss_and_gradients(bias):
+    """F.add_layer_norm and F.bias_gelu in the blocks (the default) against the plain chain of
+    ops (Block.forward: add, then layer_norm; linear with bias, then gelu), float32."""
+    idx, targets = batch()
+    results = []
+    for fused in (True, False):
+        model = tiny(seed=3, bias=bias).use_fused_ops(fused)
+        logits, loss = model(idx, targets)
+        loss.backward()
+        results.append((logits.numpy(), loss.item(), {n: np.array(p.grad) for n, p in model.named_parameters()}))
+    (logits_f, loss_f, grads_f), (logits_u, loss_u, grads_u) = results
+    np.testing.assert_allclose(logits_f, logits_u, rtol=1e-5, atol=1e-6)
+    assert loss_f == pytest.approx(loss_u, rel=1e-6)
+    assert grads_f.keys() == grads_u.keys()
+    for name in grads_f:
+        np.testing.assert_allclose(grads_f[name], grads_u[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_a_checkpoint_of_the_unfused_model_loads_into_the_fused_one(tmp_path):
+    """The fusion changes no parameter: a checkpoint written by the plain model (the layout of
+    checkpoints made before the fusion) loads into the fused one and gives the same logits."""
+    from scratchlm.checkpoint import load_safetensors, save_safetensors
+    plain = tiny(seed=4).use_fused_ops(False)
+    save_safetensors(tmp_path / "model.safetensors", {k: np.array(v) for k, v in plain.state_dict().items()})
+    fused = tiny(seed=5)
+    assert fused.fused_ops and fused.load_state_dict(load_safetensors(tmp_path / "model.safetensors")[0]) == ([], [])
+    idx, _ = batch()
+    np.testing.assert_allclose(fused(idx)[0].numpy(), plain(idx)[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
 def gpt2_file_layout(sd, block_size):
     """What a GPT-2 model.safetensors holds: no 'transformer.' prefix, no lm_head, mask buffers."""
     out = {}

@@ -129,7 +129,14 @@ class TiedLMHead(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2: embeddings, a stack of pre-LayerNorm Blocks, a final LayerNorm, the tied head."""
+    """GPT-2: embeddings, a stack of pre-LayerNorm Blocks, a final LayerNorm, the tied head.
+
+    ``fused_ops`` (default True) runs each residual add with the layer norm after it
+    (``F.add_layer_norm``) and the MLP's bias with its GELU (``F.bias_gelu``); ``use_fused_ops(False)``
+    gives the plain chain of ops, the same function (tests and bench/train.py compare the two).
+    """
+
+    fused_ops = True
 
     def __init__(self, config: GPTConfig, seed: int = 0):
         self.config = config
@@ -168,6 +175,13 @@ class GPT(nn.Module):
             if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
                 fill(module.bias, np.zeros(module.bias.shape))
 
+    def use_fused_ops(self, flag: bool = True) -> "GPT":
+        """Fused residual + layer norm and bias + GELU (True) or the unfused ops (False)."""
+        self.fused_ops = bool(flag)
+        for block in self.transformer.h:
+            block.mlp.fused = bool(flag)
+        return self
+
     # ------------------------------------------------------------------ forward
     def _features(self, idx, cache=None) -> Tensor:
         """Token ids (B, T) -> the final LayerNorm's output (B, T, C), before the head.
@@ -188,9 +202,17 @@ class GPT(nn.Module):
         else:
             pos_emb = self.transformer.sinusoidal(pos)                   # (T, C), fixed
         x = self.transformer.drop(tok_emb + pos_emb)                     # (B, T, C)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, cache=None if cache is None else cache.layers[i])   # (B, T, C)
-        return self.transformer.ln_f(x)                                  # (B, T, C)
+        blocks = self.transformer.h
+        if not self.fused_ops:
+            for i, block in enumerate(blocks):
+                x = block(x, cache=None if cache is None else cache.layers[i])   # (B, T, C)
+            return self.transformer.ln_f(x)                              # (B, T, C)
+        # each residual add fused with the layer norm after it: h is always ln(x) for the next use
+        h = blocks[0].ln_1(x)                                            # (B, T, C)
+        for i, block in enumerate(blocks):
+            next_norm = blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.transformer.ln_f
+            x, h = block.forward_chained(x, h, next_norm, cache=None if cache is None else cache.layers[i])
+        return h                                                         # ln_f(x) (B, T, C)
 
     def forward(self, idx, targets=None, cache=None):
         """idx: int (B, T) -> (logits (B, T, V), mean cross-entropy against targets (B, T) or None).
@@ -265,6 +287,7 @@ class GPT(nn.Module):
         rows, counted = [], set()
 
         def record(module, out):
+            out = out[-1] if isinstance(out, tuple) else out   # a fused residual + norm: its norm
             if next(module.children(), None) is not None:
                 return                                   # containers: their leaves are rows
             own = [p for _, p in module._named_parameters_all()]

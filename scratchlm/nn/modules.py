@@ -355,8 +355,9 @@ class Linear(Module):
         self.weight = _draw((n_in, n_out), bound=bound, rng=rng)
         self.bias = _draw((n_out,), bound=bound, rng=rng) if bias else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)          # (..., n_in) @ (n_in, n_out) + (n_out,)
+    def forward(self, x: Tensor, add_bias: bool = True) -> Tensor:
+        """``add_bias=False``: x @ W only, for a caller that adds the bias in a fused op after it."""
+        return F.linear(x, self.weight, self.bias if add_bias else None)   # (..., n_in) @ (n_in, n_out) + (n_out,)
 
     def extra_repr(self):
         return f"{self.n_in}, {self.n_out}, bias={self.bias is not None}"
@@ -385,8 +386,12 @@ class LayerNorm(Module):
         self.weight = Parameter(np.ones(normalized_shape))
         self.bias = Parameter(np.zeros(normalized_shape)) if bias else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x, self.weight, self.bias, self.eps)
+    def forward(self, x: Tensor, residual: Tensor | None = None):
+        """layer_norm(x); with ``residual``, (s, layer_norm(s)) for s = x + residual, one fused op
+        (the residual stream and the next sublayer's input)."""
+        if residual is None:
+            return F.layer_norm(x, self.weight, self.bias, self.eps)
+        return F.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
 
     def extra_repr(self):
         return f"({self.normalized_shape},), eps={self.eps}, bias={self.bias is not None}"
@@ -414,8 +419,11 @@ class GELU(Module):
     def __init__(self, approximate: str = "tanh"):
         self.approximate = approximate
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(x, approximate=self.approximate)
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """gelu(x), or gelu(x + bias) as one fused op."""
+        if bias is None:
+            return F.gelu(x, approximate=self.approximate)
+        return F.bias_gelu(x, bias, approximate=self.approximate)
 
     def extra_repr(self):
         return f"approximate={self.approximate!r}"
@@ -431,8 +439,14 @@ class MLP(Module):
         self.c_proj = Linear(4 * n_embd, n_embd, bias=bias)
         self.dropout = Dropout(dropout)
 
+    fused = True   # c_fc's bias added inside the GELU op (F.bias_gelu); False: the plain chain
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        if self.fused and self.c_fc.bias is not None:
+            h = self.gelu(self.c_fc(x, add_bias=False), bias=self.c_fc.bias)   # (B, T, 4C)
+        else:
+            h = self.gelu(self.c_fc(x))                                       # (B, T, 4C)
+        return self.dropout(self.c_proj(h))                                   # (B, T, C)
 
 
 class CausalSelfAttention(Module):
@@ -495,6 +509,13 @@ class Block(Module):
         x = x + self.attn(self.ln_1(x), cache=cache)    # cache: this layer's KV cache or None
         x = x + self.mlp(self.ln_2(x))
         return x
+
+    def forward_chained(self, x: Tensor, h: Tensor, next_norm: "LayerNorm", cache=None):
+        """The block inside a stack, each residual add fused with the layer norm that follows it:
+        (x, h = ln_1(x)) -> (x', next_norm(x')), next_norm the next block's ln_1 or the final ln_f.
+        The same function as ``forward`` followed by ``next_norm``, with two ops fewer."""
+        x, h = self.ln_2(x, residual=self.attn(h, cache=cache))   # x + attn(h); ln_2 of it (B, T, C) x 2
+        return next_norm(x, residual=self.mlp(h))                 # x + mlp(h); next_norm of it
 
 
 class SinusoidalPositionalEncoding(Module):
