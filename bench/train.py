@@ -3,7 +3,8 @@
     python bench/train.py                                  # nano-cpu recipe, CPU, 2 threads
     python bench/train.py --kernels off                    # scratchlm with the NumPy reference kernels
     CUPY_TF32=1 python bench/train.py --device gpu --backend cupy     # gpt2-124m, B=8, T=1024, GPU
-    python bench/train.py --device gpu --set dtype=bfloat16           # bf16 mixed precision (GPU only)
+    python bench/train.py --device gpu --dtype bfloat16               # bf16 mixed precision (GPU only)
+    python bench/train.py --fused off --no-torch           # the GPT without its fused ops (A/B)
 
 What is timed: one optimizer iteration -- forward, loss, backward, gradient clipping, AdamW step,
 zero_grad -- on the same shapes, batch, initialisation scale, optimizer and parameter groups on both
@@ -19,7 +20,10 @@ PyTorch runs eager (no compile), float32; on the GPU TF32 is allowed on both sid
 ``CUPY_TF32=1`` in the environment). Results: a table on stdout, JSON in bench/results/train.json.
 One extra step after the timed ones is counted (``scratchlm.launches``): tape ops, array-namespace
 calls and our raw CUDA kernel launches per training step -- the dispatches that make a small GPU
-step host-bound.
+step host-bound. ``--fused off`` runs the GPT with its plain chain of ops instead of the fused
+residual + layer norm and bias + GELU (``GPT.use_fused_ops``), for the before/after comparison.
+Per-iteration CPU time of the child (time.process_time) is reported beside wall time: on a shared
+machine it is the steadier of the two.
 """
 from __future__ import annotations
 
@@ -72,13 +76,15 @@ def run_scratchlm(args, config, vocab_size) -> dict:
     prepared = SimpleNamespace(train=tokens, val=tokens)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, _StubTokenizer(vocab_size), prepared, run_dir, progress=False)
-        times = []
+        trainer.model.use_fused_ops(args.fused == "on")
+        times, cpu_times = [], []
         for it in range(args.warmup + args.iters):
             backend.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss, _, _ = trainer.train_step(it)
             backend.synchronize()
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
         flops_per_token = trainer.model.flops_per_token()
         n_params = trainer.model.num_parameters(non_embedding=False)
         # one more step, counted (scratchlm.launches): tape ops, xp calls, our raw kernel launches
@@ -87,7 +93,8 @@ def run_scratchlm(args, config, vocab_size) -> dict:
             trainer.train_step(args.warmup + args.iters)
             backend.synchronize()
     memory = _peak_memory(args, "cupy")
-    return {"times": times[args.warmup:], "loss": float(backend.to_numpy(loss)), "flops_per_token": flops_per_token, "params": n_params,
+    return {"times": times[args.warmup:], "cpu_ms_per_iter": 1000 * statistics.median(cpu_times[args.warmup:]),
+            "loss": float(backend.to_numpy(loss)), "flops_per_token": flops_per_token, "params": n_params,
             "peak_flops": peak_flops(), "dispatches_per_step": dict(count.per_kind), **memory}
 
 
@@ -296,7 +303,7 @@ def spawn(args, side) -> dict | None:
             env[name] = str(args.threads)
     command = [sys.executable, __file__, "--side", side, "--preset", args.preset, "--device", args.device,
                "--backend", args.backend, "--kernels", args.kernels, "--iters", str(args.iters),
-               "--warmup", str(args.warmup), "--threads", str(args.threads)]
+               "--warmup", str(args.warmup), "--threads", str(args.threads), "--fused", args.fused]
     for pair in args.set:
         command += ["--set", pair]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -317,6 +324,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for both sides (default 2)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="scratchlm's compute dtype (bfloat16: GPU only; the same as --set dtype=...)")
+    parser.add_argument("--fused", choices=["on", "off"], default="on",
+                        help="off: the GPT without fused residual + layer norm and bias + GELU")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
     parser.add_argument("--quality", metavar="CORPUS", help="instead of timing: train the PyTorch twin on CORPUS "
@@ -330,6 +341,8 @@ def main() -> None:
     args.backend = args.backend or ("cupy" if args.device == "gpu" else "numpy")
     args.preset = args.preset or ("gpt2-124m" if args.device == "gpu" else "nano-cpu")
     args.iters = args.iters or (20 if args.device == "gpu" else 50)
+    if args.dtype and not args.side:
+        args.set = [*args.set, f"dtype={args.dtype}"]
     if args.side or args.quality:
         child(args)
         return
@@ -347,23 +360,24 @@ def main() -> None:
 
 def report(args, results) -> None:
     ours, theirs = results.get("scratchlm"), results.get("torch")
-    label = f"scratchlm ({args.backend}, kernels {args.kernels})"
+    label = f"scratchlm ({args.backend}, kernels {args.kernels}, fused {args.fused})"
     rows = [(label, ours)] + ([(f"PyTorch {theirs['torch']} eager", theirs)] if theirs else [])
     print(f"\n{args.preset}: B={ours['B'] if ours else '?'}, T={ours['T'] if ours else '?'}, device {args.device}"
           + (f", {args.threads} threads" if args.device == "cpu" else "") + f", median of {args.iters} iterations "
           f"after {args.warmup} warm-up")
-    header = f"{'':34} {'ms/iter':>9} {'tokens/s':>10} {'peak MB':>9} {'MFU':>7} {'loss':>7}"
+    header = f"{'':44} {'ms/iter':>9} {'CPU ms':>8} {'tokens/s':>10} {'peak MB':>9} {'MFU':>7} {'loss':>7}"
     print(header)
     print("-" * len(header))
     for name, r in rows:
         if r is None:
-            print(f"{name:34} failed")
+            print(f"{name:44} failed")
             continue
         mfu = ""
         if ours and ours.get("peak_flops"):
             r["mfu"] = ours["flops_per_token"] * r["tokens_per_s"] / ours["peak_flops"]
             mfu = f"{100 * r['mfu']:.1f}%"
-        print(f"{name:34} {r['ms_per_iter']:9.1f} {r['tokens_per_s']:10,.0f} {r['peak_memory_mb']:9.0f} {mfu:>7} "
+        cpu = f"{r['cpu_ms_per_iter']:8.1f}" if "cpu_ms_per_iter" in r else f"{'':8}"
+        print(f"{name:44} {r['ms_per_iter']:9.1f} {cpu} {r['tokens_per_s']:10,.0f} {r['peak_memory_mb']:9.0f} {mfu:>7} "
               f"{r['loss']:7.3f}")
     if ours and theirs:
         ratio = theirs["ms_per_iter"] / ours["ms_per_iter"]
@@ -378,14 +392,14 @@ def report(args, results) -> None:
     for r in (ours, theirs):
         if r:
             r.pop("times", None)
-    record = {"preset": args.preset, "device": args.device, "backend": args.backend, "kernels": args.kernels,
+    record = {"preset": args.preset, "device": args.device, "backend": args.backend, "kernels": args.kernels, "fused": args.fused,
               "threads": args.threads, "iters": args.iters, "warmup": args.warmup, "set": args.set,
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "cupy_tf32": os.environ.get("CUPY_TF32") == "1", **results}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(out.read_text()) if out.exists() else {}
-    key = f"{args.preset}/{args.device}/{args.backend}/kernels-{args.kernels}"
+    key = f"{args.preset}/{args.device}/{args.backend}/kernels-{args.kernels}/fused-{args.fused}" + "".join(f"/{s}" for s in args.set)
     existing[key] = record
     out.write_text(json.dumps(existing, indent=2) + "\n")
     print(f"wrote {out} [{key}]")
