@@ -151,7 +151,7 @@ def nano_cpu_params() -> int:
 
 
 def run_step_worker(bucket_mb: float, iters: int, out: Path) -> dict:
-    from scratchlm.distributed import mpiexec_path
+    from scratchlm.launcher import mpiexec_path
     done = subprocess.run([mpiexec_path(), "-n", "2", sys.executable, __file__, "--step-worker", str(bucket_mb),
                            "--iters", str(iters), "--worker-out", str(out)],
                           capture_output=True, text=True, env=thread_env(1), cwd=REPO, timeout=1800)
@@ -178,7 +178,7 @@ def main() -> None:
     if args.step_worker is not None:
         step_worker(args.step_worker, args.iters, args.worker_out)
         return
-    from scratchlm.distributed import mpiexec_path
+    from scratchlm.launcher import mpiexec_path
     uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     tokens = 12 * 2 * 64
     results = {"uptime_before": uptime_before, "iters": args.iters}

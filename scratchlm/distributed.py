@@ -35,8 +35,8 @@ checkpoints, holding the run folder's lock (``scratchlm.runguard``); other ranks
 Faults. A rank that raises prints one line, ``scratchlm: error: rank R of N failed: ...``, and
 calls ``MPI_Abort``, which makes the launcher end every rank (none waits forever in a collective).
 A rank that dies outright (killed, out of memory) is noticed by mpiexec, which ends the others;
-under ``--nproc`` our launcher turns mpiexec's banner into one line naming that rank. Ctrl-C
-reaches every rank through the launcher (mpiexec in its own process group, SIGINT's default
+under ``--nproc`` our launcher (``scratchlm/launcher.py``) turns mpiexec's banner into one line
+naming that rank. Ctrl-C reaches every rank through the launcher (mpiexec in its own process group, SIGINT's default
 disposition restored for it: a background job inherits SIGINT ignored); each rank reads its flag
 once per iteration and the ranks agree on it (an all-reduce at the top of the iteration; a flag
 read again later would let rank 0, whose Ctrl-C landed during its eval, stop alone while the
@@ -48,17 +48,17 @@ written only by rank 0 and atomically, so a killed rank never leaves a partial o
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
-import shutil
 import sys
 
 import numpy as np
 
 from scratchlm.errors import UserError
+from scratchlm.launcher import INSTALL_HINT, leave_note
 
 # launchers say how many processes they started (MPICH/Hydra, Open MPI, Slurm's PMI2)
 _WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
-INSTALL_HINT = "pip install 'scratchlm[mpi]'"
 
 
 def launched_world_size() -> int:
@@ -71,10 +71,26 @@ def launched_world_size() -> int:
 
 def check_config(config, world: int) -> None:
     """What a run on ``world`` ranks cannot do, refused before anything starts."""
-    if world > 1 and config.backend != "numpy":
-        raise UserError(f"--nproc {world} runs on the CPU (MPI); backend {config.backend} across GPUs needs NCCL, "
-                        "which is not wired in yet: use --backend numpy, or one GPU without --nproc")
+    if world > 1 and config.backend not in ("numpy", "cupy"):
+        raise UserError(f"--nproc {world} runs on backend numpy (MPI) or cupy (NCCL, one GPU per rank), "
+                        f"not {config.backend}")
+    if world > 1 and config.backend == "cupy" and config.zero_stage == 1:
+        raise UserError(ZERO_ON_GPUS)
+    if world > 1 and config.backend == "cupy" and importlib.util.find_spec("cupy") is None:
+        raise UserError(f"--nproc {world} with backend cupy runs one rank per GPU over NCCL and needs CuPy: "
+                        "pip install 'scratchlm[cuda12]' (or [cuda13] for CUDA 13)")
     check_accumulation(config.gradient_accumulation_steps, world)
+
+
+ZERO_ON_GPUS = "zero_stage=1 runs over MPI on the CPU; across GPUs set zero_stage=0"
+
+
+def group_class(backend_name: str, world: int) -> type:
+    """Which group a process of ``world`` ranks uses: NCCL between GPUs (backend cupy), MPI between
+    CPU processes, none for one rank."""
+    if world == 1:
+        return Single
+    return NCCLGroup if backend_name == "cupy" else MPIGroup
 
 
 def check_accumulation(accum: int, world: int) -> None:
@@ -197,7 +213,7 @@ class MPIGroup(Single):
             what = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
             print(f"scratchlm: error: rank {self.rank} of {self.world} failed: {' '.join(what.split())}; "
                   f"stopping all ranks", file=sys.stderr, flush=True)
-            _leave_note(f"failed.{self.rank}", what)
+            leave_note(f"failed.{self.rank}", what)
             sys.stdout.flush()
             code = 2 if isinstance(exc, UserError) else 1
             self.comm.Abort(code)
@@ -211,9 +227,12 @@ class NCCLGroup(MPIGroup):
     the gradient all-reduce is one ``ncclAllReduce`` per dtype on the current stream, so it is
     ordered after the backward's kernels without the host waiting.
 
-    NOT WIRED INTO THE TRAINER AND NEVER RUN ON A DEVICE: ``current()`` still gives ``MPIGroup``,
-    and ``check_config`` refuses --nproc with the cupy backend. ``nccl`` is ``cupy.cuda.nccl``, or a
-    stand-in with the same calls (tests/test_distributed.py passes one that reduces host arrays).
+    ``current("cupy")`` gives it under an MPI launcher with more than one rank (``--nproc N
+    --backend cupy``). NEVER RUN ON A DEVICE: ``nccl`` is ``cupy.cuda.nccl``, or a stand-in with the
+    same calls (tests/test_distributed.py passes one that reduces host arrays, and runs a 2-rank
+    training with it). No gradient buckets here: the one all-reduce per dtype is queued on the
+    stream after the backward's kernels, which the host does not wait for anyway
+    (``ddp_bucket_mb`` applies to MPI only); ZeRO-1 is MPI only.
     """
 
     def __init__(self, comm, nccl=None, device_id: int | None = None):
@@ -259,7 +278,7 @@ class NCCLGroup(MPIGroup):
 
     def shard_optimizer(self, optimizer, storage, zero_stage: int, bucket_mb: float = 0.0):
         if zero_stage == 1:
-            raise UserError("zero_stage=1 runs over MPI on the CPU; across GPUs set zero_stage=0")
+            raise UserError(ZERO_ON_GPUS)
         return optimizer
 
 
@@ -536,207 +555,28 @@ def _mpi_type(array):
 def _host(buffer):
     """MPI reads host memory: a NumPy buffer as is (the CPU path)."""
     if not isinstance(buffer, np.ndarray):
-        raise NotImplementedError("MPI all-reduce of GPU buffers needs NCCL, which is not wired in yet")
+        raise NotImplementedError("MPI all-reduces host buffers; GPU buffers go through NCCLGroup")
     return buffer
 
 
 _group: Single | None = None
 
 
-def current() -> Single:
-    """This process's group: MPI's world when started by an MPI launcher with N > 1, else Single."""
+def current(backend_name: str = "numpy") -> Single:
+    """This process's group, made on the first call (``group_class``): under an MPI launcher with
+    N > 1 ranks, NCCL's for backend cupy and MPI's world otherwise; else Single."""
     global _group
     if _group is None:
         world = launched_world_size()
-        if world > 1:
+        kind = group_class(backend_name, world)
+        if kind is Single:
+            _group = Single()
+        else:
             try:
                 from mpi4py import MPI
             except ImportError:
                 raise UserError(f"started as one of {world} MPI ranks, but mpi4py is not installed; "
                                 f"{INSTALL_HINT}") from None
-            _group = MPIGroup(MPI.COMM_WORLD)
-            _leave_note(f"pid.{_group.rank}", str(os.getpid()))
-        else:
-            _group = Single()
+            _group = kind(MPI.COMM_WORLD)
+            leave_note(f"pid.{_group.rank}", str(os.getpid()))
     return _group
-
-
-# ================================================================ the launcher: --nproc N
-
-def mpiexec_path() -> str:
-    """mpiexec beside this Python (the mpich wheel puts it in the venv's bin), else on PATH."""
-    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    found = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
-    if found is None:
-        raise UserError(f"--nproc needs an MPI launcher (mpiexec) and mpi4py; {INSTALL_HINT}")
-    return found
-
-
-def launch_command(nproc: int, argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The mpiexec command that runs ``scratchlm <argv>`` (--nproc already removed) as ``nproc``
-    ranks, and its environment: each rank gets cores / nproc threads unless the user set them."""
-    try:
-        import mpi4py  # noqa: F401  (the ranks need it; refuse here, once, rather than N times)
-    except ImportError:
-        raise UserError(f"--nproc {nproc} needs mpi4py; {INSTALL_HINT}") from None
-    env = dict(os.environ)
-    threads = str(max(1, (os.cpu_count() or 1) // nproc))
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        env.setdefault(name, threads)
-    return [mpiexec_path(), "-n", str(nproc), sys.executable, "-m", "scratchlm", *argv], env
-
-
-def without_nproc(argv: list[str]) -> list[str]:
-    """``argv`` with ``--nproc N`` / ``--nproc=N`` taken out."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            out.append(arg)
-    return out
-
-
-# Set by the --nproc launcher: a folder where each rank leaves "pid.R" (its process id) and, when it
-# fails with its own line, "failed.R" -- so the launcher can name a rank that died without a word.
-RANK_FOLDER_VARIABLE = "SCRATCHLM_RANK_FOLDER"
-_HYDRA_BANNER = ("=====", "=   ", "YOUR APPLICATION TERMINATED", "This typically refers", "Please see the FAQ")
-
-
-def _leave_note(name: str, text: str) -> None:
-    folder = os.environ.get(RANK_FOLDER_VARIABLE)
-    if folder:
-        with contextlib.suppress(OSError), open(os.path.join(folder, name), "w") as f:
-            f.write(text)
-
-
-STOP_GRACE_VARIABLE = "SCRATCHLM_STOP_GRACE_S"
-
-
-def stop_grace_seconds() -> float:
-    """How long the ranks get after Ctrl-C to finish their step, save and exit before the launcher
-    forces them down ($SCRATCHLM_STOP_GRACE_S, default 120 s: an eval in progress on rank 0 runs
-    to its end, then the save)."""
-    text = os.environ.get(STOP_GRACE_VARIABLE, "120")
-    try:
-        return max(1.0, float(text))
-    except ValueError:
-        raise UserError(f"{STOP_GRACE_VARIABLE}={text!r} is not a number of seconds; e.g. 120") from None
-
-
-def _launcher_child() -> None:
-    """In mpiexec before it starts: its own process group (a terminal's Ctrl-C reaches the launcher
-    alone, which passes it on once -- two Ctrl-C at mpiexec mean "abort now"), and SIGINT's default
-    disposition and an empty signal mask, whatever this process inherited (a background job of a
-    non-interactive shell starts with SIGINT ignored, and ignored signals survive exec down to the
-    ranks, where Python would then never turn SIGINT into a stop)."""
-    import signal
-    os.setpgrp()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-
-
-def _force_stop(proc, grace: float, folder: str, forced) -> None:
-    """The grace after Ctrl-C ran out: a second SIGINT (mpiexec: "abort now"), then, if mpiexec
-    still runs, SIGKILL to it and every rank. Sets the event ``forced``: an aborted mpiexec may
-    still exit with status 0, and the job was not a success."""
-    import signal
-    import time
-    if proc.poll() is not None:
-        return
-    forced.set()
-    print(f"scratchlm: error: the ranks did not stop within {grace:g} s of Ctrl-C "
-          f"(${STOP_GRACE_VARIABLE}); killing them; the last checkpoint is what --resume continues",
-          file=sys.stderr, flush=True)
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGINT)
-    time.sleep(10)
-    if proc.poll() is None:
-        _kill_job(proc, folder)
-
-
-def _kill_job(proc, folder: str) -> None:
-    """SIGKILL to mpiexec's process group (mpiexec, its proxy) and to every rank still running: Hydra
-    puts each rank in a process group of its own, so the ranks are found by the pids they noted
-    in ``folder``, each checked to be ours (its environment names ``folder``) before it is killed."""
-    import signal
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    for name in os.listdir(folder):
-        if not name.startswith("pid."):
-            continue
-        with contextlib.suppress(OSError, ValueError):
-            with open(os.path.join(folder, name)) as f:
-                pid = int(f.read().strip())
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                ours = f"{RANK_FOLDER_VARIABLE}={folder}".encode() in f.read()
-            if ours:
-                os.kill(pid, signal.SIGKILL)
-
-
-def relaunch(nproc: int, argv: list[str]) -> int:
-    """Run this command as ``nproc`` ranks under mpiexec and return its exit status.
-
-    mpiexec's output passes through, except its banner about a rank that died (killed, out of
-    memory): that becomes one line naming the rank. Ctrl-C (or a SIGINT sent to this process) is
-    passed on to mpiexec, which gives it to every rank; the ranks agree to stop after the same step
-    and rank 0 saves. If the job has not ended ``stop_grace_seconds()`` later it is forced down, and
-    whatever of it is left when mpiexec ends is killed, so the stop is bounded in time."""
-    import re
-    import signal
-    import subprocess
-    import tempfile
-    import threading
-    command, env = launch_command(nproc, without_nproc(argv))
-    sys.stdout.flush()
-    with tempfile.TemporaryDirectory(prefix="scratchlm-ranks-") as folder:
-        env[RANK_FOLDER_VARIABLE] = folder
-        grace = stop_grace_seconds()            # (a bad value refused before anything starts)
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, bufsize=1,
-                                preexec_fn=_launcher_child)
-        forced = threading.Event()
-        force = threading.Timer(grace, _force_stop, args=(proc, grace, folder, forced))
-        force.daemon = True
-
-        def forward(signum, frame):
-            proc.send_signal(signal.SIGINT)      # mpiexec passes it to every rank; a second one aborts
-            if not force.is_alive():
-                force.start()                    # a bounded stop, whatever a rank is doing
-        previous = signal.signal(signal.SIGINT, forward)
-        dead_pid, how = None, None
-        try:
-            for line in proc.stdout:
-                if line.startswith(_HYDRA_BANNER):
-                    found = re.search(r"PID (\d+) RUNNING", line) or re.search(r"EXIT STRING: (.*)", line)
-                    if found and "PID" in line:
-                        dead_pid = found.group(1)
-                    elif found:
-                        how = found.group(1).strip()
-                    continue
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            status = proc.wait()
-            if forced.is_set() and status == 0:
-                status = 130                     # forced down after Ctrl-C (128 + SIGINT), whatever mpiexec said
-        finally:
-            signal.signal(signal.SIGINT, previous)
-            force.cancel()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            # nothing of the job outlives the launcher (a rank left behind would hold our pipes)
-            _kill_job(proc, folder)
-        notes = os.listdir(folder)
-        if dead_pid is not None and not any(name.startswith("failed.") for name in notes):
-            rank_of = {}
-            for name in notes:
-                if name.startswith("pid."):
-                    with open(os.path.join(folder, name)) as f:
-                        rank_of[f.read().strip()] = name.split(".", 1)[1]
-            who = f"rank {rank_of[dead_pid]}" if dead_pid in rank_of else f"a rank (process {dead_pid})"
-            print(f"scratchlm: error: {who} of {nproc} died without a word ({how or 'no exit string'}); "
-                  "mpiexec stopped the other ranks; continue from the last checkpoint with --resume",
-                  file=sys.stderr, flush=True)
-    return status

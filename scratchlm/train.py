@@ -108,7 +108,7 @@ class Trainer:
         # parameters and gradients as views of flat buffers, laid out group by group: one AdamW
         # update per group, one clipping pass, one all-reduce (scratchlm.nn.FlatStorage)
         self.model.flatten_([group["params"] for group in self.optimizer.param_groups])
-        self.dist = distributed.current()       # rank 0 alone writes the run folder
+        self.dist = distributed.current(c.backend)   # rank 0 alone writes the run folder
         self.optimizer = self.dist.shard_optimizer(self.optimizer, self.model._flat, c.zero_stage,
                                                  bucket_mb=c.ddp_bucket_mb)
         self.zero = isinstance(self.optimizer, distributed.ZeroOneOptimizer)
@@ -355,7 +355,7 @@ def train(config: TrainConfig, out_dir, corpus=None, tokenizer: str = "char", re
     from scratchlm.runsetup import prepare_run
     run_dir = Path(out_dir)
     ready = {}
-    dist = distributed.current()
+    dist = distributed.current(config.backend)
 
     def validate():
         dist.check_config(config)

@@ -10,6 +10,7 @@ Skipped when mpi4py or mpiexec is missing (the [mpi] extra). Every subprocess is
 timeout, so a hang fails the test instead of stalling the suite.
 """
 import importlib
+import importlib.util
 import json
 import os
 import signal
@@ -22,12 +23,12 @@ import numpy as np
 import pytest
 
 pytest.importorskip("mpi4py")
-from scratchlm import distributed  # noqa: E402
+from scratchlm import distributed, launcher  # noqa: E402
 from scratchlm.checkpoint import load_safetensors  # noqa: E402
 from scratchlm.datasets import dataset_path  # noqa: E402
 
 try:
-    MPIEXEC = distributed.mpiexec_path()
+    MPIEXEC = launcher.mpiexec_path()
 except Exception:                                           # noqa: BLE001 -- no launcher: skip all
     pytest.skip("mpiexec is not installed (pip install 'scratchlm[mpi]')", allow_module_level=True)
 
@@ -145,12 +146,29 @@ def test_accumulation_that_does_not_divide_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_gpu_backend_across_ranks_is_refused_in_one_line(tmp_path):
+def test_gpu_ranks_pick_nccl_and_cpu_ranks_mpi():
+    assert distributed.group_class("cupy", 2) is distributed.NCCLGroup
+    assert distributed.group_class("numpy", 2) is distributed.MPIGroup
+    assert distributed.group_class("cupy", 1) is distributed.Single
+
+
+def test_zero_1_across_gpus_is_refused_in_one_line(tmp_path):
+    done = scratchlm(train_args(tmp_path / "run", 2, extra=["--nproc", "2", "--backend", "cupy", "--set", "zero_stage=1"]))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "scratchlm: error: zero_stage=1 runs over MPI on the CPU; across GPUs set zero_stage=0"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_gpu_ranks_without_cupy_are_refused_in_one_line(tmp_path):
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed: --nproc 2 --backend cupy would start")
     done = scratchlm(train_args(tmp_path / "run", 2, extra=["--nproc", "2", "--backend", "cupy"]))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "scratchlm: error: --nproc 2 runs on the CPU (MPI); backend cupy across GPUs needs NCCL, which is not "
-        "wired in yet: use --backend numpy, or one GPU without --nproc"]
+        "scratchlm: error: --nproc 2 with backend cupy runs one rank per GPU over NCCL and needs CuPy: "
+        "pip install 'scratchlm[cuda12]' (or [cuda13] for CUDA 13)"]
+    assert not (tmp_path / "run").exists()
 
 
 # Loaded by every Python process through PYTHONPATH (sitecustomize), so the fault reaches the ranks
@@ -387,12 +405,11 @@ def test_gradient_buckets_cover_the_buffer_once_and_start_during_the_backward(ac
 # Run under mpiexec -n 2: NCCLGroup with a stand-in for cupy.cuda.nccl whose allReduce sums the
 # host memory at the pointer it is given (over MPI), so the pointers, counts, dtypes and the id
 # exchange are what is tested; oracle: MPI's own Allreduce of the same gradients.
-FAKE_NCCL = """
+FAKE_NCCL_MODULE = """
 import ctypes, json
 import numpy as np
 from mpi4py import MPI
 from scratchlm import distributed
-from scratchlm.models.gpt import GPT, GPTConfig
 
 class FakeNccl:
     NCCL_FLOAT32, NCCL_FLOAT64, NCCL_SUM = "float", "double", "sum"
@@ -412,6 +429,10 @@ class FakeNccl:
             view = np.ctypeslib.as_array((ctype * count).from_address(recv))
             MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, view, op=MPI.SUM)
             FakeNccl.calls.append((count, dtype))
+"""
+
+FAKE_NCCL = FAKE_NCCL_MODULE + """
+from scratchlm.models.gpt import GPT, GPTConfig
 
 comm = MPI.COMM_WORLD
 group = distributed.NCCLGroup(comm, nccl=FakeNccl)
@@ -447,13 +468,38 @@ def test_nccl_group_exchanges_the_id_over_mpi_and_sums_on_the_buffers_it_is_give
     assert result["total"] == 3.0 and result["any"] == [False, True]
 
 
+# The trainer on NCCLGroup (what `--nproc N --backend cupy` gives each rank), here with the stand-in
+# nccl on the NumPy backend: every gradient and loss sum of the run goes through its allReduce.
+FAKE_NCCL_TRAIN = FAKE_NCCL_MODULE + """
+import sys
+from scratchlm.cli import main
+distributed._group = distributed.NCCLGroup(MPI.COMM_WORLD, nccl=FakeNccl)
+code = main(sys.argv[1:])
+if distributed._group.rank == 0:
+    print("NCCL_CALLS " + json.dumps(len(FakeNccl.calls)))
+sys.exit(code)
+"""
+
+
+def test_a_two_rank_run_on_nccl_group_equals_one_rank(tmp_path, runs):
+    script = tmp_path / "fake_nccl_train.py"
+    script.write_text(FAKE_NCCL_TRAIN)
+    out = tmp_path / "run"
+    done = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script), *train_args(out, 2)],
+                          capture_output=True, text=True, env=env(), timeout=TIMEOUT, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    calls = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("NCCL_CALLS "))[11:])
+    assert calls == 2 * 20            # per step: the gradient buffer, then the loss sum
+    assert_same_run(runs(1, 2), out)
+
+
 def test_without_mpi_the_group_is_one_rank():
     group = distributed.Single()
     assert (group.rank, group.world, list(group.micro_steps(3))) == (0, 1, [0, 1, 2])
 
 
 def test_launch_command_drops_nproc_and_sets_threads():
-    command, environment = distributed.launch_command(2, distributed.without_nproc(
+    command, environment = launcher.launch_command(2, launcher.without_nproc(
         ["train", "--nproc", "2", "--out", "x", "--nproc=3"]))
     assert command[1:3] == ["-n", "2"] and command[-3:] == ["train", "--out", "x"]
     assert "OMP_NUM_THREADS" in environment

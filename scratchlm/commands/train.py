@@ -97,4 +97,5 @@ def _start_ranks(args, config) -> None:
         raise UserError(f"--nproc {args.nproc} asks for {args.nproc} ranks but the launcher started {world}; "
                         "drop --nproc under mpiexec")
     distributed.check_config(config, args.nproc)
-    raise SystemExit(distributed.relaunch(args.nproc, args.raw_argv))
+    from scratchlm import launcher
+    raise SystemExit(launcher.relaunch(args.nproc, args.raw_argv))
