@@ -202,6 +202,52 @@ def test_layer_norm_matches_reference(N, C, affine, dtype, seed):
             assert_close(got, want, 4 * tol, name)
 
 
+@gpu
+@SETTINGS
+@given(N=st.integers(1, 70), C=st.sampled_from([2, 7, 100, 768]), affine=st.booleans(), with_ds=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**31 - 1))
+def test_add_layer_norm_matches_reference(N, C, affine, with_ds, dtype, seed):
+    """The fused residual add + layer norm (the residual option of the row kernels) against the
+    NumPy composition: s = x + r, layer norm of s; dL/ds = ds + the layer norm's dx."""
+    rng = np.random.default_rng(seed)
+    x, r, dy, ds = (np.asarray(rng.standard_normal((N, C)) * 2, dtype=dtype).astype(np.float64) for _ in range(4))
+    weight, bias = ((np.asarray(rng.standard_normal(C), dtype=dtype).astype(np.float64) for _ in range(2))
+                    if affine else (None, None))
+    s_ref = x + r
+    y_ref, mean_ref, rstd_ref = layer_norm.forward_reference(s_ref, weight, bias, 1e-5)
+    dx_ref, dw_ref, db_ref = layer_norm.backward_reference(dy, s_ref, weight, mean_ref, rstd_ref)
+    g = lambda a: None if a is None else on_gpu(a, dtype)   # noqa: E731
+    tol = F32_TOL if dtype == np.float32 else F64_TOL
+    s, y, mean, rstd = cuda.add_layer_norm_forward(g(x), g(r), g(weight), g(bias), 1e-5)
+    assert_close(s, s_ref, tol, "s")
+    assert_close(y, y_ref, tol, "y")
+    assert_close(rstd, rstd_ref, tol, "rstd")
+    d_sum, dweight, dbias = cuda.add_layer_norm_backward(g(ds) if with_ds else None, g(dy), s, g(weight), mean, rstd)
+    # the layer norm's part compared as in test_layer_norm_matches_reference (scaled by rstd)
+    ln_part = d_sum - (g(ds) if with_ds else 0)
+    assert_close(ln_part / rstd[:, None], dx_ref / rstd_ref[:, None], 4 * tol, "dL/ds - ds")
+    if with_ds:
+        assert_close(d_sum, dx_ref + ds, 4 * tol * max(1.0, float(np.max(rstd_ref))), "dL/ds")
+    for name, got, want in (("dweight", dweight, dw_ref), ("dbias", dbias, db_ref)):
+        if want is None:
+            assert got is None, name
+        else:
+            assert_close(got, want, 4 * tol, name)
+
+
+@gpu
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_bias_gelu_kernels_match_reference(approximate):
+    rng = np.random.default_rng(0)
+    x, dy = rng.standard_normal((37, 96)), rng.standard_normal((37, 96))
+    b = rng.standard_normal(96)
+    h = x + b
+    assert_close(cuda.bias_gelu_forward(on_gpu(x, np.float64), on_gpu(b, np.float64), approximate),
+                 gelu.forward_reference(h, approximate), F64_TOL, "y")
+    assert_close(cuda.bias_gelu_backward(on_gpu(dy, np.float64), on_gpu(x, np.float64), on_gpu(b, np.float64), approximate),
+                 gelu.backward_reference(dy, h, approximate), F64_TOL, "dh")
+
+
 # ------------------------------------------------------------------------ GELU
 
 @gpu

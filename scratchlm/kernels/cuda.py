@@ -8,7 +8,8 @@ bench/cuda_kernels.py validates then times each one against PyTorch.
 * attention.cu: FlashAttention-2 style forward (online softmax, only the per-row log-sum-exp kept)
   and backward (delta = rowsum(dO * O); one block per key tile accumulating dK, dV and adding dQ
   atomically), float32, head dim D <= 128 (padded to a multiple of 32 inside the kernel).
-* rowops.cu: layer norm (a warp per row), softmax + cross-entropy (a block per row, one read for
+* rowops.cu: layer norm (a warp per row; optionally with the residual add before it and the
+  residual's gradient added in its backward: the fused op, NEVER RUN ON A DEVICE), softmax + cross-entropy (a block per row, one read for
   the log-sum-exp, one pass writing dlogits), embedding backward (atomicAdd scatter); float32/64.
 * elementwise.cu: GELU forward/backward (exact and tanh), 16-byte vector loads; float32/64.
 * AdamW is one ``cupy.ElementwiseKernel`` pass over each parameter and its two moments.
@@ -38,7 +39,7 @@ except ImportError:   # CPU-only installs: the functions below raise CudaUnavail
 __all__ = [
     "CudaUnavailable", "available",
     "attention_forward", "attention_backward",
-    "layer_norm_forward", "layer_norm_backward",
+    "layer_norm_forward", "layer_norm_backward", "add_layer_norm_forward", "add_layer_norm_backward",
     "gelu_forward", "gelu_backward",
     "cross_entropy_forward", "cross_entropy_backward",
     "embedding_backward", "adamw_step", "bias_gelu_forward", "bias_gelu_backward",
@@ -214,43 +215,72 @@ def _check_rows(a, what: str) -> None:
 
 def layer_norm_forward(x, weight, bias, eps: float):
     """y = (x - mean) * rstd * weight + bias over the last axis; x (N, C) -> y, mean (N,), rstd (N,)."""
+    return _layer_norm_rows(x, None, weight, bias, eps)[1:]
+
+
+def add_layer_norm_forward(x, residual, weight, bias, eps: float):
+    """s = x + residual, y = layer norm of s, in one row pass: x, residual (N, C) -> s, y, mean, rstd.
+    NEVER RUN ON A DEVICE (written without one; kernels/layer_norm.py's add_forward is the reference)."""
+    return _layer_norm_rows(x, residual, weight, bias, eps)
+
+
+def _layer_norm_rows(x, residual, weight, bias, eps: float):
+    """(s or None, y, mean, rstd): the layer-norm row kernel, on x or (residual given) on x + residual."""
     _require_cupy()
     _check_rows(x, "layer_norm x")
     x = cp.ascontiguousarray(x)
     N, C = x.shape
     t = _ctype(x.dtype)
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"add_layer_norm: residual has shape {residual.shape}, x has {x.shape}")
+        residual = cp.ascontiguousarray(residual, dtype=x.dtype)
     weight = None if weight is None else cp.ascontiguousarray(weight, dtype=x.dtype)
     bias = None if bias is None else cp.ascontiguousarray(bias, dtype=x.dtype)
+    s = None if residual is None else cp.empty_like(x)
     y = cp.empty_like(x)
     mean = cp.empty((N,), dtype=x.dtype)
     rstd = cp.empty((N,), dtype=x.dtype)
     if N == 0:
-        return y, mean, rstd
-    null = np.uint64(0)   # a null pointer: no affine part
+        return s, y, mean, rstd
+    null = np.uint64(0)   # a null pointer: no affine part / no residual
     _kernel("rowops.cu", f"layer_norm_forward<{t}>")(
         ((N + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK,), (32 * _ROWS_PER_BLOCK,),
-        (x, null if weight is None else weight, null if bias is None else bias, y, mean, rstd,
+        (x, null if residual is None else residual, null if weight is None else weight,
+         null if bias is None else bias, null if s is None else s, y, mean, rstd,
          np.int64(N), np.int32(C), _scalar(eps, x.dtype)))
-    return y, mean, rstd
+    return s, y, mean, rstd
 
 
 def layer_norm_backward(dy, x, weight, mean, rstd):
     """(dx, dweight, dbias): dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dy * weight;
     dweight = sum_n dy xhat, dbias = sum_n dy (both None when weight is None)."""
+    return add_layer_norm_backward(None, dy, x, weight, mean, rstd)
+
+
+def add_layer_norm_backward(ds, dy, s, weight, mean, rstd):
+    """(dL/ds, dweight, dbias) of the fused residual add + layer norm: ``ds`` (N, C), the gradient
+    reaching s directly (None: none), is added to the layer norm's dx inside the dx kernel.
+    With ds None this is the plain layer norm's backward (``layer_norm_backward``).
+    The ds path was NEVER RUN ON A DEVICE."""
     _require_cupy()
+    x = s
     _check_rows(x, "layer_norm x")
     x = cp.ascontiguousarray(x)
     N, C = x.shape
     t = _ctype(x.dtype)
     dy = cp.ascontiguousarray(dy, dtype=x.dtype)
+    ds = None if ds is None else cp.ascontiguousarray(ds, dtype=x.dtype)
     mean = cp.ascontiguousarray(mean, dtype=x.dtype)
     rstd = cp.ascontiguousarray(rstd, dtype=x.dtype)
     weight = None if weight is None else cp.ascontiguousarray(weight, dtype=x.dtype)
     dx = cp.empty_like(x)
+    null = np.uint64(0)
     if N > 0:
         _kernel("rowops.cu", f"layer_norm_backward_dx<{t}>")(
             ((N + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK,), (32 * _ROWS_PER_BLOCK,),
-            (dy, x, np.uint64(0) if weight is None else weight, mean, rstd, dx, np.int64(N), np.int32(C)))
+            (dy, null if ds is None else ds, x, null if weight is None else weight, mean, rstd, dx,
+             np.int64(N), np.int32(C)))
     if weight is None:
         return dx, None, None
     # Parameter gradients: per-chunk partial column sums, then one deterministic sum over chunks.

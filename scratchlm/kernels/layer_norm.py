@@ -184,3 +184,30 @@ def backward(dy, x, weight, mean, rstd):
     elif rung == "numba":
         return backward_numba(dy, x, weight, mean, rstd)
     return backward_reference(dy, x, weight, mean, rstd)
+
+
+# ============================================================== the residual add fused in front
+
+def add_forward(x, residual, weight, bias, eps: float):
+    """(s, y, mean, rstd) for s = x + residual (N, C) and y the layer norm of s (``forward``'s
+    contract otherwise). The CUDA rung adds in the row kernel's first pass (one read of x and
+    residual, s written once); the others make s with one array add, then ``forward``."""
+    if pick(x, "layer_norm") == "cuda":
+        kernel = cuda_kernel("add_layer_norm_forward")
+        if kernel is not None:
+            return kernel(x, residual, weight, bias, eps)
+    s = x + residual                                             # (N, C)
+    return (s, *forward(s, weight, bias, eps))
+
+
+def add_backward(ds, dy, s, weight, mean, rstd):
+    """(dL/ds, dweight, dbias) with dL/ds = ds + the layer norm's dx (``backward``); ``ds`` (N, C)
+    is the gradient that reaches s directly, or None."""
+    if pick(s, "layer_norm") == "cuda":
+        kernel = cuda_kernel("add_layer_norm_backward")
+        if kernel is not None:
+            return kernel(ds, dy, s, weight, mean, rstd)
+    d_sum, dweight, dbias = backward(dy, s, weight, mean, rstd)
+    if ds is not None:
+        d_sum = d_sum + ds                                       # (N, C)
+    return d_sum, dweight, dbias

@@ -40,9 +40,13 @@ __device__ __forceinline__ void merge_max_sum(T& m, T& s, T m_other, T s_other) 
 // -------------------------------------------------------------------------------- layer norm
 // y = (x - mean) * rstd * weight + bias, mean = sum_c x / C, rstd = 1 / sqrt(sum_c (x - mean)^2 / C + eps)
 // One warp per row (8 rows per 256-thread block); weight/bias may be null (no affine part).
+// With a residual (non-null ``residual`` and ``s``): the rows normalised are s = x + residual, written
+// to ``s`` in the first pass (the fused residual add + layer norm of a pre-LN block). Each lane reads
+// back only the columns it wrote itself, so no synchronisation is needed between the passes.
 template <typename T>
-__global__ void layer_norm_forward(const T* __restrict__ x, const T* __restrict__ weight,
-                                   const T* __restrict__ bias, T* __restrict__ y, T* __restrict__ mean,
+__global__ void layer_norm_forward(const T* __restrict__ x, const T* __restrict__ residual,
+                                   const T* __restrict__ weight, const T* __restrict__ bias,
+                                   T* __restrict__ s, T* __restrict__ y, T* __restrict__ mean,
                                    T* __restrict__ rstd, long long N, int C, T eps) {
     using namespace slm_rowops;
     const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -50,7 +54,18 @@ __global__ void layer_norm_forward(const T* __restrict__ x, const T* __restrict_
     if (row >= N) return;
     const T* xr = x + row * C;
     T sum = 0;
-    for (int c = lane; c < C; c += 32) sum += xr[c];
+    if (residual != nullptr) {
+        const T* rr = residual + row * C;
+        T* sr = s + row * C;
+        for (int c = lane; c < C; c += 32) {
+            const T v = xr[c] + rr[c];
+            sr[c] = v;
+            sum += v;
+        }
+        xr = sr;                                        // the passes below read s
+    } else {
+        for (int c = lane; c < C; c += 32) sum += xr[c];
+    }
     const T mu = warp_sum(sum) / C;
     T sq = 0;                                           // two passes: no cancellation in E[x^2] - mu^2
     for (int c = lane; c < C; c += 32) {
@@ -72,12 +87,14 @@ __global__ void layer_norm_forward(const T* __restrict__ x, const T* __restrict_
 }
 
 // With xhat = (x - mean) * rstd and g = dy * weight (g = dy without weight):
-//     dx = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))
+//     dx = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))  (+ dresidual, the gradient that reaches
+// the fused op's sum s directly, when non-null: dL/ds = dL/ds|direct + the layer norm's part)
 // One warp per row.
 template <typename T>
-__global__ void layer_norm_backward_dx(const T* __restrict__ dy, const T* __restrict__ x,
-                                       const T* __restrict__ weight, const T* __restrict__ mean,
-                                       const T* __restrict__ rstd, T* __restrict__ dx, long long N, int C) {
+__global__ void layer_norm_backward_dx(const T* __restrict__ dy, const T* __restrict__ dresidual,
+                                       const T* __restrict__ x, const T* __restrict__ weight,
+                                       const T* __restrict__ mean, const T* __restrict__ rstd,
+                                       T* __restrict__ dx, long long N, int C) {
     using namespace slm_rowops;
     const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
@@ -94,9 +111,12 @@ __global__ void layer_norm_backward_dx(const T* __restrict__ dy, const T* __rest
     const T mean_g = warp_sum(sum_g) / C;
     const T mean_gx = warp_sum(sum_gx) / C;
     T* dxr = dx + row * C;
+    const T* drr = dresidual != nullptr ? dresidual + row * C : nullptr;
     for (int c = lane; c < C; c += 32) {
         const T g = weight != nullptr ? dyr[c] * weight[c] : dyr[c];
-        dxr[c] = rs * (g - mean_g - (xr[c] - mu) * rs * mean_gx);
+        T val = rs * (g - mean_g - (xr[c] - mu) * rs * mean_gx);
+        if (drr != nullptr) val += drr[c];
+        dxr[c] = val;
     }
 }
 
@@ -229,14 +249,15 @@ __global__ void embedding_backward(const T* __restrict__ dout, const long long* 
 }
 
 #ifdef SCRATCHLM_INSTANTIATE_ALL
-template __global__ void layer_norm_forward<float>(const float*, const float*, const float*, float*, float*,
-                                                   float*, long long, int, float);
-template __global__ void layer_norm_forward<double>(const double*, const double*, const double*, double*,
-                                                    double*, double*, long long, int, double);
-template __global__ void layer_norm_backward_dx<float>(const float*, const float*, const float*,
+template __global__ void layer_norm_forward<float>(const float*, const float*, const float*, const float*,
+                                                   float*, float*, float*, float*, long long, int, float);
+template __global__ void layer_norm_forward<double>(const double*, const double*, const double*, const double*,
+                                                    double*, double*, double*, double*, long long, int, double);
+template __global__ void layer_norm_backward_dx<float>(const float*, const float*, const float*, const float*,
                                                        const float*, const float*, float*, long long, int);
 template __global__ void layer_norm_backward_dx<double>(const double*, const double*, const double*,
-                                                        const double*, const double*, double*, long long, int);
+                                                        const double*, const double*, const double*, double*,
+                                                        long long, int);
 template __global__ void layer_norm_backward_params<float>(const float*, const float*, const float*,
                                                            const float*, float*, long long, int, int);
 template __global__ void layer_norm_backward_params<double>(const double*, const double*, const double*,

@@ -6,7 +6,8 @@
   from one block into the next (or into ln_f).
 
 Their CUDA paths (``kernels/cuda.py``: a CuPy ElementwiseKernel for bias + GELU; the residual
-option of the layer-norm row kernels in ``kernels/rowops.cu``) have NOT been run on a device.
+option of the layer-norm row kernels in ``kernels/rowops.cu``, reached through
+``kernels/layer_norm.py``'s ``add_forward``/``add_backward``) have NOT been run on a device.
 The NumPy paths reuse ``kernels/gelu.py`` and ``kernels/layer_norm.py`` and are checked by finite
 differences and against the unfused ops (tests/test_fused_ops.py).
 """
@@ -80,13 +81,8 @@ class AddLayerNorm(Function):
             raise ValueError(f"add_layer_norm weight has shape {tuple(weight.shape)}, "
                              f"expected ({x.shape[-1]},) for input of shape {tuple(x.shape)}")
         C = x.shape[-1]
-        if backend.is_gpu():
-            from ..kernels import cuda
-            rows, y, mean, rstd = cuda.add_layer_norm_forward(x.reshape(-1, C), residual.reshape(-1, C),
-                                                              weight, bias, eps)
-        else:
-            rows = (x + residual).reshape(-1, C)                             # s (N, C)
-            y, mean, rstd = layer_norm_kernel.forward(rows, weight, bias, eps)
+        rows, y, mean, rstd = layer_norm_kernel.add_forward(x.reshape(-1, C), residual.reshape(-1, C),
+                                                            weight, bias, eps)       # s, y (N, C)
         return (rows.reshape(x.shape), y.reshape(x.shape)), (rows, weight, bias is not None, mean, rstd)
 
     @staticmethod
@@ -95,14 +91,7 @@ class AddLayerNorm(Function):
         rows, weight, has_bias, mean, rstd = saved
         if dy is None:                                   # only the stream reached the loss
             return ds, ds, None, None
-        shape = dy.shape
-        if backend.is_gpu():
-            from ..kernels import cuda
-            d_sum, dweight, dbias = cuda.add_layer_norm_backward(
-                None if ds is None else ds.reshape(rows.shape), dy.reshape(rows.shape), rows, weight, mean, rstd)
-        else:
-            d_sum, dweight, dbias = layer_norm_kernel.backward(dy.reshape(rows.shape), rows, weight, mean, rstd)
-            if ds is not None:
-                d_sum += ds.reshape(rows.shape)          # d_sum is this backward's own new array
-        d_sum = d_sum.reshape(shape)
+        d_sum, dweight, dbias = layer_norm_kernel.add_backward(
+            None if ds is None else ds.reshape(rows.shape), dy.reshape(rows.shape), rows, weight, mean, rstd)
+        d_sum = d_sum.reshape(dy.shape)
         return d_sum, d_sum, dweight, dbias if has_bias else None
