@@ -2,6 +2,10 @@
 
     scratchlm train --nproc 2 --corpus tinyshakespeare --tokenizer char --preset nano-cpu --out runs/dp
     mpiexec -n 2 scratchlm train ...            (the same, started by a cluster's launcher)
+    scratchlm train --nproc 8 --backend cupy ...   (one GPU per rank: NCCLGroup, never run on a device)
+
+The group is chosen once per process (``current``, ``group_class``): MPI between CPU processes,
+NCCL between GPUs (MPI still starts the ranks and carries NCCL's id), none for one rank.
 
 Every rank holds the whole model and optimizer (replicated; the weights stay equal because every
 rank applies the same update to the same averaged gradient). What makes a run with N ranks the
