@@ -210,12 +210,15 @@ def test_load_state_dict_round_trip_is_exact():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_fused_ops_give_the_unfused_models_logits_loss_and_gradients(bias):
-    """F.add_layer_norm and F.bias_gelu in the blocks (the default) against the plain chain of
-    ops (Block.forward: add, then layer_norm; linear with bias, then gelu), float32."""
+    """F.add_layer_norm and F.bias_gelu in the blocks (bias + GELU forced on: by default it is
+    fused on a GPU only) against the plain chain of ops (Block.forward: add, then layer_norm;
+    linear with bias, then gelu), float32."""
     idx, targets = batch()
     results = []
     for fused in (True, False):
         model = tiny(seed=3, bias=bias).use_fused_ops(fused)
+        for block in model.transformer.h:
+            block.mlp.fuse_bias_gelu = fused
         logits, loss = model(idx, targets)
         loss.backward()
         results.append((logits.numpy(), loss.item(), {n: np.array(p.grad) for n, p in model.named_parameters()}))

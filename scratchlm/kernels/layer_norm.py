@@ -209,5 +209,5 @@ def add_backward(ds, dy, s, weight, mean, rstd):
             return kernel(ds, dy, s, weight, mean, rstd)
     d_sum, dweight, dbias = backward(dy, s, weight, mean, rstd)
     if ds is not None:
-        d_sum = d_sum + ds                                       # (N, C)
+        d_sum += ds                                              # (N, C); backward's dx is a new array
     return d_sum, dweight, dbias

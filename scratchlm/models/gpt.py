@@ -132,8 +132,9 @@ class GPT(nn.Module):
     """GPT-2: embeddings, a stack of pre-LayerNorm Blocks, a final LayerNorm, the tied head.
 
     ``fused_ops`` (default True) runs each residual add with the layer norm after it
-    (``F.add_layer_norm``) and the MLP's bias with its GELU (``F.bias_gelu``); ``use_fused_ops(False)``
-    gives the plain chain of ops, the same function (tests and bench/train.py compare the two).
+    (``F.add_layer_norm``) and, on a GPU, the MLP's bias with its GELU (``F.bias_gelu``);
+    ``use_fused_ops(False)`` gives the plain chain of ops, the same function (tests and
+    bench/train.py compare the two).
     """
 
     fused_ops = True
@@ -176,10 +177,11 @@ class GPT(nn.Module):
                 fill(module.bias, np.zeros(module.bias.shape))
 
     def use_fused_ops(self, flag: bool = True) -> "GPT":
-        """Fused residual + layer norm and bias + GELU (True) or the unfused ops (False)."""
+        """Fused residual + layer norm, and bias + GELU where it wins (``MLP.fuse_bias_gelu``:
+        on a GPU), with True; the unfused ops with False."""
         self.fused_ops = bool(flag)
         for block in self.transformer.h:
-            block.mlp.fused = bool(flag)
+            block.mlp.fuse_bias_gelu = "auto" if flag else False
         return self
 
     # ------------------------------------------------------------------ forward

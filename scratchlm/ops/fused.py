@@ -24,8 +24,9 @@ class BiasGelu(Function):
 
     With h = x + b (b broadcast over the rows) and gelu' as in ``elementwise.Gelu``:
         dL/dx = g * gelu'(h),      dL/db = sum over the rows of g * gelu'(h).
-    Saved: x and b (h is recomputed in the backward, one add, rather than kept: the same memory
-    as the unfused pair, which keeps h for the GELU).
+    Saved: on the GPU x and b (the kernel recomputes h in its backward, in the same pass); on the
+    CPU h itself (recomputing it there costs a pass over (N, 4C)). Either is one (..., C) array,
+    the memory of the unfused pair, which keeps h for the GELU (nothing else keeps x).
     """
 
     @staticmethod
@@ -36,16 +37,17 @@ class BiasGelu(Function):
         if backend.is_gpu():
             from ..kernels import cuda
             return cuda.bias_gelu_forward(x, bias, approximate), (x, bias, approximate)
-        return gelu_kernel.forward(x + bias, approximate), (x, bias, approximate)
+        h = x + bias                                             # (..., C)
+        return gelu_kernel.forward(h, approximate), (h, None, approximate)
 
     @staticmethod
     def backward(g, saved):
-        x, bias, approximate = saved
-        if backend.is_gpu():
+        x_or_h, bias, approximate = saved
+        if bias is not None:                                     # the GPU's saved (x, b)
             from ..kernels import cuda
-            dh = cuda.bias_gelu_backward(g, x, bias, approximate)
+            dh = cuda.bias_gelu_backward(g, x_or_h, bias, approximate)
         else:
-            dh = gelu_kernel.backward(g, x + bias, approximate)
+            dh = gelu_kernel.backward(g, x_or_h, approximate)
         return dh, dh.reshape(-1, dh.shape[-1]).sum(axis=0)
 
 
