@@ -363,8 +363,8 @@ def _index_data(index):
 def _topological_order(root: Tensor) -> list:
     """Tensors reachable from ``root`` through nodes, each after all of its inputs.
 
-    A multi-output node is a vertex of its own, between its inputs and its outputs (each output
-    depends on the node only), so the backward reaches it after every one of its outputs.
+    A multi-output node is a vertex of the order too, between its inputs and its outputs (each
+    output depends on the node only), so the backward reaches it after every one of its outputs.
     Iterative depth-first search, so deep graphs (many layers, long unrolls) do not hit
     Python's recursion limit.
     """
