@@ -4,7 +4,8 @@
     python bench/train.py --kernels off                    # scratchlm with the NumPy reference kernels
     CUPY_TF32=1 python bench/train.py --device gpu --backend cupy     # gpt2-124m, B=8, T=1024, GPU
     python bench/train.py --device gpu --dtype bfloat16               # bf16 mixed precision (GPU only)
-    python bench/train.py --fused off --no-torch           # the GPT without its fused ops (A/B)
+    python bench/train.py --fused off --no-torch           # the GPT without its fused ops
+    python bench/train.py --fused ab --no-torch            # fused / unfused alternately, step by step
 
 What is timed: one optimizer iteration -- forward, loss, backward, gradient clipping, AdamW step,
 zero_grad -- on the same shapes, batch, initialisation scale, optimizer and parameter groups on both
@@ -21,7 +22,10 @@ PyTorch runs eager (no compile), float32; on the GPU TF32 is allowed on both sid
 One extra step after the timed ones is counted (``scratchlm.launches``): tape ops, array-namespace
 calls and our raw CUDA kernel launches per training step -- the dispatches that make a small GPU
 step host-bound. ``--fused off`` runs the GPT with its plain chain of ops instead of the fused
-residual + layer norm and bias + GELU (``GPT.use_fused_ops``), for the before/after comparison.
+residual + layer norm and bias + GELU (``GPT.use_fused_ops``), for the before/after comparison;
+``--fused ab`` alternates the two every iteration in one process (the same function, so the run
+continues) and reports each one's median: an interleaved A/B that a shared machine's load
+drifts affect equally; the table's row is then all iterations, and both are counted.
 Per-iteration CPU time of the child (time.process_time) is reported beside wall time: on a shared
 machine it is the steadier of the two.
 """
@@ -76,9 +80,11 @@ def run_scratchlm(args, config, vocab_size) -> dict:
     prepared = SimpleNamespace(train=tokens, val=tokens)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, _StubTokenizer(vocab_size), prepared, run_dir, progress=False)
-        trainer.model.use_fused_ops(args.fused == "on")
+        trainer.model.use_fused_ops(args.fused != "off")
         times, cpu_times = [], []
         for it in range(args.warmup + args.iters):
+            if args.fused == "ab":
+                trainer.model.use_fused_ops(it % 2 == 0)           # even: fused, odd: unfused
             backend.synchronize()
             t0, c0 = time.perf_counter(), time.process_time()
             loss, _, _ = trainer.train_step(it)
@@ -89,13 +95,24 @@ def run_scratchlm(args, config, vocab_size) -> dict:
         n_params = trainer.model.num_parameters(non_embedding=False)
         # one more step, counted (scratchlm.launches): tape ops, xp calls, our raw kernel launches
         from scratchlm.launches import count_launches
-        with count_launches() as count:
-            trainer.train_step(args.warmup + args.iters)
-            backend.synchronize()
+        counts = {}
+        for fused in ([True, False] if args.fused == "ab" else [args.fused == "on"]):
+            trainer.model.use_fused_ops(fused)
+            with count_launches() as count:
+                trainer.train_step(args.warmup + args.iters)
+                backend.synchronize()
+            counts["fused" if fused else "unfused"] = dict(count.per_kind)
     memory = _peak_memory(args, "cupy")
+    ab = {}
+    if args.fused == "ab":
+        timed = list(range(args.warmup, args.warmup + args.iters))
+        for name, parity in (("fused", 0), ("unfused", 1)):
+            ab[name] = {"ms_per_iter": 1000 * statistics.median(times[i] for i in timed if i % 2 == parity),
+                        "cpu_ms_per_iter": 1000 * statistics.median(cpu_times[i] for i in timed if i % 2 == parity),
+                        "dispatches_per_step": counts[name]}
     return {"times": times[args.warmup:], "cpu_ms_per_iter": 1000 * statistics.median(cpu_times[args.warmup:]),
             "loss": float(backend.to_numpy(loss)), "flops_per_token": flops_per_token, "params": n_params,
-            "peak_flops": peak_flops(), "dispatches_per_step": dict(count.per_kind), **memory}
+            "peak_flops": peak_flops(), "dispatches_per_step": next(iter(counts.values())), "ab": ab, **memory}
 
 
 # ================================================================ PyTorch side: the same GPT, written plainly
@@ -326,8 +343,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="scratchlm's compute dtype (bfloat16: GPU only; the same as --set dtype=...)")
-    parser.add_argument("--fused", choices=["on", "off"], default="on",
-                        help="off: the GPT without fused residual + layer norm and bias + GELU")
+    parser.add_argument("--fused", choices=["on", "off", "ab"], default="on",
+                        help="off: the GPT without fused residual + layer norm and bias + GELU; ab: both, "
+                             "alternating every iteration")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
     parser.add_argument("--quality", metavar="CORPUS", help="instead of timing: train the PyTorch twin on CORPUS "
@@ -383,6 +401,15 @@ def report(args, results) -> None:
         ratio = theirs["ms_per_iter"] / ours["ms_per_iter"]
         print(f"scratchlm speed / PyTorch speed = {ratio:.2f}x  (>= 1.0 means scratchlm is as fast or faster)")
         results["ratio_scratchlm_over_torch"] = ratio
+    if ours and ours.get("ab"):
+        f, u = ours["ab"]["fused"], ours["ab"]["unfused"]
+        print(f"interleaved A/B (alternate iterations): fused {f['ms_per_iter']:.1f} ms, {f['cpu_ms_per_iter']:.1f} CPU ms; "
+              f"unfused {u['ms_per_iter']:.1f} ms, {u['cpu_ms_per_iter']:.1f} CPU ms; unfused/fused CPU time "
+              f"{u['cpu_ms_per_iter'] / f['cpu_ms_per_iter']:.3f}, wall {u['ms_per_iter'] / f['ms_per_iter']:.3f}")
+        for name, r in (("unfused", u), ("fused", f)):
+            kinds = r["dispatches_per_step"]
+            print(f"  dispatches per step, {name}: {sum(kinds.values()):,} "
+                  f"({', '.join(f'{kind} {n:,}' for kind, n in sorted(kinds.items()))})")
     print(f"peak memory: {(ours or theirs or {}).get('memory_kind', '')}")
     if ours and ours.get("dispatches_per_step"):
         per_kind = ours["dispatches_per_step"]
