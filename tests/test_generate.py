@@ -78,6 +78,22 @@ def test_forward_with_a_cache_continues_positions(float64):
     np.testing.assert_allclose(np.concatenate([head, tail], axis=1), full, atol=1e-10)
 
 
+@pytest.mark.parametrize("chunks", [(3, 5), (1, 6, 1), (2, 2, 2, 2)])
+def test_a_prompt_fed_in_chunks_through_the_cache_gives_the_full_forward(float64, chunks):
+    """GPT.forward on chunks of a prompt one after another with one cache (each chunk's queries
+    attend causally over the cache the earlier chunks filled) = model(all) at every position."""
+    model = tiny()
+    ids = np.random.default_rng(4).integers(0, TINY["vocab_size"], (2, sum(chunks)))
+    full = host(model(ids)[0])                                               # (B, T, V)
+    cache = G.KVCache(model.config, batch_size=2)
+    pieces, start = [], 0
+    with sl.no_grad():
+        for size in chunks:
+            pieces.append(host(model(ids[:, start:start + size], cache=cache)[0]))
+            start += size
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("prompt_len", [1, 4, 7, 8, 11])
 @pytest.mark.parametrize("controls", [dict(temperature=0), dict(temperature=1.0, seed=3),
                                       dict(temperature=0.7, top_k=4, top_p=0.9, seed=5),

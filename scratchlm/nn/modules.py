@@ -463,9 +463,11 @@ class CausalSelfAttention(Module):
 
     Decoding with a KV cache (``scratchlm.generate.LayerKVCache``, inference only): ``cache``
     holds this layer's keys and values of the positions already seen. ``cache.append(k, v)``
-    stores the new ones and returns all of them, (B, H, Tk, D). An empty cache is a prefill
-    (Tq == Tk, causal mask as without a cache); a filled one takes one new query, which may see
-    every cached key, so the mask is not needed (the op takes Tq != Tk only without it).
+    stores the new ones and returns all of them, (B, H, Tk, D). The T new queries sit at the last
+    T of the Tk positions: an empty cache is a prefill (T == Tk, the causal mask as without a
+    cache), a filled one takes one new token (it sees every key: no mask) or a chunk of a prompt
+    (query i sees keys 0 .. Tk - T + i: the causal mask aligned bottom-right), so a long prompt can
+    be prefilled a chunk at a time.
     """
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True):
@@ -483,15 +485,11 @@ class CausalSelfAttention(Module):
         q = q.reshape(B, T, H, D).transpose(1, 2)                # (B, H, T, D)
         k = k.reshape(B, T, H, D).transpose(1, 2)                # (B, H, T, D)
         v = v.reshape(B, T, H, D).transpose(1, 2)                # (B, H, T, D)
-        if cache is None or cache.length == 0:
-            if cache is not None:
-                cache.append(k, v)                               # prefill: remember, attend as usual
-            y = F.scaled_dot_product_attention(q, k, v, causal=True)  # (B, H, T, D)
-        else:
-            if T != 1:
-                raise ValueError(f"a filled KV cache takes one new token at a time, got {T}")
-            k, v = cache.append(k, v)                            # (B, H, Tk, D): the past and this token
-            y = F.scaled_dot_product_attention(q, k, v, causal=False)  # (B, H, 1, D)
+        if cache is not None:
+            k, v = cache.append(k, v)                            # (B, H, Tk, D): the past and these T
+        # query i sits at position Tk - T + i (causal, bottom-right aligned); one new query sees
+        # every key, so it needs no mask
+        y = F.scaled_dot_product_attention(q, k, v, causal=T > 1)     # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)                   # heads side by side again
         return self.resid_dropout(self.c_proj(y))                # (B, T, C)
 
