@@ -237,3 +237,110 @@ def test_config_parameter_count_matches_the_model():
     assert config.num_parameters() == sum(p.size for p in SentenceVAE(config).parameters())
     parts = config.memory_estimate(batch_size=2)
     assert parts["parameters"] == 4 * config.num_parameters() and parts["activations"] > 0
+
+
+# ================================================================ the latent checks (commands/vae.py)
+
+def test_word_edits_against_nltk_and_by_hand():
+    from scratchlm.commands.vae import word_edits
+    assert word_edits("kitten".split("t"), "kitten".split("t")) == 0
+    assert word_edits(list("kitten"), list("sitting")) == 3          # 2 substitutions, 1 insertion
+    assert word_edits([], [1, 2, 3]) == 3 and word_edits([1, 2], []) == 2
+    nltk = pytest.importorskip("nltk")
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        a, b = (list(rng.integers(0, 4, rng.integers(0, 8))) for _ in range(2))
+        assert word_edits(a, b) == nltk.edit_distance(a, b)
+
+
+class _Words:
+    """A word tokenizer over the tiny vocabulary: ids 2..6 are the words w2..w6."""
+    unk_id, pad_id = 1, 0
+
+    def encode(self, text, count_unknown=False):
+        ids = [int(w[1:]) for w in text.split()]
+        return (ids, 0) if count_unknown else ids
+
+    def decode(self, ids):
+        return " ".join(f"w{i}" for i in ids)
+
+
+def test_latent_checks_agree_with_the_model_uses(monkeypatch):
+    """latent_checks' batched homotopies equal ``interpolate`` run pair by pair, its reconstructions
+    ``reconstruct``; its figures recomputed from those paths by hand (distinct sentences, word edits)."""
+    from scratchlm.commands import textgen
+    from scratchlm.commands.vae import latent_checks, word_edits
+    monkeypatch.setattr(textgen, "boundary_id", lambda tokenizer: B_)
+    model, words = tiny_vae(), _Words()
+    model.eval()
+    sentences = ["w2 w3 w4", "w5 w6", "w3 w3 w2 w6 w4", "w6", "w4 w4 w5", "w2 w6 w5 w3"]
+    out = latent_checks(model, words, sentences, reconstructions=2, pairs=2, steps=4, seed=3)
+    chosen = np.random.default_rng(3).choice(len(sentences), 6, replace=False)
+    picked = [sentences[i] for i in chosen]
+    recon = model.reconstruct(textgen.encode_sentences(words, picked[:2], "t")[1], boundary=B_)
+    assert out["recon_exact"] == np.mean([r == words.encode(s) for r, s in zip(recon, picked[:2])])
+    edits = sum(word_edits(r, words.encode(s)) for r, s in zip(recon, picked[:2]))
+    assert out["recon_wer"] == edits / sum(len(s.split()) for s in picked[:2])
+    distinct, steps = [], []
+    for p in range(2):
+        a, b = picked[2 + 2 * p], picked[3 + 2 * p]
+        path = model.interpolate(textgen.encode_sentences(words, [a, b], "t")[1], boundary=B_, steps=4)
+        assert out["paths"][p] == {"a": a, "b": b, "path": [words.decode(s) for s in path]}
+        distinct.append(len({tuple(s) for s in path}))
+        steps.append(np.mean([word_edits(u, v) for u, v in zip(path, path[1:])]))
+    assert out["path_distinct"] == np.mean(distinct) and 1 <= out["path_distinct"] <= 4
+    np.testing.assert_allclose(out["step_edits"], np.mean(steps))
+
+
+# ================================================================ whole-model gradient, the bidirectional encoder
+
+def _directional_check(model, loss_fn, seed=0, eps=1e-6):
+    """Central differences of loss_fn() along one random direction u over every parameter against
+    the tape's <grad, u> (the random-direction check of tests/gradcheck.py, for a whole model)."""
+    rng = np.random.default_rng(seed)
+    params = list(model.parameters())
+    model.zero_grad()
+    loss_fn().backward()
+    u = [rng.standard_normal(p.shape) for p in params]
+    analytic = sum(float(np.sum(sl.backend.to_numpy(p.grad) * d)) for p, d in zip(params, u))
+    start = [p.data.copy() for p in params]
+
+    def at(step):
+        for p, p0, d in zip(params, start, u):
+            p.data[...] = p0 + step * d
+        with sl.no_grad():
+            return loss_fn().item()
+    numeric = (at(eps) - at(-eps)) / (2 * eps)
+    at(0.0)
+    assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (numeric, analytic)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_training_objective_gradient_finite_differences(float64, bidirectional):
+    """The annealed, free-bits objective through encoder(s), reparameterisation, the decoder that
+    reads z at its start and at every input, and the head: one directional derivative over all
+    parameters. Word dropout, dropout and eps are redrawn from the same seed at every evaluation."""
+    model = tiny_vae(n_layer=2, bidirectional=bidirectional, word_dropout=0.3, free_bits=0.4)
+
+    def loss():
+        sl.manual_seed(7)
+        return model.training_loss(BATCH, it=10)[0]
+    _directional_check(model, loss)
+
+
+def test_bidirectional_encoder_reads_each_sentence_backwards_unpadded(float64):
+    """Each row's code equals the one computed by hand from that sentence alone: the forward
+    reader's output after b, the reverse reader's after w_1 of (b w_n .. w_1) -- the same in any
+    batch, whatever the padding."""
+    model = tiny_vae(bidirectional=True)
+    model.eval()
+    mu, logvar = (t.numpy() for t in model.encode(BATCH[1]))
+    for r, words in enumerate([[2, 3, 4], [5, 6], [3, 3, 2, 6, 4]]):
+        forward, _ = model.encoder(model.wte(sl.backend.to_device(np.array([words + [B_]]))))
+        backward, _ = model.encoder_reverse(model.wte(sl.backend.to_device(np.array([[B_] + words[::-1]]))))
+        h = np.concatenate([forward.numpy()[0, -1], backward.numpy()[0, -1]])
+        np.testing.assert_allclose(mu[r], h @ model.to_mu.weight.numpy() + model.to_mu.bias.numpy(), rtol=1e-10)
+        alone = model.encode(sentences([words])[1])[1].numpy()[0]
+        np.testing.assert_allclose(logvar[r], alone, rtol=1e-10)
+    config = VAEConfig(vocab_size=V, block_size=6, n_embd=4, n_hidden=5, n_latent=2, bidirectional=True)
+    assert config.num_parameters() == sum(p.size for p in SentenceVAE(config).parameters())

@@ -103,6 +103,65 @@ def score_split(model, sentences, tokenizer, k: int, seed: int = 0, batch_size: 
             "active_units": active_units(np.concatenate(mus)), "n_latent": model.config.n_latent}
 
 
+def word_edits(a, b) -> int:
+    """Levenshtein distance between two word (or id) sequences: insertions, deletions, substitutions."""
+    row = list(range(len(b) + 1))
+    for i, wa in enumerate(a, 1):
+        diagonal, row[0] = row[0], i
+        for j, wb in enumerate(b, 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (wa != wb))
+    return row[-1]
+
+
+def latent_checks(model, tokenizer, sentences, reconstructions: int = 200, pairs: int = 20, steps: int = 7,
+                  seed: int = 0) -> dict:
+    """How much of a held-out sentence its latent code carries, measured on ``sentences``:
+
+    - reconstruction: greedy decodings of the posterior means of ``reconstructions`` sentences
+      (drawn by ``seed``) against the sentences themselves: corpus BLEU (sacrebleu's defaults),
+      word error rate (word edits / reference words) and the exact-match fraction;
+    - interpolation: for ``pairs`` random pairs (drawn by ``seed``, after the reconstructions'), the
+      homotopy of ``steps`` points z_t = (1 - t) mu_a + t mu_b decoded greedily: the endpoints'
+      sentence BLEU to their own sentences (mean of both ends), the distinct sentences along the
+      path (1 = the path never moves), the word edits between consecutive steps (mean and the
+      largest step, which is the whole A -> B distance when the path jumps at once), and the share
+      of pairs whose path passes through at least one sentence that is neither end's decoding.
+    Returns the figures and the pairs' paths (texts) under "paths"."""
+    from scratchlm import metrics
+    b, rng = textgen.boundary_id(tokenizer), np.random.default_rng(seed)
+    chosen = rng.choice(len(sentences), reconstructions + 2 * pairs, replace=False)
+    picked = [sentences[i] for i in chosen]
+    ids = [tokenizer.encode(s) for s in picked]
+    mu = np.concatenate([model.posterior_mean(textgen.encode_sentences(tokenizer, picked[i:i + 100], "check")[1])
+                         for i in range(0, len(picked), 100)])                             # (N, D)
+    recon = model.decode_z(mu[:reconstructions], b, temperature=0)
+    texts = [tokenizer.decode(r) for r in recon]
+    edits = sum(word_edits(r, w) for r, w in zip(recon, ids[:reconstructions]))
+    out = {"reconstructions": reconstructions, "recon_bleu": metrics.bleu(texts, picked[:reconstructions]),
+           "recon_wer": edits / sum(len(w) for w in ids[:reconstructions]),
+           "recon_exact": float(np.mean([r == w for r, w in zip(recon, ids[:reconstructions])]))}
+    t = np.linspace(0.0, 1.0, steps)[:, None, None]                                       # (S, 1, 1)
+    a, z = mu[reconstructions::2], mu[reconstructions + 1::2]                               # (P, D) x2
+    path_ids = model.decode_z(((1 - t) * a + t * z).transpose(1, 0, 2).reshape(-1, mu.shape[1]), b, temperature=0)
+    paths = [path_ids[p * steps:(p + 1) * steps] for p in range(pairs)]
+    ends_bleu, distinct, step_edits, largest, passes = [], [], [], [], []
+    for p, path in enumerate(paths):
+        source, target = picked[reconstructions + 2 * p], picked[reconstructions + 2 * p + 1]
+        ends_bleu += [metrics.sentence_bleu(tokenizer.decode(path[0]), source),
+                      metrics.sentence_bleu(tokenizer.decode(path[-1]), target)]
+        distinct.append(len({tuple(s) for s in path}))
+        moves = [word_edits(u, v) for u, v in zip(path, path[1:])]
+        step_edits.append(np.mean(moves))
+        largest.append(max(moves))
+        passes.append(any(s != path[0] and s != path[-1] for s in path))
+    out.update({"pairs": pairs, "steps": steps, "ends_bleu": float(np.mean(ends_bleu)),
+                "path_distinct": float(np.mean(distinct)), "step_edits": float(np.mean(step_edits)),
+                "largest_step_edits": float(np.mean(largest)), "paths_with_middle": float(np.mean(passes)),
+                "paths": [{"a": picked[reconstructions + 2 * p], "b": picked[reconstructions + 2 * p + 1],
+                           "path": [tokenizer.decode(s) for s in path]} for p, path in enumerate(paths)]})
+    return out
+
+
 def write_vae_report(run_dir, k: int, seed: int = 0) -> dict:
     started = time.perf_counter()
     model, tokenizer, header = textgen.load_run(run_dir, "vae")

@@ -1,6 +1,7 @@
 """A sentence variational autoencoder (Bowman et al. 2016, "Generating Sentences from a Continuous Space").
 
     h        = LSTM_enc(E[w_1 .. w_n b])[last real position]          (B, H)   the sentence read once
+    h        = [h; LSTM_rev(E[b w_n .. w_1])[last]]   (bidirectional)  (B, 2H)  ... and backwards
     mu       = h W_mu + b_mu;  l = log sigma^2 = h W_l + b_l           (B, D)   q(z|x) = N(mu, diag e^l)
     z        = mu + exp(l / 2) * eps,  eps ~ N(0, I)                   (B, D)   ops.latent.reparameterise
     h_0      = tanh(z W_z + b_z) per decoder layer, c_0 = 0            (L, B, H) z starts the decoder ...
@@ -73,6 +74,7 @@ class VAEConfig(_Config):
     kl_anneal_iters: int = 2000       # linear: iterations to reach 1; logistic: 2x the midpoint x0
     kl_anneal_k: float = 0.0025       # logistic steepness k
     free_bits: float = 0.0            # nats per latent dimension (batch mean); 0 = off
+    bidirectional: bool = False       # a second encoder LSTM reads each sentence backwards
     _positive = ("vocab_size", "block_size", "n_embd", "n_hidden", "n_layer", "n_latent")
 
     def __post_init__(self):
@@ -98,7 +100,8 @@ class VAEConfig(_Config):
     def num_parameters(self) -> int:
         V, C, H, D, L = self.vocab_size, self.n_embd, self.n_hidden, self.n_latent, self.n_layer
         lstm = lambda n_in: 4 * H * (n_in + H + 2)
-        return (V * C + lstm(C) + 2 * (H * D + D) + L * (D * H + H) + lstm(C + D)
+        E = 2 if self.bidirectional else 1                                # encoder readers
+        return (V * C + E * lstm(C) + 2 * (E * H * D + D) + L * (D * H + H) + lstm(C + D)
                 + (L - 1) * lstm(H) + H * V + V)
 
     def memory_estimate(self, batch_size: int, block_size: int | None = None, bytes_per_value: int = 4) -> dict:
@@ -108,7 +111,8 @@ class VAEConfig(_Config):
         B, T = batch_size, block_size or self.block_size
         decoder = RNNLMConfig(vocab_size=self.vocab_size, block_size=T, n_embd=self.n_embd + self.n_latent,
                               n_hidden=self.n_hidden, n_layer=self.n_layer, cell="lstm")
-        encoder = B * T * self.n_embd + 3 * B * (T + 1) * self.n_hidden + 4 * B * T * self.n_hidden
+        encoder = (B * T * self.n_embd + 3 * B * (T + 1) * self.n_hidden + 4 * B * T * self.n_hidden) \
+            * (2 if self.bidirectional else 1)
         activations = decoder.memory_estimate(B, T, 1)["activations"] + encoder
         return self._memory(self.num_parameters(), activations, bytes_per_value)
 
@@ -124,8 +128,11 @@ class SentenceVAE(nn.Module):
         _fill(self.wte.weight, rng.uniform(-0.1, 0.1, self.wte.weight.shape))
         self.drop = nn.Dropout(c.dropout)
         self.encoder = nn.LSTM(c.n_embd, c.n_hidden, batch_first=True, rng=rng)
-        self.to_mu = nn.Linear(c.n_hidden, c.n_latent, rng=rng)
-        self.to_logvar = nn.Linear(c.n_hidden, c.n_latent, rng=rng)
+        if c.bidirectional:
+            self.encoder_reverse = nn.LSTM(c.n_embd, c.n_hidden, batch_first=True, rng=rng)
+        E = 2 if c.bidirectional else 1
+        self.to_mu = nn.Linear(E * c.n_hidden, c.n_latent, rng=rng)
+        self.to_logvar = nn.Linear(E * c.n_hidden, c.n_latent, rng=rng)
         self.latent_to_hidden = nn.Linear(c.n_latent, c.n_layer * c.n_hidden, rng=rng)
         self.decoder = nn.LSTM(c.n_embd + c.n_latent, c.n_hidden, num_layers=c.n_layer, batch_first=True, rng=rng)
         self.lm_head = nn.Linear(c.n_hidden, c.vocab_size, rng=rng)
@@ -142,9 +149,18 @@ class SentenceVAE(nn.Module):
         if int(lengths.min()) < 1:
             raise ValueError("encode: every sentence needs at least one real token (its boundary)")
         tokens = backend.xp.where(real, y, 0)                                   # padding -> id 0
+        xp, T = backend.xp, y.shape[1]
         out, _ = self.encoder(self.drop(self.wte(tokens)))                      # (B, T, H)
-        rows = backend.xp.arange(y.shape[0])
+        rows = xp.arange(y.shape[0])
         last = out[rows, lengths - 1]                                           # (B, H): after the boundary
+        if self.config.bidirectional:
+            # each row reversed within its own length (b w_n .. w_1, padding still at the end), not
+            # the whole padded row: a reverse LSTM over padded rows would read the padding first,
+            # and a sentence's code would depend on the longest sentence in its batch
+            t = xp.arange(T)[None, :]                                           # (1, T)
+            reverse = xp.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)   # (B, T)
+            back, _ = self.encoder_reverse(self.drop(self.wte(xp.take_along_axis(tokens, reverse, axis=1))))
+            last = concatenate([last, back[rows, lengths - 1]], axis=1)        # (B, 2H): ... after w_1
         return self.to_mu(last), self.to_logvar(last)
 
     def initial_state(self, z):
