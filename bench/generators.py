@@ -235,6 +235,12 @@ def main() -> int:
         v = rows["VAE (prior)"]
         print(f"VAE: KL {v['kl']:.2f} nats/sentence, {v['active_units']} of {v['n_latent']} active units, "
               f"recon {v['recon_nll']:.2f} nats/sentence, bound k={v['iw_samples']}")
+        if "latent" in v:
+            t = v["latent"]
+            print(f"VAE latent code (bench/vae_latent.py, test): greedy reconstructions of {t['reconstructions']} "
+                  f"captions BLEU {t['recon_bleu']:.1f}, WER {t['recon_wer']:.2f}; {t['pairs']} random homotopies: "
+                  f"ends' BLEU {t['ends_bleu']:.1f}, {t['path_distinct']:.1f} distinct sentences of {t['steps']}, "
+                  f"{t['step_edits']:.1f} word edits per step")
     print(plot(rows, args.plot))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "texygen": TEXYGEN, "settings": SETTINGS,

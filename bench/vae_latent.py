@@ -37,7 +37,7 @@ def parse_args():
     parser.add_argument("--split", choices=["val", "test"], default="val",
                         help="val: the dev slice (500 captions carved from train; for choosing settings); test: report")
     parser.add_argument("--recon", type=int, default=200, help="sentences reconstructed (default 200)")
-    parser.add_argument("--pairs", type=int, default=20, help="random pairs interpolated (default 20)")
+    parser.add_argument("--pairs", type=int, default=50, help="random pairs interpolated (default 50)")
     parser.add_argument("--steps", type=int, default=7, help="points per interpolation, ends included (default 7)")
     parser.add_argument("--seed", type=int, default=0, help="draws the sentences and the pairs")
     parser.add_argument("--show", type=int, default=0, metavar="N", help="print the first N paths of each run")

@@ -9,7 +9,8 @@ Training is ``scratchlm train --model vae`` (the one Trainer; metrics.jsonl has 
 kl_weight on every train line). At the end it writes DIR/samples.txt (1,000 prior samples) and
 DIR/eval.json: on the test split, reconstruction NLL and KL per sentence, the importance-weighted
 bound on NLL (k = --iw-samples) per token and its perplexity, the active units, and the samples'
-BLEU-2..5 / self-BLEU-2..5 (Texygen's protocol).
+BLEU-2..5 / self-BLEU-2..5 (Texygen's protocol), and under "latent" how much of a test sentence
+its code carries (``latent_checks``: reconstructions of 200 test captions, 50 random homotopies).
 """
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ def cmd_vae(args) -> int:
         report = write_vae_report(run_dir, args.iw_samples, seed=args.seed)
         print(f"test: KL {report['kl']:.2f} nats/sentence, {report['active_units']} active units, NLL bound "
               f"{report['nll_bound']:.4f}/token (perplexity {report['perplexity']:.1f}), BLEU-4 "
-              f"{report['bleu4']:.3f}, self-BLEU-4 {report['self_bleu4']:.3f}; wrote {run_dir}/eval.json, samples.txt")
+              f"{report['bleu4']:.3f}, self-BLEU-4 {report['self_bleu4']:.3f}; reconstruction BLEU "
+              f"{report['latent']['recon_bleu']:.1f}, {report['latent']['path_distinct']:.1f} distinct sentences "
+              f"per interpolation; wrote {run_dir}/eval.json, samples.txt")
         return 0
     chosen = [flag for flag, value in (("--sample", args.sample), ("--reconstruct", args.reconstruct),
                                        ("--interpolate", args.interpolate)) if value is not None]
@@ -113,7 +116,7 @@ def word_edits(a, b) -> int:
     return row[-1]
 
 
-def latent_checks(model, tokenizer, sentences, reconstructions: int = 200, pairs: int = 20, steps: int = 7,
+def latent_checks(model, tokenizer, sentences, reconstructions: int = 200, pairs: int = 50, steps: int = 7,
                   seed: int = 0) -> dict:
     """How much of a held-out sentence its latent code carries, measured on ``sentences``:
 
@@ -170,6 +173,7 @@ def write_vae_report(run_dir, k: int, seed: int = 0) -> dict:
     samples = [tokenizer.decode(ids) for ids in
                model.sample(textgen.N_SAMPLES, textgen.boundary_id(tokenizer), seed=seed)]
     report.update(textgen.sample_scores(samples, references))
+    report["latent"] = latent_checks(model, tokenizer, references, seed=seed)
     report["eval_seconds"] = time.perf_counter() - started
     textgen.write_report(run_dir, report, samples)
     return report
