@@ -11,7 +11,8 @@ For each run, on sentences drawn by --seed from the split (never the training ca
   --steps points): endpoints' BLEU to their own sentences, distinct sentences along the path,
   word edits per step (mean; and the largest step: a path that jumps at once has
   largest = the whole A -> B distance and mean = largest / (steps - 1)), and the share of paths
-  with a middle sentence that is neither end's decoding.
+  with a middle sentence that is neither end's decoding; "share" is the largest step's share of
+  the distance between the path's ends (1 = one jump, 1/6 = even steps of a 7-point path).
 The figures are scratchlm.commands.vae.latent_checks. --show N prints the first N pairs' paths of
 each run (the pairs are the seed's draw, the same for every run: not chosen by their look).
 Writes bench/results/vae_latent.json.
@@ -63,16 +64,16 @@ def main() -> int:
     print(f"split {args.split} ({len(split)} sentences): {args.recon} reconstructions, {args.pairs} pairs x "
           f"{args.steps} steps, seed {args.seed}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{'run':<28} {'rec BLEU':>8} {'rec WER':>7} {'exact':>6} {'ends BLEU':>9} {'distinct':>8} "
-          f"{'edits/step':>10} {'max step':>8} {'middle':>6} {'KL':>6} {'AU':>5} {'B4 prior':>8} {'sB4':>6}")
+          f"{'edits/step':>10} {'max step':>8} {'share':>5} {'middle':>6} {'KL':>6} {'AU':>5} {'B4 prior':>8} {'sB4':>6}")
     for name, r in rows.items():
         e = r.get("eval", {})
         tail = (f" {e['kl']:>6.2f} {e['active_units']:>2}/{e['n_latent']:<2} {e['bleu4']:>8.3f} {e['self_bleu4']:>6.3f}"
                 if e else "")
         print(f"{Path(name).name[:28]:<28} {r['recon_bleu']:>8.1f} {r['recon_wer']:>7.3f} {r['recon_exact']:>6.2f} "
               f"{r['ends_bleu']:>9.1f} {r['path_distinct']:>8.2f} {r['step_edits']:>10.2f} "
-              f"{r['largest_step_edits']:>8.2f} {r['paths_with_middle']:>6.2f}" + tail)
+              f"{r['largest_step_edits']:>8.2f} {r['largest_step_share']:>5.2f} {r['paths_with_middle']:>6.2f}" + tail)
     print("rec: greedy decoding of mu vs the sentence; ends BLEU: sentence BLEU of the path's ends to A and B; "
-          "distinct: sentences on a path; middle: share of paths with a sentence neither end's; KL (nats/sentence), "
+          "distinct: sentences on a path; share: largest step / ends' distance; middle: share of paths with a sentence neither end's; KL (nats/sentence), "
           "AU (active units), B4 prior / sB4 (prior samples' BLEU-4 / self-BLEU-4) from the run's eval.json (test)")
     for name, r in rows.items():
         for p in r["paths"][:args.show]:

@@ -281,15 +281,50 @@ def test_latent_checks_agree_with_the_model_uses(monkeypatch):
     assert out["recon_exact"] == np.mean([r == words.encode(s) for r, s in zip(recon, picked[:2])])
     edits = sum(word_edits(r, words.encode(s)) for r, s in zip(recon, picked[:2]))
     assert out["recon_wer"] == edits / sum(len(s.split()) for s in picked[:2])
-    distinct, steps = [], []
+    distinct, steps, shares = [], [], []
     for p in range(2):
         a, b = picked[2 + 2 * p], picked[3 + 2 * p]
         path = model.interpolate(textgen.encode_sentences(words, [a, b], "t")[1], boundary=B_, steps=4)
         assert out["paths"][p] == {"a": a, "b": b, "path": [words.decode(s) for s in path]}
         distinct.append(len({tuple(s) for s in path}))
-        steps.append(np.mean([word_edits(u, v) for u, v in zip(path, path[1:])]))
+        moves = [word_edits(u, v) for u, v in zip(path, path[1:])]
+        steps.append(np.mean(moves))
+        if path[0] != path[-1]:
+            shares.append(max(moves) / word_edits(path[0], path[-1]))
     assert out["path_distinct"] == np.mean(distinct) and 1 <= out["path_distinct"] <= 4
     np.testing.assert_allclose(out["step_edits"], np.mean(steps))
+    if shares:
+        np.testing.assert_allclose(out["largest_step_share"], np.mean(shares))
+
+
+class _LengthCode:
+    """A stand-in VAE with a 1-D code: mu = the sentence's word count; z decodes to round(z) words w2."""
+
+    def posterior_mean(self, y):
+        return ((np.asarray(y) != -100).sum(axis=1) - 1.0)[:, None]            # (B, 1)
+
+    def decode_z(self, z, boundary, temperature=1.0):
+        return [[2] * int(round(float(v))) for v in np.asarray(z)[:, 0]]
+
+
+def test_latent_checks_by_hand(monkeypatch):
+    """Figures worked out by hand for a code that keeps only a sentence's length."""
+    from scratchlm.commands import textgen
+    from scratchlm.commands.vae import latent_checks
+    monkeypatch.setattr(textgen, "boundary_id", lambda tokenizer: B_)
+    sentences = ["w2 w2", "w3", "w2", "w4 w4 w4 w4", "w5 w6", "w6 w5"]
+    monkeypatch.setattr(np.random, "default_rng", lambda seed: type("Fixed", (), {
+        "choice": lambda self, n, k, replace: np.arange(k)})())          # take the sentences in order
+    out = latent_checks(_LengthCode(), _Words(), sentences, reconstructions=2, pairs=2, steps=4)
+    # reconstructions: "w2 w2" -> w2 w2 (exact), "w3" -> w2 (1 substitution): WER 1/3, half exact
+    assert out["recon_exact"] == 0.5 and out["recon_wer"] == 1 / 3
+    # pair 1: lengths 1 -> 4: z = 1, 2, 3, 4 -> 1..4 words, each step 1 insertion; pair 2: 2 -> 2, still
+    assert out["paths"][0]["path"] == ["w2", "w2 w2", "w2 w2 w2", "w2 w2 w2 w2"]
+    assert out["path_distinct"] == (4 + 1) / 2 and out["step_edits"] == (1 + 0) / 2
+    assert out["largest_step_edits"] == (1 + 0) / 2 and out["paths_with_middle"] == 0.5
+    assert out["largest_step_share"] == 1 / 3                        # only pair 1's ends differ: 1 of 3 edits
+    # ends: "w2" -> w2 (BLEU 100); "w4 w4 w4 w4", "w5 w6", "w6 w5" -> only w2s (BLEU 0)
+    assert out["ends_bleu"] == pytest.approx(np.mean([100.0, 0.0, 0.0, 0.0]))
 
 
 # ================================================================ whole-model gradient, the bidirectional encoder

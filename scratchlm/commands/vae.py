@@ -127,8 +127,10 @@ def latent_checks(model, tokenizer, sentences, reconstructions: int = 200, pairs
       homotopy of ``steps`` points z_t = (1 - t) mu_a + t mu_b decoded greedily: the endpoints'
       sentence BLEU to their own sentences (mean of both ends), the distinct sentences along the
       path (1 = the path never moves), the word edits between consecutive steps (mean and the
-      largest step, which is the whole A -> B distance when the path jumps at once), and the share
-      of pairs whose path passes through at least one sentence that is neither end's decoding.
+      largest step, which is the whole A -> B distance when the path jumps at once), the largest
+      step's share of the distance between the path's two ends (1 = one jump; 1 / (steps - 1) =
+      even steps; over pairs whose ends differ), and the share of pairs whose path passes through
+      at least one sentence that is neither end's decoding.
     Returns the figures and the pairs' paths (texts) under "paths"."""
     from scratchlm import metrics
     b, rng = textgen.boundary_id(tokenizer), np.random.default_rng(seed)
@@ -147,7 +149,7 @@ def latent_checks(model, tokenizer, sentences, reconstructions: int = 200, pairs
     a, z = mu[reconstructions::2], mu[reconstructions + 1::2]                               # (P, D) x2
     path_ids = model.decode_z(((1 - t) * a + t * z).transpose(1, 0, 2).reshape(-1, mu.shape[1]), b, temperature=0)
     paths = [path_ids[p * steps:(p + 1) * steps] for p in range(pairs)]
-    ends_bleu, distinct, step_edits, largest, passes = [], [], [], [], []
+    ends_bleu, distinct, step_edits, largest, share, passes = [], [], [], [], [], []
     for p, path in enumerate(paths):
         source, target = picked[reconstructions + 2 * p], picked[reconstructions + 2 * p + 1]
         ends_bleu += [metrics.sentence_bleu(tokenizer.decode(path[0]), source),
@@ -156,10 +158,13 @@ def latent_checks(model, tokenizer, sentences, reconstructions: int = 200, pairs
         moves = [word_edits(u, v) for u, v in zip(path, path[1:])]
         step_edits.append(np.mean(moves))
         largest.append(max(moves))
+        if path[0] != path[-1]:
+            share.append(max(moves) / word_edits(path[0], path[-1]))
         passes.append(any(s != path[0] and s != path[-1] for s in path))
     out.update({"pairs": pairs, "steps": steps, "ends_bleu": float(np.mean(ends_bleu)),
                 "path_distinct": float(np.mean(distinct)), "step_edits": float(np.mean(step_edits)),
-                "largest_step_edits": float(np.mean(largest)), "paths_with_middle": float(np.mean(passes)),
+                "largest_step_edits": float(np.mean(largest)),
+                "largest_step_share": float(np.mean(share)) if share else float("nan"), "paths_with_middle": float(np.mean(passes)),
                 "paths": [{"a": picked[reconstructions + 2 * p], "b": picked[reconstructions + 2 * p + 1],
                            "path": [tokenizer.decode(s) for s in path]} for p, path in enumerate(paths)]})
     return out
