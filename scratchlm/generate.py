@@ -489,7 +489,11 @@ class _TextPieces:
 
     def __init__(self, tokenizer, context=()):
         from .tokenizers.base import boundary_id
+        from .tokenizers.char import CharTokenizer
         self.tokenizer = tokenizer
+        # a character's text does not depend on its neighbours: one lookup per token (a server's
+        # per-token cost), which is what the rule for other tokenizers below gives too
+        self.chars = tokenizer.chars if isinstance(tokenizer, CharTokenizer) else None
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace") \
             if hasattr(tokenizer, "decode_bytes") else None
         self.previous = [int(context[-1])] if len(context) else []     # one token of context is enough
@@ -503,6 +507,8 @@ class _TextPieces:
                 self.silent_boundary = b
 
     def push(self, token_id: int) -> str:
+        if self.chars is not None and 0 <= token_id < len(self.chars):
+            return self.chars[token_id]
         if self.utf8 is not None:
             return self.utf8.decode(self.tokenizer.decode_bytes([token_id]))
         if token_id == self.silent_boundary:

@@ -46,34 +46,60 @@ class TimedOut(Exception):
     """The request ran past its deadline."""
 
 
+class LoopWaker:
+    """Wakes request handlers from the engine's thread with one ``call_soon_threadsafe`` (one write
+    to the event loop's self-pipe, one wake-up of the loop) for all the replies that became ready
+    while the loop was busy, not one per reply: a decode step of 16 rows ends in one hand-off."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.thread = loop, threading.get_ident()
+        self.lock = threading.Lock()
+        self.pending: list[asyncio.Event] = []
+
+    def wake(self, ready: asyncio.Event) -> None:
+        if threading.get_ident() == self.thread:        # the engine runs in the loop (--decode-in-loop)
+            ready.set()
+            return
+        with self.lock:
+            self.pending.append(ready)
+            if len(self.pending) > 1:                    # a hand-off is already on its way
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._set)
+        except RuntimeError:                             # the loop is closed: nobody is listening
+            pass
+
+    def _set(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for ready in pending:
+            ready.set()
+
+
 class Reply:
     """A request's events, handed from the engine thread to the event loop.
 
     One asyncio.Event wakes the handler for new events, the deadline (one timer per request) and
-    a disconnect (the watcher task): no task or timer per token."""
+    a disconnect (the watcher task): no task or timer per token. An event wakes the handler only
+    when it waits for one (``waiting``): a stream that sleeps through its ``--stream-interval``
+    finds the tokens of the interval when it comes back, with no wake-up in between."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float, receive=None):
-        self.loop, self.loop_thread = loop, threading.get_ident()
+    def __init__(self, waker: LoopWaker, deadline: float, receive=None):
+        self.waker = waker
         self.lock = threading.Lock()
         self.events: list[Event] = []
         self.ready = asyncio.Event()
-        self.woken = self.timed_out = self.disconnected = False
-        self.timer = loop.call_at(deadline, self._time_out)
+        self.waiting = self.timed_out = self.disconnected = False
+        self.timer = waker.loop.call_at(deadline, self._time_out)
         self.watcher = None if receive is None else asyncio.ensure_future(self._watch(receive))
 
     def push(self, event: Event) -> None:            # the engine's thread: the loop's, or its own
         with self.lock:
             self.events.append(event)
-            if self.woken:
+            if not self.waiting:
                 return
-            self.woken = True
-        if threading.get_ident() == self.loop_thread:
-            self.ready.set()
-            return
-        try:
-            self.loop.call_soon_threadsafe(self.ready.set)
-        except RuntimeError:                         # the loop is closed: nobody is listening
-            pass
+            self.waiting = False                     # one wake-up for the events until the next wait
+        self.waker.wake(self.ready)
 
     def _time_out(self) -> None:
         self.timed_out = True
@@ -94,7 +120,8 @@ class Reply:
         """The events that came since the last call; waits for at least one."""
         while True:
             with self.lock:
-                events, self.events, self.woken = self.events, [], False
+                events, self.events = self.events, []
+                self.waiting = not events
                 self.ready.clear()
             if self.disconnected:
                 raise Disconnected()
@@ -151,6 +178,7 @@ class Server:
         self.api_key, self.timeout, self.threaded = api_key, timeout, threaded
         self.stream_interval = stream_interval   # seconds a stream waits after a write, gathering tokens
         self.block_size = model.config.block_size
+        self.waker = None
         routes = [Route("/", self.page), Route("/health", self.health),
                   Route("/v1/models", self.models), Route("/v1/models/{model_id:path}", self.model_info),
                   Route("/v1/completions", self.completions, methods=["POST"]),
@@ -190,6 +218,13 @@ class Server:
                 continue
             engine.turn()
             await asyncio.sleep(0)                   # send what the step produced, take new requests
+
+    def _waker(self) -> LoopWaker:
+        """The running loop's waker (one per loop; a test may run the app in a fresh loop)."""
+        loop = asyncio.get_running_loop()
+        if self.waker is None or self.waker.loop is not loop:
+            self.waker = LoopWaker(loop)
+        return self.waker
 
     # ------------------------------------------------------------------ errors
     async def _api_error(self, request, exc: ApiError):
@@ -247,8 +282,8 @@ class Server:
     async def _generate(self, request: Request, chat: bool):
         self._authorize(request)
         job = parse_job(await _read_json(request), self.tokenizer, self.block_size, chat)
-        loop = asyncio.get_running_loop()
-        reply = Reply(loop, loop.time() + self.timeout, request.receive)
+        waker = self._waker()
+        reply = Reply(waker, waker.loop.time() + self.timeout, request.receive)
         rows = [Row(prompt, job.max_tokens, job.temperature, job.top_k, job.top_p, job.repetition_penalty,
                     job.seed + j, job.stops, job.logprobs if job.want_logprobs else None, p * job.n + j,
                     reply.push)

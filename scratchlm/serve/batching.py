@@ -94,7 +94,8 @@ class Row:
         self.decoder = _TextPieces(tokenizer)
         self.pending = ""                          # decoded, not yet released (may start a stop string)
         self.stops = list(self.stops) + ([END_OF_TEXT] if END_OF_TEXT not in self.stops else [])
-        self.last = None
+        self.stop_starts = {stop[0] for stop in self.stops}   # text without any of these holds no stop string,
+        self.last = None                                      # and no start of one either
 
     def take(self, logits: np.ndarray, token: int) -> None:
         """Accept ``token``, sampled from this row's logits (V,) by ``sample_rows``; emit what it releases."""
@@ -111,6 +112,11 @@ class Row:
 
     def _release(self):
         """(text now known not to start a stop string, finish reason or None)."""
+        if self.stop_starts.isdisjoint(self.pending):               # most tokens: nothing to look for
+            if self.generated >= self.max_new_tokens:
+                return "", "length"
+            release, self.pending = self.pending, ""
+            return release, None
         cut = _first_stop(self.pending, self.stops)
         if cut is not None:
             release, self.pending = self.pending[:cut], ""
