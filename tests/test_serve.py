@@ -194,6 +194,30 @@ def test_byte_level_bpe_rows_release_whole_characters_as_stream_text():
     assert token_text(tokenizer, whole) == (tokenizer.decode([whole]), list(tokenizer.decode_bytes([whole])))
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_rows_with_mixed_controls_sample_as_each_row_alone(dtype):
+    """sample_rows over rows of every kind at once (greedy by temperature 0 and by top_k 1,
+    different temperatures in one pass, top-k, top-p, a repetition penalty) gives each row the
+    token it gets alone from sample_next_token with its own generator, step after step (the
+    generators advance as they would alone). The oracle is the one-row sampler."""
+    from types import SimpleNamespace
+    from scratchlm.generate import apply_repetition_penalty, sample_next_token, sample_rows
+    controls = [(0.0, None, None, 1.0), (0.7, None, None, 1.0), (1.0, None, None, 1.0), (1.9, 0, None, 1.0),
+                (1.3, 1, None, 1.0), (0.8, 3, None, 1.0), (1.1, 3, None, 1.0), (0.9, None, 0.6, 1.0),
+                (1.0, 4, 0.8, 1.0), (0.8, None, None, 1.4), (0, None, None, 1.2), (1, None, 1.0, 1.0)]
+    data = np.random.default_rng(0)
+    context = data.integers(0, 12, size=6)
+    rows = [SimpleNamespace(temperature=t, top_k=k, top_p=p, repetition_penalty=r, context=context,
+                            rng=np.random.default_rng(100 + b)) for b, (t, k, p, r) in enumerate(controls)]
+    alone = [np.random.default_rng(100 + b) for b in range(len(rows))]
+    for _ in range(5):
+        logits = (data.standard_normal((len(rows), 12)) * 3).astype(dtype)             # (B, V)
+        got = sample_rows(rows, logits)
+        for b, (t, k, p, r) in enumerate(controls):
+            one = apply_repetition_penalty(logits[b:b + 1], context[None], r)
+            assert got[b] == int(sample_next_token(one, t, k, p, alone[b])[0]), b
+
+
 def test_a_cancelled_row_leaves_and_the_others_are_unchanged(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     events = {0: [], 1: []}
