@@ -19,6 +19,8 @@ chunk), so that on a small machine they take little CPU from the server they mea
   the level's wall time; ``x 1 client``: tokens/s over the 1-client level's (same mode);
 - TTFT: time from sending a request to its first token chunk, p50 and p95 over requests;
 - per token: (time of the last chunk - first chunk) / (tokens - 1) per request, p50 and p95;
+- tok/chunk: completion tokens per streamed chunk (the server's ``--stream-interval`` coalescing:
+  1.0 would be a chunk, and a write, per token);
 - errors: requests answered with a non-200 status or an error event (must be 0 below the queue
   limit: --max-batch + --max-queue rows);
 - cpu ms/tok: the server process's CPU time (all threads) over the level per completed token,
@@ -235,7 +237,7 @@ async def one_request(host, port, prompt, max_tokens, seed, cut_after=None) -> d
         writer.close()
     if first is None:
         return {"error": "no tokens"}
-    return {"ttft": first - sent, "tokens": tokens,
+    return {"ttft": first - sent, "tokens": tokens, "chunks": chunks,
             "per_token": (last - first) / (tokens - 1) if tokens > 1 else None, "end": last}
 
 
@@ -280,7 +282,8 @@ def summarize(n_clients: int, runs: list[tuple[list[dict], float]]) -> dict:
             "errors": len(errors), "error_examples": errors[:3], "wall_s": wall, "requests_per_s": len(done) / wall,
             "tokens_per_s": tokens / wall, "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95),
             "per_token_p50_ms": 1e3 * pct(per_token, 50), "per_token_p95_ms": 1e3 * pct(per_token, 95),
-            "server_cpu_s": cpu, "server_cpu_ms_per_token": 1e3 * cpu / tokens if tokens else float("nan")}
+            "server_cpu_s": cpu, "server_cpu_ms_per_token": 1e3 * cpu / tokens if tokens else float("nan"),
+            "tokens_per_chunk": tokens / max(sum(r["chunks"] for r in done), 1)}
 
 
 def cpu_ratio(one: dict | None, row: dict) -> float:
@@ -359,7 +362,8 @@ def main(argv=None) -> int:
     base = bases.get(args.modes[0])
     load_after = os.getloadavg()
     header = (f"{'level':<26}{'requests':>9}{'errors':>7}{'req/s':>8}{'tokens/s':>10}{'x 1 client':>11}"
-              f"{'TTFT p50':>10}{'TTFT p95':>10}{'tok p50 ms':>11}{'tok p95 ms':>11}{'cpu ms/tok':>11}{'x 1 (cpu)':>10}")
+              f"{'TTFT p50':>10}{'TTFT p95':>10}{'tok p50 ms':>11}{'tok p95 ms':>11}{'tok/chunk':>10}{'cpu ms/tok':>11}"
+              f"{'x 1 (cpu)':>10}")
     print(f"\nscratchlm serve on {run} (max_batch {args.max_batch}, max_queue {args.max_queue}), "
           f"{args.max_tokens} tokens per request, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {load[0]:.1f} before, {load_after[0]:.1f} after")
@@ -370,7 +374,7 @@ def main(argv=None) -> int:
         r["x_one_client"] = ratio
         print(f"{r['name']:<26}{r['requests']:>9}{r['errors']:>7}{r['requests_per_s']:>8.2f}{r['tokens_per_s']:>10.0f}"
               f"{ratio:>11.2f}{r['ttft_p50_s']:>10.3f}{r['ttft_p95_s']:>10.3f}{r['per_token_p50_ms']:>11.1f}"
-              f"{r['per_token_p95_ms']:>11.1f}{r['server_cpu_ms_per_token']:>11.3f}{cpu_ratio(ones.get(r['mode']), r):>10.2f}")
+              f"{r['per_token_p95_ms']:>11.1f}{r['tokens_per_chunk']:>10.1f}{r['server_cpu_ms_per_token']:>11.3f}{cpu_ratio(ones.get(r['mode']), r):>10.2f}")
     for mode, m in memory.items():
         health = m["health_after"]
         rounds = ", ".join(f"{x:.0f}" for x in m["rss_after_round"])

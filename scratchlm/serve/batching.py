@@ -271,11 +271,12 @@ class BatchedDecoder:
         logits = self.decoder.step(tokens, positions)                                  # (B, V)
         self.counters["steps"] += 1
         self.counters["tokens"] += len(self.active)
-        live = [b for b, row in enumerate(self.active) if not row.cancelled]
         for row in self.active:
             row.position += 1
-        rows = [self.active[b] for b in live]
-        for row, row_logits, token in zip(rows, logits[live], sample_rows(rows, logits[live])):
+        rows = [row for row in self.active if not row.cancelled]
+        if len(rows) < len(self.active):
+            logits = logits[[b for b, row in enumerate(self.active) if not row.cancelled]]
+        for row, row_logits, token in zip(rows, logits, sample_rows(rows, logits)):
             row.take(row_logits, token)
 
     def _retire(self) -> None:
