@@ -4,7 +4,7 @@
                                                   # run first, 300 iterations, if --run is not given)
     python bench/serve.py --full                  # N = 1, 4, 16, 64
     python bench/serve.py --run runs/nano --clients 1 16 --seconds 10 --repeats 3
-    python bench/serve.py --modes thread loop     # decode thread vs --decode-in-loop, same run
+    python bench/serve.py --modes thread loop process   # decode thread, --decode-in-loop, --decode-process
 
 The server runs in its own process (``python -m scratchlm.serve``). For each N, N clients each
 send streaming ``/v1/completions`` requests one after another (a prompt of 8-16 characters of
@@ -81,8 +81,9 @@ def parse_args(argv=None):
                         help="rounds over the levels, interleaved; a level pools its rounds' requests (default 2)")
     parser.add_argument("--stream-interval", type=float, default=None,
                         help="passed to the server (default: the server's default)")
-    parser.add_argument("--modes", nargs="+", choices=["thread", "loop"], default=["thread"],
-                        help="where the server decodes: its own thread (default) or the event loop (--decode-in-loop)")
+    parser.add_argument("--modes", nargs="+", choices=list(MODE_FLAGS), default=["thread"],
+                        help="where the server decodes: its own thread (default), the event loop (--decode-in-loop) "
+                             "or its own process (--decode-process)")
     parser.add_argument("--no-peer", action="store_true", help="skip the unbatched (--max-batch 1) row")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = parser.parse_args(argv)
@@ -117,14 +118,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+MODE_FLAGS = {"thread": [], "loop": ["--decode-in-loop"], "process": ["--decode-process"]}
+
+
 class ServerProcess:
-    def __init__(self, run: Path, max_batch: int, max_queue: int, in_loop: bool = False, stream_interval=None):
+    def __init__(self, run: Path, max_batch: int, max_queue: int, mode: str = "thread", stream_interval=None):
         self.port = free_port()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "scratchlm.serve", "--run", str(run), "--port", str(self.port),
              "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--timeout", "120"]
-            + (["--decode-in-loop"] if in_loop else [])
+            + MODE_FLAGS[mode]
             + ([] if stream_interval is None else ["--stream-interval", str(stream_interval)]),
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -140,16 +144,32 @@ class ServerProcess:
                 raise SystemExit(f"the server did not start: {self.process.stderr.read().decode()[-2000:]}")
             time.sleep(0.2)
 
+    def pids(self) -> list[int]:
+        """The server process and its descendants (the decode process of --decode-process)."""
+        found, todo = [], [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            for task in Path(f"/proc/{pid}/task").glob("*/children"):
+                todo += [int(child) for child in task.read_text().split()]
+        return found
+
     def cpu_s(self) -> float:
-        """The server process's CPU time so far (user + system, all its threads)."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """The server's CPU time so far (user + system, all its threads and processes)."""
+        total = 0
+        for pid in self.pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """Resident memory of the server's processes, summed."""
+        total = 0.0
+        for pid in self.pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        return total
 
     def stop(self):
         self.process.terminate()
@@ -304,9 +324,9 @@ def pct(values, q) -> float:
 
 # ====================================================================== main
 
-def measure(run: Path, args, in_loop: bool, label: str) -> tuple[list[dict], dict]:
+def measure(run: Path, args, mode: str, label: str) -> tuple[list[dict], dict]:
     """The levels against one server (rounds interleaved), then the disconnect level and memory."""
-    server = ServerProcess(run, args.max_batch, args.max_queue, in_loop, args.stream_interval)
+    server = ServerProcess(run, args.max_batch, args.max_queue, mode, args.stream_interval)
     rows, extra = [], {}
     try:
         extra["rss_start"] = server.rss_mb()
@@ -325,7 +345,7 @@ def measure(run: Path, args, in_loop: bool, label: str) -> tuple[list[dict], dic
         cut = timed_level(server, run, biggest, args.requests, args.seconds, args.max_tokens, cut_fraction=0.25)
         rows.append({**summarize(biggest, [cut]), "name": f"{biggest} + disconnects{label}"})
         for row in rows:
-            row["mode"] = "loop" if in_loop else "thread"
+            row["mode"] = mode
         extra["rss_after_load"] = server.rss_mb()
         time.sleep(2)
         import httpx
@@ -343,11 +363,11 @@ def main(argv=None) -> int:
     rows, memory = [], {}
     for mode in args.modes:
         label = "" if len(args.modes) == 1 else f" ({mode})"
-        mode_rows, memory[mode] = measure(run, args, mode == "loop", label)
+        mode_rows, memory[mode] = measure(run, args, mode, label)
         rows += mode_rows
     if not args.no_peer:
         n = max([c for c in args.clients if c <= 16] or [min(args.clients)])
-        peer = ServerProcess(run, 1, max(args.max_queue, n), args.modes[0] == "loop", args.stream_interval)
+        peer = ServerProcess(run, 1, max(args.max_queue, n), args.modes[0], args.stream_interval)
         try:
             asyncio.run(level(peer.url, run, 2, 1, args.seconds, 4))
             rounds = [timed_level(peer, run, n, args.requests, args.seconds, args.max_tokens)

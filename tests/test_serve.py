@@ -334,10 +334,11 @@ def test_models_and_health(live):
     assert body["status"] == "ok" and body["block_size"] == BLOCK and body["model"] == "tiny"
 
 
-@pytest.mark.parametrize("threaded", [True, False], ids=["decode-thread", "decode-in-loop"])
-def test_concurrent_greedy_requests_equal_sequential_ones(serve, model_and_tokenizer, threaded):
+@pytest.mark.parametrize("mode", [dict(threaded=True), dict(threaded=False), dict(process=True)],
+                         ids=["decode-thread", "decode-in-loop", "decode-process"])
+def test_concurrent_greedy_requests_equal_sequential_ones(serve, model_and_tokenizer, mode):
     model, tokenizer = model_and_tokenizer
-    live = serve(threaded=threaded, model_name="tiny")
+    live = serve(model_name="tiny", **mode)
     lengths = [20, 5, 12, 17, 3, 9]
     expected = [reference(model, tokenizer, p, n) for p, n in zip(PROMPTS, lengths)]
     client = openai_client(live.url)
@@ -357,6 +358,48 @@ def test_concurrent_greedy_requests_equal_sequential_ones(serve, model_and_token
         t.join(60)
     assert sequential == expected
     assert results == expected
+
+
+def test_decode_process_seeded_sampling_and_stats(serve, model_and_tokenizer):
+    """--decode-process: seeded sampling with n choices over HTTP is stream_text's (rows cross the
+    pipe with their controls and seeds), and /health shows the child's counters."""
+    model, tokenizer = model_and_tokenizer
+    live = serve(process=True, model_name="tiny")
+    reply = httpx.post(live.url + "/v1/completions", json={"prompt": "the cat", "max_tokens": 12, "temperature": 0.9,
+                                                            "top_p": 0.9, "seed": 7, "n": 3}, timeout=60).json()
+    for j, choice in enumerate(reply["choices"]):
+        assert choice["text"] == reference(model, tokenizer, "the cat", 12, temperature=0.9, top_p=0.9, seed=7 + j)
+    assert wait_idle(live.engine)
+    stats = health(live)
+    assert stats["rows_done"] == 3 and stats["prefills"] == 3 and stats["tokens"] == reply["usage"]["completion_tokens"]
+
+
+def test_decode_process_that_dies_fails_requests_with_a_json_error(serve):
+    live = serve(process=True, model_name="tiny")
+    live.engine.process.kill()
+    live.engine.reader.join(10)                                   # the pipe's end: open rows fail, and later ones
+    reply = httpx.post(live.url + "/v1/completions", json={"prompt": "the", "max_tokens": 4}, timeout=30)
+    assert reply.status_code == 500 and "decode process has stopped" in reply.json()["error"]["message"]
+    assert httpx.get(live.url + "/health").status_code == 200
+
+
+def test_decode_process_queue_bound_is_the_engines():
+    """ProcessEngine refuses rows on this side of the pipe exactly when BatchedDecoder would:
+    more than max_batch decoding + max_queue waiting; a cancelled row frees its place."""
+    from scratchlm.serve.batching import QueueFull
+    from scratchlm.serve.worker import ProcessEngine
+    sent = []
+    engine = ProcessEngine("unused", max_batch=2, max_queue=1)
+    engine.conn = type("Pipe", (), {"send": staticmethod(sent.append)})()
+    rows = [Row([1], 4, sink=lambda e: None) for _ in range(4)]
+    engine.submit(rows[:2])
+    engine.submit(rows[2:3])
+    with pytest.raises(QueueFull):
+        engine.submit(rows[3:4])
+    engine.cancel(rows[:1])
+    engine.submit(rows[3:4])
+    assert [kind for kind, _ in sent] == ["submit", "submit", "cancel", "submit"]
+    assert sent[2][1] == [rows[0].id] and [row_id for row_id, _ in sent[3][1]] == [rows[3].id]
 
 
 # ====================================================================== robustness

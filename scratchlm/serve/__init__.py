@@ -90,23 +90,33 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              f"one chunk and one write (default {DEFAULT_STREAM_INTERVAL}; 0 = a write per token)")
     parser.add_argument("--decode-in-loop", action="store_true",
                         help="run the decode steps in the event loop's thread instead of their own thread")
+    parser.add_argument("--decode-process", action="store_true",
+                        help="run the decode loop in a process of its own, beside the HTTP side rather than taking "
+                             "turns with it for the interpreter lock")
     parser.add_argument("--model-name", metavar="NAME", help="the model id in replies (default: the run folder's name)")
     parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="default numpy")
 
 
 def build_server(run_dir, api_key=None, max_batch: int = 32, max_queue: int = 64, timeout: float = 60.0,
-                 model_name: str | None = None, threaded: bool = True, stream_interval: float = DEFAULT_STREAM_INTERVAL):
+                 model_name: str | None = None, threaded: bool = True, stream_interval: float = DEFAULT_STREAM_INTERVAL,
+                 process: bool = False, blas_threads: int = 1):
     """The ``Server`` for a run folder (its ``app`` is the ASGI app); the engine starts with the app,
-    in its own thread (``threaded``) or as a task of the event loop."""
+    in its own thread (``threaded``), as a task of the event loop, or in a child process
+    (``process``: ``worker.ProcessEngine``, with ``blas_threads`` BLAS threads)."""
     from pathlib import Path
+    from scratchlm import backend
     from scratchlm.runs import load_model
     from scratchlm.serve.app import Server
     from scratchlm.serve.batching import BatchedDecoder
+    from scratchlm.serve.worker import ProcessEngine
     model, tokenizer, _ = load_model(run_dir)
     try:
-        engine = BatchedDecoder(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+        engine = BatchedDecoder(model, tokenizer, max_batch=1 if process else max_batch, max_queue=max_queue)
     except TypeError as exc:
         raise UserError(f"{run_dir}: scratchlm serve cannot serve this run: {exc}") from None
+    if process:                        # the engine above only checked that the run can be served
+        engine = ProcessEngine(run_dir, max_batch, max_queue, backend.get_backend(), blas_threads)
+        threaded = True
     name = model_name or Path(run_dir).resolve().name
     return Server(model, tokenizer, name, engine, api_key=api_key, timeout=timeout, threaded=threaded,
                   stream_interval=stream_interval)
@@ -125,6 +135,8 @@ def limit_blas_threads(n: int) -> bool:
 def _check_args(args) -> None:
     if args.blas_threads < 1:
         raise UserError(f"--blas-threads must be >= 1, got {args.blas_threads}")
+    if args.decode_in_loop and args.decode_process:
+        raise UserError("choose one of --decode-in-loop and --decode-process")
     if args.max_batch < 1 or args.max_queue < 0:
         raise UserError("--max-batch must be >= 1 and --max-queue >= 0")
     if not 0 <= args.stream_interval <= 1:
@@ -152,7 +164,8 @@ def cmd_serve(args) -> int:
         raise UserError(str(exc)) from None
     limit_blas_threads(args.blas_threads)
     server = build_server(args.run, args.api_key, args.max_batch, args.max_queue, args.timeout, args.model_name,
-                          threaded=not args.decode_in_loop, stream_interval=args.stream_interval)
+                          threaded=not args.decode_in_loop, stream_interval=args.stream_interval,
+                          process=args.decode_process, blas_threads=args.blas_threads)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"scratchlm serve: {server.model_name} ({server.block_size}-token context) on "
           f"http://{shown}:{args.port}/ (API at /v1; Ctrl-C stops)", flush=True)
