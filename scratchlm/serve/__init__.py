@@ -52,8 +52,11 @@ disconnects has its rows cancelled before the next decode step.
 Batched decoding (``batching.py``): up to ``--max-batch`` rows (a row = one choice of one prompt)
 are decoded together, each with its own KV-cache slot, position and sampling controls; rows join
 and leave between steps. The decode loop runs in its own thread (``--decode-in-loop``: in the
-event loop's thread instead; bench/serve.py compares the two) with ``--blas-threads`` BLAS
-threads (default 1: a decode step's matrices are small). A stream writes what it has, then
+event loop's thread instead; ``--decode-process``: in a child process, ``worker.py``, so that it
+and the HTTP side run on two cores instead of taking turns for the interpreter lock;
+bench/serve.py compares the three) with ``--blas-threads`` BLAS threads (default 1: a decode
+step's matrices are small). Sampling is one pass over the rows of a kind (``sample_rows``), and a
+step's events reach the event loop with one hand-off, waking only the handlers that wait. A stream writes what it has, then
 waits ``--stream-interval`` seconds (default 0.02) while its next tokens are decoded, and sends
 them as one chunk in one write: per-token writes (a system call, the HTTP framing, a JSON
 object) cost more than a decode step's share of a token once 16 requests are batched. The first

@@ -3,9 +3,10 @@
 Each generation request is checked (``protocol.parse_job``), split into rows (one per prompt and
 choice), queued on the engine, and answered from the engine's events: as one JSON object, or as
 server-sent events (``data: {chunk}`` lines, then ``data: [DONE]``). The engine runs in its own
-thread (or, with ``threaded=False``, as a task of the event loop); its events cross into the
-event loop through ``Reply`` (a lock-protected list and one wake-up per batch of events, not one
-per token).
+thread (or, with ``threaded=False``, as a task of the event loop; or in a child process,
+``worker.ProcessEngine``); its events cross into the event loop through ``Reply`` (a
+lock-protected list; a wake-up only for a handler that waits, and one ``LoopWaker`` hand-off for
+all the handlers a decode step wakes, not one per token).
 
 What ends a request early, and how it is answered:
 - the client disconnects (watched while waiting for the next event): its rows are cancelled and

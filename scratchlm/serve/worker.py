@@ -46,7 +46,8 @@ class ProcessEngine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.rows: dict[int, Row] = {}                         # open rows by id
         self.ids = itertools.count()
-        self.lock = threading.Lock()                           # rows and the pipe's sending end
+        self.lock = threading.Lock()                           # the open rows
+        self.sending = threading.Lock()                        # the pipe's sending end
         self.counters = {"active": 0, "waiting": 0, "steps": 0, "tokens": 0, "prefills": 0, "rows_done": 0,
                          "rows_cancelled": 0, "errors": 0, "max_active": 0}
         self.process = self.conn = self.reader = None
@@ -54,28 +55,38 @@ class ProcessEngine:
 
     # ------------------------------------------------------------------ what the app calls
     def submit(self, rows: list[Row]) -> None:
-        with self.lock:
-            if self.dead is None and len(self.rows) + len(rows) > self.max_batch + self.max_queue:
-                raise QueueFull(f"{len(self.rows)} rows decoding or waiting (limit {self.max_batch} decoding "
-                                f"+ {self.max_queue} waiting)")
-            specs = []
+        with self.lock:                                        # the open rows; the reader takes it too
+            dead = self.dead
+            if dead is None:
+                if len(self.rows) + len(rows) > self.max_batch + self.max_queue:
+                    raise QueueFull(f"{len(self.rows)} rows decoding or waiting (limit {self.max_batch} decoding "
+                                    f"+ {self.max_queue} waiting)")
+                for row in rows:
+                    row.id, row.finished = next(self.ids), False
+                    self.rows[row.id] = row
+        if dead is not None:
             for row in rows:
-                row.id = next(self.ids)
                 row.finished = False
-                self.rows[row.id] = row
-                specs.append((row.id, {name: getattr(row, name) for name in _ROW_FIELDS}))
-            if self.dead is None:
-                self.conn.send(("submit", specs))
-        if self.dead is not None:
             self._fail(rows)
+            return
+        # sent outside the lock: a send that waits for the child must not hold up the reader
+        self._send("submit", [(row.id, {name: getattr(row, name) for name in _ROW_FIELDS}) for row in rows])
 
     def cancel(self, rows: list[Row]) -> None:
         with self.lock:
             ids = [row.id for row in rows if self.rows.pop(getattr(row, "id", None), None) is not None]
             for row in rows:
                 row.cancelled = True
-            if ids and self.dead is None:
-                self.conn.send(("cancel", ids))
+        if ids:
+            self._send("cancel", ids)
+
+    def _send(self, kind: str, body) -> None:
+        with self.sending:
+            if self.dead is None:
+                try:
+                    self.conn.send((kind, body))
+                except OSError:                                # the child is gone: the reader fails the rows
+                    pass
 
     def stats(self) -> dict:
         with self.lock:
@@ -108,18 +119,14 @@ class ProcessEngine:
     def stop(self) -> None:
         if self.process is None:
             return
-        with self.lock:
-            if self.dead is None:
-                try:
-                    self.conn.send(("stop", None))
-                except OSError:
-                    pass
+        self._send("stop", None)
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.reader.join(timeout=10)
+        if self.reader is not None:
+            self.reader.join(timeout=10)
         self.conn.close()
 
     # ------------------------------------------------------------------ the child's messages
