@@ -372,6 +372,14 @@ def test_decode_process_seeded_sampling_and_stats(serve, model_and_tokenizer):
     assert wait_idle(live.engine)
     stats = health(live)
     assert stats["rows_done"] == 3 and stats["prefills"] == 3 and stats["tokens"] == reply["usage"]["completion_tokens"]
+    # log-probabilities and stop strings cross the pipe too: the same stream as a decode thread's
+    threaded = serve(model_name="tiny")
+    body = {"prompt": "the dog", "max_tokens": 10, "temperature": 1.0, "seed": 3, "logprobs": 2, "stop": [" a"],
+            "stream": True}
+    streams = [[json.loads(line[6:])["choices"] for line in httpx.post(server.url + "/v1/completions", json=body,
+                                                                        timeout=60).text.splitlines()
+                if line.startswith("data: {")] for server in (live, threaded)]
+    assert streams[0] == streams[1] and any(c[0]["logprobs"] for c in streams[0])
 
 
 def test_decode_process_that_dies_fails_requests_with_a_json_error(serve):
