@@ -388,7 +388,9 @@ def test_decode_process_that_dies_fails_requests_with_a_json_error(serve):
     live.engine.reader.join(10)                                   # the pipe's end: open rows fail, and later ones
     reply = httpx.post(live.url + "/v1/completions", json={"prompt": "the", "max_tokens": 4}, timeout=30)
     assert reply.status_code == 500 and "decode process has stopped" in reply.json()["error"]["message"]
-    assert httpx.get(live.url + "/health").status_code == 200
+    status = httpx.get(live.url + "/health")                     # the server still answers, and says why it fails
+    assert status.status_code == 503 and status.json()["status"] == "error"
+    assert httpx.get(live.url + "/v1/models").status_code == 200
 
 
 def test_decode_process_queue_bound_is_the_engines():

@@ -23,7 +23,9 @@ Endpoints (OpenAI's shapes; ``app.py``, ``protocol.py``):
   (or ``max_completion_tokens``) defaults to the rest of the context; ``logprobs``: true with
   ``top_logprobs`` 0-20.
 - ``GET /v1/models``, ``GET /v1/models/{id}``; ``GET /health`` (no key needed): the model, its
-  context and the engine's counters (active and waiting rows, steps, tokens).
+  context and the engine's counters (active and waiting rows, steps, tokens); 503 with
+  ``"status": "error"`` if the ``--decode-process`` child has died (generation requests then
+  fail with 500 ``generation_failed``).
 - ``GET /``: the web page: a prompt box, the reply streaming in token by token, the sampling
   controls, and for the last token (or any token clicked) the model's top-10 next-token
   probabilities as bars. It calls ``/v1/completions`` with ``stream: true, logprobs: 10``:

@@ -254,9 +254,11 @@ class Server:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     async def health(self, request):
-        return JSONResponse({"status": "ok", "model": self.model_name, "block_size": self.block_size,
-                             "vocab_size": self.tokenizer.vocab_size, "api_key_required": self.api_key is not None,
-                             "engine": self.engine.stats()})
+        dead = getattr(self.engine, "dead", None)           # a --decode-process child that has died: 503
+        return JSONResponse({"status": "ok" if dead is None else "error", "model": self.model_name,
+                             "block_size": self.block_size, "vocab_size": self.tokenizer.vocab_size,
+                             "api_key_required": self.api_key is not None, "engine": self.engine.stats(),
+                             **({"message": dead} if dead else {})}, status_code=200 if dead is None else 503)
 
     def _model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "scratchlm",
