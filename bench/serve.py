@@ -4,7 +4,7 @@
                                                   # run first, 300 iterations, if --run is not given)
     python bench/serve.py --full                  # N = 1, 4, 16, 64
     python bench/serve.py --run runs/nano --clients 1 16 --seconds 10 --repeats 3
-    python bench/serve.py --modes thread loop process   # decode thread, --decode-in-loop, --decode-process
+    python bench/serve.py --modes process thread loop   # where the server decodes (scratchlm serve --decode)
 
 The server runs in its own process (``python -m scratchlm.serve``). For each N, N clients each
 send streaming ``/v1/completions`` requests one after another (a prompt of 8-16 characters of
@@ -62,6 +62,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(ROOT))
 CORPUS = ROOT.parent / "shared" / "corpora" / "tinyshakespeare.txt"
 
+from scratchlm.serve import DECODE_MODES, DEFAULT_DECODE  # noqa: E402  (argparse and errors only: no model code)
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -81,9 +83,9 @@ def parse_args(argv=None):
                         help="rounds over the levels, interleaved; a level pools its rounds' requests (default 2)")
     parser.add_argument("--stream-interval", type=float, default=None,
                         help="passed to the server (default: the server's default)")
-    parser.add_argument("--modes", nargs="+", choices=list(MODE_FLAGS), default=["thread"],
-                        help="where the server decodes: its own thread (default), the event loop (--decode-in-loop) "
-                             "or its own process (--decode-process)")
+    parser.add_argument("--modes", nargs="+", choices=DECODE_MODES, default=[DEFAULT_DECODE],
+                        help="where the server decodes (its --decode): a process of its own, a thread, or the event "
+                             f"loop; the first one gives the targets line (default {DEFAULT_DECODE})")
     parser.add_argument("--no-peer", action="store_true", help="skip the unbatched (--max-batch 1) row")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = parser.parse_args(argv)
@@ -118,9 +120,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-MODE_FLAGS = {"thread": [], "loop": ["--decode-in-loop"], "process": ["--decode-process"]}
-
-
 class ServerProcess:
     def __init__(self, run: Path, max_batch: int, max_queue: int, mode: str = "thread", stream_interval=None):
         self.port = free_port()
@@ -128,7 +127,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "scratchlm.serve", "--run", str(run), "--port", str(self.port),
              "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--timeout", "120"]
-            + MODE_FLAGS[mode]
+            + ["--decode", mode]
             + ([] if stream_interval is None else ["--stream-interval", str(stream_interval)]),
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -145,7 +144,7 @@ class ServerProcess:
             time.sleep(0.2)
 
     def pids(self) -> list[int]:
-        """The server process and its descendants (the decode process of --decode-process)."""
+        """The server process and its descendants (the decode process of --decode process)."""
         found, todo = [], [self.process.pid]
         while todo:
             pid = todo.pop()

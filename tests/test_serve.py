@@ -334,11 +334,10 @@ def test_models_and_health(live):
     assert body["status"] == "ok" and body["block_size"] == BLOCK and body["model"] == "tiny"
 
 
-@pytest.mark.parametrize("mode", [dict(threaded=True), dict(threaded=False), dict(process=True)],
-                         ids=["decode-thread", "decode-in-loop", "decode-process"])
-def test_concurrent_greedy_requests_equal_sequential_ones(serve, model_and_tokenizer, mode):
+@pytest.mark.parametrize("decode", ["thread", "loop", "process"])
+def test_concurrent_greedy_requests_equal_sequential_ones(serve, model_and_tokenizer, decode):
     model, tokenizer = model_and_tokenizer
-    live = serve(model_name="tiny", **mode)
+    live = serve(model_name="tiny", decode=decode)
     lengths = [20, 5, 12, 17, 3, 9]
     expected = [reference(model, tokenizer, p, n) for p, n in zip(PROMPTS, lengths)]
     client = openai_client(live.url)
@@ -361,10 +360,10 @@ def test_concurrent_greedy_requests_equal_sequential_ones(serve, model_and_token
 
 
 def test_decode_process_seeded_sampling_and_stats(serve, model_and_tokenizer):
-    """--decode-process: seeded sampling with n choices over HTTP is stream_text's (rows cross the
+    """--decode process: seeded sampling with n choices over HTTP is stream_text's (rows cross the
     pipe with their controls and seeds), and /health shows the child's counters."""
     model, tokenizer = model_and_tokenizer
-    live = serve(process=True, model_name="tiny")
+    live = serve(decode="process", model_name="tiny")
     reply = httpx.post(live.url + "/v1/completions", json={"prompt": "the cat", "max_tokens": 12, "temperature": 0.9,
                                                             "top_p": 0.9, "seed": 7, "n": 3}, timeout=60).json()
     for j, choice in enumerate(reply["choices"]):
@@ -383,7 +382,7 @@ def test_decode_process_seeded_sampling_and_stats(serve, model_and_tokenizer):
 
 
 def test_decode_process_that_dies_fails_requests_with_a_json_error(serve):
-    live = serve(process=True, model_name="tiny")
+    live = serve(decode="process", model_name="tiny")
     live.engine.process.kill()
     live.engine.reader.join(10)                                   # the pipe's end: open rows fail, and later ones
     reply = httpx.post(live.url + "/v1/completions", json={"prompt": "the", "max_tokens": 4}, timeout=30)
@@ -513,9 +512,9 @@ def test_a_stream_gathers_the_tokens_of_its_interval_into_one_chunk(serve, model
     assert len(gathered) <= 4 < len(expected)
 
 
-@pytest.mark.parametrize("threaded", [True, False], ids=["decode-thread", "decode-in-loop"])
-def test_client_disconnect_mid_stream_frees_the_slot(serve, threaded):
-    live = serve(threaded=threaded, step_delay=0.05)
+@pytest.mark.parametrize("decode", ["thread", "loop"])
+def test_client_disconnect_mid_stream_frees_the_slot(serve, decode):
+    live = serve(decode=decode, step_delay=0.05)
     with httpx.Client(timeout=30) as client:
         with client.stream("POST", live.url + "/v1/completions",
                            json={"prompt": "the", "max_tokens": BLOCK - 3, "stream": True}) as response:
@@ -535,9 +534,9 @@ def test_client_disconnect_mid_stream_frees_the_slot(serve, threaded):
     assert ok.status_code == 200
 
 
-@pytest.mark.parametrize("threaded", [True, False], ids=["decode-thread", "decode-in-loop"])
-def test_client_leaving_a_non_streamed_request_frees_the_slot(serve, threaded):
-    live = serve(threaded=threaded, step_delay=0.05)
+@pytest.mark.parametrize("decode", ["thread", "loop"])
+def test_client_leaving_a_non_streamed_request_frees_the_slot(serve, decode):
+    live = serve(decode=decode, step_delay=0.05)
     with pytest.raises(httpx.TimeoutException):
         httpx.post(live.url + "/v1/completions", json={"prompt": "the", "max_tokens": BLOCK - 3}, timeout=0.5)
     assert wait_idle(live.engine)
@@ -545,9 +544,9 @@ def test_client_leaving_a_non_streamed_request_frees_the_slot(serve, threaded):
     assert stats["rows_cancelled"] == 1 and stats["rows_done"] == 0 and stats["tokens"] < BLOCK - 3
 
 
-@pytest.mark.parametrize("threaded", [True, False], ids=["decode-thread", "decode-in-loop"])
-def test_full_queue_answers_429_with_retry_after(serve, threaded):
-    live = serve(threaded=threaded, step_delay=0.05, max_batch=1, max_queue=1)
+@pytest.mark.parametrize("decode", ["thread", "loop"])
+def test_full_queue_answers_429_with_retry_after(serve, decode):
+    live = serve(decode=decode, step_delay=0.05, max_batch=1, max_queue=1)
     body = {"prompt": "the", "max_tokens": BLOCK - 3, "stream": True}
     client = httpx.Client(timeout=30)
     opened = client.stream("POST", live.url + "/v1/completions", json=body)
@@ -570,9 +569,9 @@ def test_full_queue_answers_429_with_retry_after(serve, threaded):
     assert httpx.post(live.url + "/v1/completions", json={"prompt": "the", "max_tokens": 2}).status_code == 200
 
 
-@pytest.mark.parametrize("threaded", [True, False], ids=["decode-thread", "decode-in-loop"])
-def test_timeout_answers_504_or_ends_the_stream_with_an_error(serve, threaded):
-    live = serve(threaded=threaded, step_delay=0.05, timeout=0.4)
+@pytest.mark.parametrize("decode", ["thread", "loop"])
+def test_timeout_answers_504_or_ends_the_stream_with_an_error(serve, decode):
+    live = serve(decode=decode, step_delay=0.05, timeout=0.4)
     body = {"prompt": "the", "max_tokens": BLOCK - 3}
     response = httpx.post(live.url + "/v1/completions", json=body, timeout=30)
     assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"

@@ -24,7 +24,7 @@ Endpoints (OpenAI's shapes; ``app.py``, ``protocol.py``):
   ``top_logprobs`` 0-20.
 - ``GET /v1/models``, ``GET /v1/models/{id}``; ``GET /health`` (no key needed): the model, its
   context and the engine's counters (active and waiting rows, steps, tokens); 503 with
-  ``"status": "error"`` if the ``--decode-process`` child has died (generation requests then
+  ``"status": "error"`` if the ``--decode process`` child has died (generation requests then
   fail with 500 ``generation_failed``).
 - ``GET /``: the web page: a prompt box, the reply streaming in token by token, the sampling
   controls, and for the last token (or any token clicked) the model's top-10 next-token
@@ -53,11 +53,12 @@ disconnects has its rows cancelled before the next decode step.
 
 Batched decoding (``batching.py``): up to ``--max-batch`` rows (a row = one choice of one prompt)
 are decoded together, each with its own KV-cache slot, position and sampling controls; rows join
-and leave between steps. The decode loop runs in its own thread (``--decode-in-loop``: in the
-event loop's thread instead; ``--decode-process``: in a child process, ``worker.py``, so that it
-and the HTTP side run on two cores instead of taking turns for the interpreter lock;
-bench/serve.py compares the three) with ``--blas-threads`` BLAS threads (default 1: a decode
-step's matrices are small). Sampling is one pass over the rows of a kind (``sample_rows``), and a
+and leave between steps. ``--decode`` says where the decode loop runs: ``process`` (the default
+on POSIX systems), a child process (``worker.py``), so that it and the HTTP side (framing, JSON,
+the chunks) run on two cores; ``thread``, a thread of the server's process, where the two take
+turns for the interpreter lock (the BLAS calls aside), as if on one core; ``loop``, the event
+loop's own thread, between its I/O. bench/serve.py compares them (``--modes``). The decode loop
+has ``--blas-threads`` BLAS threads (default 1: a decode step's matrices are small). Sampling is one pass over the rows of a kind (``sample_rows``), and a
 step's events reach the event loop with one hand-off, waking only the handlers that wait. A stream writes what it has, then
 waits ``--stream-interval`` seconds (default 0.02) while its next tokens are decoded, and sends
 them as one chunk in one write: per-token writes (a system call, the HTTP framing, a JSON
@@ -67,11 +68,14 @@ token is sent at once; with ``logprobs`` every token keeps its own chunk.
 from __future__ import annotations
 
 import argparse
+import os
 
 from scratchlm.errors import UserError
 
 DEFAULT_PORT = 8000
 DEFAULT_STREAM_INTERVAL = 0.02    # 50 writes/s per stream: smooth to the eye, cheap for the server
+DECODE_MODES = ["process", "thread", "loop"]
+DEFAULT_DECODE = "process" if os.name == "posix" else "thread"   # the child inherits its pipe by descriptor
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,21 +97,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-interval", type=float, default=DEFAULT_STREAM_INTERVAL, metavar="S",
                         help="after each write a stream waits S seconds, so the tokens decoded meanwhile go out in "
                              f"one chunk and one write (default {DEFAULT_STREAM_INTERVAL}; 0 = a write per token)")
-    parser.add_argument("--decode-in-loop", action="store_true",
-                        help="run the decode steps in the event loop's thread instead of their own thread")
-    parser.add_argument("--decode-process", action="store_true",
-                        help="run the decode loop in a process of its own, beside the HTTP side rather than taking "
-                             "turns with it for the interpreter lock")
+    parser.add_argument("--decode", choices=DECODE_MODES, default=DEFAULT_DECODE,
+                        help="where the decode loop runs: a process of its own, beside the HTTP side (process), a "
+                             "thread that takes turns with it for the interpreter lock (thread), or the event loop "
+                             f"(loop); default {DEFAULT_DECODE}")
     parser.add_argument("--model-name", metavar="NAME", help="the model id in replies (default: the run folder's name)")
     parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="default numpy")
 
 
 def build_server(run_dir, api_key=None, max_batch: int = 32, max_queue: int = 64, timeout: float = 60.0,
-                 model_name: str | None = None, threaded: bool = True, stream_interval: float = DEFAULT_STREAM_INTERVAL,
-                 process: bool = False, blas_threads: int = 1):
+                 model_name: str | None = None, decode: str = "thread", stream_interval: float = DEFAULT_STREAM_INTERVAL,
+                 blas_threads: int = 1):
     """The ``Server`` for a run folder (its ``app`` is the ASGI app); the engine starts with the app,
-    in its own thread (``threaded``), as a task of the event loop, or in a child process
-    (``process``: ``worker.ProcessEngine``, with ``blas_threads`` BLAS threads)."""
+    where ``decode`` says: "thread" (its own thread), "loop" (a task of the event loop) or
+    "process" (a child process, ``worker.ProcessEngine``, with ``blas_threads`` BLAS threads)."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+    process = decode == "process"
     from pathlib import Path
     from scratchlm import backend
     from scratchlm.runs import load_model
@@ -121,9 +127,8 @@ def build_server(run_dir, api_key=None, max_batch: int = 32, max_queue: int = 64
         raise UserError(f"{run_dir}: scratchlm serve cannot serve this run: {exc}") from None
     if process:                        # the engine above only checked that the run can be served
         engine = ProcessEngine(run_dir, max_batch, max_queue, backend.get_backend(), blas_threads)
-        threaded = True
     name = model_name or Path(run_dir).resolve().name
-    return Server(model, tokenizer, name, engine, api_key=api_key, timeout=timeout, threaded=threaded,
+    return Server(model, tokenizer, name, engine, api_key=api_key, timeout=timeout, threaded=decode != "loop",
                   stream_interval=stream_interval)
 
 
@@ -140,8 +145,6 @@ def limit_blas_threads(n: int) -> bool:
 def _check_args(args) -> None:
     if args.blas_threads < 1:
         raise UserError(f"--blas-threads must be >= 1, got {args.blas_threads}")
-    if args.decode_in_loop and args.decode_process:
-        raise UserError("choose one of --decode-in-loop and --decode-process")
     if args.max_batch < 1 or args.max_queue < 0:
         raise UserError("--max-batch must be >= 1 and --max-queue >= 0")
     if not 0 <= args.stream_interval <= 1:
@@ -169,8 +172,7 @@ def cmd_serve(args) -> int:
         raise UserError(str(exc)) from None
     limit_blas_threads(args.blas_threads)
     server = build_server(args.run, args.api_key, args.max_batch, args.max_queue, args.timeout, args.model_name,
-                          threaded=not args.decode_in_loop, stream_interval=args.stream_interval,
-                          process=args.decode_process, blas_threads=args.blas_threads)
+                          decode=args.decode, stream_interval=args.stream_interval, blas_threads=args.blas_threads)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"scratchlm serve: {server.model_name} ({server.block_size}-token context) on "
           f"http://{shown}:{args.port}/ (API at /v1; Ctrl-C stops)", flush=True)

@@ -58,7 +58,7 @@ class LoopWaker:
         self.pending: list[asyncio.Event] = []
 
     def wake(self, ready: asyncio.Event) -> None:
-        if threading.get_ident() == self.thread:        # the engine runs in the loop (--decode-in-loop)
+        if threading.get_ident() == self.thread:        # the engine runs in the loop (--decode loop)
             ready.set()
             return
         with self.lock:
@@ -207,7 +207,7 @@ class Server:
             self.engine.on_work = None
 
     async def _drive(self, work: asyncio.Event) -> None:
-        """Run the engine's turns in the event loop, between its I/O (``--decode-in-loop``): one
+        """Run the engine's turns in the event loop, between its I/O (``--decode loop``): one
         Python thread, so no GIL hand-offs between the decode step (which releases the GIL in
         every BLAS call) and the loop; but also no overlap of the two on a second core."""
         engine = self.engine
@@ -254,7 +254,7 @@ class Server:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     async def health(self, request):
-        dead = getattr(self.engine, "dead", None)           # a --decode-process child that has died: 503
+        dead = getattr(self.engine, "dead", None)           # a --decode process child that has died: 503
         return JSONResponse({"status": "ok" if dead is None else "error", "model": self.model_name,
                              "block_size": self.block_size, "vocab_size": self.tokenizer.vocab_size,
                              "api_key_required": self.api_key is not None, "engine": self.engine.stats(),
