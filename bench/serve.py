@@ -10,8 +10,9 @@ The server runs in its own process (``python -m scratchlm.serve``). For each N, 
 send streaming ``/v1/completions`` requests one after another (a prompt of 8-16 characters of
 tiny shakespeare, ``max_tokens`` new tokens, temperature 0.8, ``stream_options.include_usage``)
 until each has sent ``--requests`` or ``--seconds`` have passed. The levels are run ``--repeats``
-times, interleaved (1, 4, 16, 64, 1, 4, ...), so that a change in the machine's load touches
-every level; a level pools the requests of its rounds. The clients are a minimal asyncio
+times, interleaved (1, 4, 16, 64, 1, 4, ...), and with several ``--modes`` each level runs on
+each mode's server in turn (all servers are started first), so that a change in the machine's
+load touches every level and every mode; a level pools the requests of its rounds. The clients are a minimal asyncio
 HTTP/1.1 client in this process (counting ``data:`` lines as they arrive, parsing only the usage
 chunk), so that on a small machine they take little CPU from the server they measure. Per level:
 
@@ -323,47 +324,51 @@ def pct(values, q) -> float:
 
 # ====================================================================== main
 
-def measure(run: Path, args, mode: str, label: str) -> tuple[list[dict], dict]:
-    """The levels against one server (rounds interleaved), then the disconnect level and memory."""
-    server = ServerProcess(run, args.max_batch, args.max_queue, mode, args.stream_interval)
-    rows, extra = [], {}
+def measure(run: Path, args) -> tuple[list[dict], dict]:
+    """The levels against one server per mode, all started first, so that every round runs each
+    level on each mode in turn (a change in the machine's load touches every mode alike); then
+    each mode's disconnect level and memory."""
+    servers, rows, memory = {}, [], {}
     try:
-        extra["rss_start"] = server.rss_mb()
-        asyncio.run(level(server.url, run, 2, 1, args.seconds, 4))            # warm-up: Numba kernels, first batch
-        runs = {n: [] for n in args.clients}
-        extra["rss_after_round"] = []
+        for mode in args.modes:
+            servers[mode] = ServerProcess(run, args.max_batch, args.max_queue, mode, args.stream_interval)
+        runs = {(mode, n): [] for mode in args.modes for n in args.clients}
+        for mode, server in servers.items():
+            memory[mode] = {"rss_start": server.rss_mb(), "rss_after_round": []}
+            asyncio.run(level(server.url, run, 2, 1, args.seconds, 4))        # warm-up: Numba kernels, first batch
         for _ in range(args.repeats):
             for n in args.clients:
-                runs[n].append(timed_level(server, run, n, args.requests, args.seconds, args.max_tokens))
-                print(f"  {label}, {n} clients: {sum(r.get('tokens', 0) for r in runs[n][-1][0]) / runs[n][-1][1]:.0f} "
-                      f"tokens/s", flush=True)
-            extra["rss_after_round"].append(server.rss_mb())
-        for n in args.clients:
-            rows.append({**summarize(n, runs[n]), "name": f"{n} client{'s' * (n > 1)}{label}"})
-        biggest = max(args.clients)
-        cut = timed_level(server, run, biggest, args.requests, args.seconds, args.max_tokens, cut_fraction=0.25)
-        rows.append({**summarize(biggest, [cut]), "name": f"{biggest} + disconnects{label}"})
-        for row in rows:
-            row["mode"] = mode
-        extra["rss_after_load"] = server.rss_mb()
-        time.sleep(2)
+                for mode, server in servers.items():
+                    done = timed_level(server, run, n, args.requests, args.seconds, args.max_tokens)
+                    runs[mode, n].append(done)
+                    print(f"  {mode}, {n} clients: {sum(r.get('tokens', 0) for r in done[0]) / done[1]:.0f} tokens/s",
+                          flush=True)
+            for mode, server in servers.items():
+                memory[mode]["rss_after_round"].append(server.rss_mb())
         import httpx
-        extra["health_after"] = httpx.get(server.url + "/health", timeout=10).json()
-        extra["rss_after_rest"] = server.rss_mb()
+        biggest = max(args.clients)
+        for mode, server in servers.items():
+            label = "" if len(args.modes) == 1 else f" ({mode})"
+            for n in args.clients:
+                rows.append({**summarize(n, runs[mode, n]), "name": f"{n} client{'s' * (n > 1)}{label}", "mode": mode})
+            cut = timed_level(server, run, biggest, args.requests, args.seconds, args.max_tokens, cut_fraction=0.25)
+            rows.append({**summarize(biggest, [cut]), "name": f"{biggest} + disconnects{label}", "mode": mode})
+            memory[mode]["rss_after_load"] = server.rss_mb()
+        time.sleep(2)
+        for mode, server in servers.items():
+            memory[mode]["health_after"] = httpx.get(server.url + "/health", timeout=10).json()
+            memory[mode]["rss_after_rest"] = server.rss_mb()
     finally:
-        server.stop()
-    return rows, extra
+        for server in servers.values():
+            server.stop()
+    return rows, memory
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     run = ensure_run(args)
     load = os.getloadavg()
-    rows, memory = [], {}
-    for mode in args.modes:
-        label = "" if len(args.modes) == 1 else f" ({mode})"
-        mode_rows, memory[mode] = measure(run, args, mode, label)
-        rows += mode_rows
+    rows, memory = measure(run, args)
     if not args.no_peer:
         n = max([c for c in args.clients if c <= 16] or [min(args.clients)])
         peer = ServerProcess(run, 1, max(args.max_queue, n), args.modes[0], args.stream_interval)

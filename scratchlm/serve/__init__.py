@@ -53,11 +53,11 @@ disconnects has its rows cancelled before the next decode step.
 
 Batched decoding (``batching.py``): up to ``--max-batch`` rows (a row = one choice of one prompt)
 are decoded together, each with its own KV-cache slot, position and sampling controls; rows join
-and leave between steps. ``--decode`` says where the decode loop runs: ``process`` (the default
-on POSIX systems), a child process (``worker.py``), so that it and the HTTP side (framing, JSON,
-the chunks) run on two cores; ``thread``, a thread of the server's process, where the two take
-turns for the interpreter lock (the BLAS calls aside), as if on one core; ``loop``, the event
-loop's own thread, between its I/O. bench/serve.py compares them (``--modes``). The decode loop
+and leave between steps. ``--decode`` says where the decode loop runs: ``thread`` (the default),
+a thread of the server's process, where it and the HTTP side (framing, JSON, the chunks) take
+turns for the interpreter lock (the BLAS calls aside), as if on one core; ``process``, a child
+process (``worker.py``; POSIX), so that the two run on two cores; ``loop``, the event loop's own
+thread, between its I/O. bench/serve.py compares them (``--modes``). The decode loop
 has ``--blas-threads`` BLAS threads (default 1: a decode step's matrices are small). Sampling is one pass over the rows of a kind (``sample_rows``), and a
 step's events reach the event loop with one hand-off, waking only the handlers that wait. A stream writes what it has, then
 waits ``--stream-interval`` seconds (default 0.02) while its next tokens are decoded, and sends
@@ -68,14 +68,14 @@ token is sent at once; with ``logprobs`` every token keeps its own chunk.
 from __future__ import annotations
 
 import argparse
-import os
 
 from scratchlm.errors import UserError
 
 DEFAULT_PORT = 8000
 DEFAULT_STREAM_INTERVAL = 0.02    # 50 writes/s per stream: smooth to the eye, cheap for the server
 DECODE_MODES = ["process", "thread", "loop"]
-DEFAULT_DECODE = "process" if os.name == "posix" else "thread"   # the child inherits its pipe by descriptor
+DEFAULT_DECODE = "thread"          # "process" (POSIX only: the child inherits its pipe by descriptor) was 4-15% faster
+                                  # at 16-64 clients on a busy 2-core machine, not faster at 1 (bench/serve.py --modes)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

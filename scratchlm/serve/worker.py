@@ -1,4 +1,4 @@
-"""The decode loop in a process of its own (``scratchlm serve --decode process``, the default on POSIX).
+"""The decode loop in a process of its own (``scratchlm serve --decode process``).
 
 Why: a decode thread and the event loop share one interpreter, so they take turns for the GIL.
 The decode step releases it only inside its BLAS calls; the rest of the step (Python and small
