@@ -512,6 +512,19 @@ def test_a_stream_gathers_the_tokens_of_its_interval_into_one_chunk(serve, model
     assert len(gathered) <= 4 < len(expected)
 
 
+def test_the_end_of_a_stream_does_not_wait_out_its_interval(serve, model_and_tokenizer):
+    """A row's end cuts its stream's interval short: with a 30 s interval and a 5 s deadline the
+    reply still ends normally, with [DONE] and the whole text (a stream that slept out its
+    interval would hit the deadline and end with a timeout error instead)."""
+    model, tokenizer = model_and_tokenizer
+    live = serve(stream_interval=30.0, timeout=5.0)
+    body = {"prompt": "the cat", "max_tokens": 20, "temperature": 0, "stream": True}
+    text = httpx.post(live.url + "/v1/completions", json=body, timeout=60).text
+    assert text.rstrip().endswith("data: [DONE]") and '"error"' not in text
+    chunks = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == reference(model, tokenizer, "the cat", 20)
+
+
 @pytest.mark.parametrize("decode", ["thread", "loop"])
 def test_client_disconnect_mid_stream_frees_the_slot(serve, decode):
     live = serve(decode=decode, step_delay=0.05)

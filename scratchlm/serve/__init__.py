@@ -58,12 +58,15 @@ a thread of the server's process, where it and the HTTP side (framing, JSON, the
 turns for the interpreter lock (the BLAS calls aside), as if on one core; ``process``, a child
 process (``worker.py``; POSIX), so that the two run on two cores; ``loop``, the event loop's own
 thread, between its I/O. bench/serve.py compares them (``--modes``). The decode loop
-has ``--blas-threads`` BLAS threads (default 1: a decode step's matrices are small). Sampling is one pass over the rows of a kind (``sample_rows``), and a
-step's events reach the event loop with one hand-off, waking only the handlers that wait. A stream writes what it has, then
-waits ``--stream-interval`` seconds (default 0.02) while its next tokens are decoded, and sends
-them as one chunk in one write: per-token writes (a system call, the HTTP framing, a JSON
-object) cost more than a decode step's share of a token once 16 requests are batched. The first
-token is sent at once; with ``logprobs`` every token keeps its own chunk.
+has ``--blas-threads`` BLAS threads (default 1: a decode step's matrices are small). Sampling
+is one pass over the rows of a kind (``sample_rows``), and a step's events reach the event loop
+with one hand-off, waking only the handlers that wait. A stream writes what it has, then waits
+``--stream-interval`` seconds (default 0.02) while its next tokens are decoded, and sends them
+as one chunk in one write: per-token writes (a system call, the HTTP framing, a JSON object)
+cost more than a decode step's share of a token once 16 requests are batched. The first token
+is sent at once, and so is the end of a choice (its last text and ``finish_reason`` end the
+wait: a client's next request, and the slot it takes, do not wait out the interval); with
+``logprobs`` every token keeps its own chunk.
 """
 from __future__ import annotations
 

@@ -90,17 +90,34 @@ class Reply:
         self.lock = threading.Lock()
         self.events: list[Event] = []
         self.ready = asyncio.Event()
-        self.waiting = self.timed_out = self.disconnected = False
+        self.waiting = self.pausing = self.timed_out = self.disconnected = False
         self.timer = waker.loop.call_at(deadline, self._time_out)
         self.watcher = None if receive is None else asyncio.ensure_future(self._watch(receive))
 
     def push(self, event: Event) -> None:            # the engine's thread: the loop's, or its own
         with self.lock:
             self.events.append(event)
-            if not self.waiting:
+            if not (self.waiting or (self.pausing and event.kind != "token")):
                 return
-            self.waiting = False                     # one wake-up for the events until the next wait
+            self.waiting = self.pausing = False      # one wake-up for the events until the next wait
         self.waker.wake(self.ready)
+
+    async def pause(self, seconds: float) -> None:
+        """Let tokens gather for up to ``seconds`` (a stream's interval between writes); a row's end
+        or error, a disconnect or the deadline ends the pause at once, so the last chunk (and the
+        client's next request) does not wait out the interval."""
+        with self.lock:
+            if any(event.kind != "token" for event in self.events):
+                return
+            self.ready.clear()
+            self.pausing = True
+        timer = self.waker.loop.call_later(seconds, self.ready.set)
+        try:
+            await self.ready.wait()
+        finally:
+            timer.cancel()
+            with self.lock:
+                self.pausing = False
 
     def _time_out(self) -> None:
         self.timed_out = True
@@ -370,7 +387,7 @@ class Server:
                 if batch:
                     yield batch
                     if self.stream_interval:  # let the next tokens gather: one write (and one chunk) for several
-                        await asyncio.sleep(self.stream_interval)
+                        await reply.pause(self.stream_interval)
                 try:
                     events = await reply.next_events()
                 except TimedOut as exc:
