@@ -4,14 +4,15 @@
                                                   # run first, 300 iterations, if --run is not given)
     python bench/serve.py --full                  # N = 1, 4, 16, 64
     python bench/serve.py --run runs/nano --clients 1 16 --seconds 10 --repeats 3
-    python bench/serve.py --modes thread loop     # decode thread vs --decode-in-loop, same run
+    python bench/serve.py --modes process thread loop   # where the server decodes (scratchlm serve --decode)
 
 The server runs in its own process (``python -m scratchlm.serve``). For each N, N clients each
 send streaming ``/v1/completions`` requests one after another (a prompt of 8-16 characters of
 tiny shakespeare, ``max_tokens`` new tokens, temperature 0.8, ``stream_options.include_usage``)
 until each has sent ``--requests`` or ``--seconds`` have passed. The levels are run ``--repeats``
-times, interleaved (1, 4, 16, 64, 1, 4, ...), so that a change in the machine's load touches
-every level; a level pools the requests of its rounds. The clients are a minimal asyncio
+times, interleaved (1, 4, 16, 64, 1, 4, ...), and with several ``--modes`` each level runs on
+each mode's server in turn (all servers are started first), so that a change in the machine's
+load touches every level and every mode; a level pools the requests of its rounds. The clients are a minimal asyncio
 HTTP/1.1 client in this process (counting ``data:`` lines as they arrive, parsing only the usage
 chunk), so that on a small machine they take little CPU from the server they measure. Per level:
 
@@ -19,6 +20,8 @@ chunk), so that on a small machine they take little CPU from the server they mea
   the level's wall time; ``x 1 client``: tokens/s over the 1-client level's (same mode);
 - TTFT: time from sending a request to its first token chunk, p50 and p95 over requests;
 - per token: (time of the last chunk - first chunk) / (tokens - 1) per request, p50 and p95;
+- tok/chunk: completion tokens per streamed chunk (the server's ``--stream-interval`` coalescing:
+  1.0 would be a chunk, and a write, per token);
 - errors: requests answered with a non-200 status or an error event (must be 0 below the queue
   limit: --max-batch + --max-queue rows);
 - cpu ms/tok: the server process's CPU time (all threads) over the level per completed token,
@@ -60,6 +63,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(ROOT))
 CORPUS = ROOT.parent / "shared" / "corpora" / "tinyshakespeare.txt"
 
+from scratchlm.serve import DECODE_MODES, DEFAULT_DECODE  # noqa: E402  (argparse and errors only: no model code)
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -79,8 +84,9 @@ def parse_args(argv=None):
                         help="rounds over the levels, interleaved; a level pools its rounds' requests (default 2)")
     parser.add_argument("--stream-interval", type=float, default=None,
                         help="passed to the server (default: the server's default)")
-    parser.add_argument("--modes", nargs="+", choices=["thread", "loop"], default=["thread"],
-                        help="where the server decodes: its own thread (default) or the event loop (--decode-in-loop)")
+    parser.add_argument("--modes", nargs="+", choices=DECODE_MODES, default=[DEFAULT_DECODE],
+                        help="where the server decodes (its --decode): a process of its own, a thread, or the event "
+                             f"loop; the first one gives the targets line (default {DEFAULT_DECODE})")
     parser.add_argument("--no-peer", action="store_true", help="skip the unbatched (--max-batch 1) row")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = parser.parse_args(argv)
@@ -116,13 +122,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, run: Path, max_batch: int, max_queue: int, in_loop: bool = False, stream_interval=None):
+    def __init__(self, run: Path, max_batch: int, max_queue: int, mode: str = "thread", stream_interval=None):
         self.port = free_port()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "scratchlm.serve", "--run", str(run), "--port", str(self.port),
              "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--timeout", "120"]
-            + (["--decode-in-loop"] if in_loop else [])
+            + ["--decode", mode]
             + ([] if stream_interval is None else ["--stream-interval", str(stream_interval)]),
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -138,16 +144,32 @@ class ServerProcess:
                 raise SystemExit(f"the server did not start: {self.process.stderr.read().decode()[-2000:]}")
             time.sleep(0.2)
 
+    def pids(self) -> list[int]:
+        """The server process and its descendants (the decode process of --decode process)."""
+        found, todo = [], [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            for task in Path(f"/proc/{pid}/task").glob("*/children"):
+                todo += [int(child) for child in task.read_text().split()]
+        return found
+
     def cpu_s(self) -> float:
-        """The server process's CPU time so far (user + system, all its threads)."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """The server's CPU time so far (user + system, all its threads and processes)."""
+        total = 0
+        for pid in self.pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """Resident memory of the server's processes, summed."""
+        total = 0.0
+        for pid in self.pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        return total
 
     def stop(self):
         self.process.terminate()
@@ -235,7 +257,7 @@ async def one_request(host, port, prompt, max_tokens, seed, cut_after=None) -> d
         writer.close()
     if first is None:
         return {"error": "no tokens"}
-    return {"ttft": first - sent, "tokens": tokens,
+    return {"ttft": first - sent, "tokens": tokens, "chunks": chunks,
             "per_token": (last - first) / (tokens - 1) if tokens > 1 else None, "end": last}
 
 
@@ -280,7 +302,8 @@ def summarize(n_clients: int, runs: list[tuple[list[dict], float]]) -> dict:
             "errors": len(errors), "error_examples": errors[:3], "wall_s": wall, "requests_per_s": len(done) / wall,
             "tokens_per_s": tokens / wall, "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95),
             "per_token_p50_ms": 1e3 * pct(per_token, 50), "per_token_p95_ms": 1e3 * pct(per_token, 95),
-            "server_cpu_s": cpu, "server_cpu_ms_per_token": 1e3 * cpu / tokens if tokens else float("nan")}
+            "server_cpu_s": cpu, "server_cpu_ms_per_token": 1e3 * cpu / tokens if tokens else float("nan"),
+            "tokens_per_chunk": tokens / max(sum(r["chunks"] for r in done), 1)}
 
 
 def cpu_ratio(one: dict | None, row: dict) -> float:
@@ -301,50 +324,54 @@ def pct(values, q) -> float:
 
 # ====================================================================== main
 
-def measure(run: Path, args, in_loop: bool, label: str) -> tuple[list[dict], dict]:
-    """The levels against one server (rounds interleaved), then the disconnect level and memory."""
-    server = ServerProcess(run, args.max_batch, args.max_queue, in_loop, args.stream_interval)
-    rows, extra = [], {}
+def measure(run: Path, args) -> tuple[list[dict], dict]:
+    """The levels against one server per mode, all started first, so that every round runs each
+    level on each mode in turn (a change in the machine's load touches every mode alike); then
+    each mode's disconnect level and memory."""
+    servers, rows, memory = {}, [], {}
     try:
-        extra["rss_start"] = server.rss_mb()
-        asyncio.run(level(server.url, run, 2, 1, args.seconds, 4))            # warm-up: Numba kernels, first batch
-        runs = {n: [] for n in args.clients}
-        extra["rss_after_round"] = []
+        for mode in args.modes:
+            servers[mode] = ServerProcess(run, args.max_batch, args.max_queue, mode, args.stream_interval)
+        runs = {(mode, n): [] for mode in args.modes for n in args.clients}
+        for mode, server in servers.items():
+            memory[mode] = {"rss_start": server.rss_mb(), "rss_after_round": []}
+            asyncio.run(level(server.url, run, 2, 1, args.seconds, 4))        # warm-up: Numba kernels, first batch
         for _ in range(args.repeats):
             for n in args.clients:
-                runs[n].append(timed_level(server, run, n, args.requests, args.seconds, args.max_tokens))
-                print(f"  {label}, {n} clients: {sum(r.get('tokens', 0) for r in runs[n][-1][0]) / runs[n][-1][1]:.0f} "
-                      f"tokens/s", flush=True)
-            extra["rss_after_round"].append(server.rss_mb())
-        for n in args.clients:
-            rows.append({**summarize(n, runs[n]), "name": f"{n} client{'s' * (n > 1)}{label}"})
-        biggest = max(args.clients)
-        cut = timed_level(server, run, biggest, args.requests, args.seconds, args.max_tokens, cut_fraction=0.25)
-        rows.append({**summarize(biggest, [cut]), "name": f"{biggest} + disconnects{label}"})
-        for row in rows:
-            row["mode"] = "loop" if in_loop else "thread"
-        extra["rss_after_load"] = server.rss_mb()
-        time.sleep(2)
+                for mode, server in servers.items():
+                    done = timed_level(server, run, n, args.requests, args.seconds, args.max_tokens)
+                    runs[mode, n].append(done)
+                    print(f"  {mode}, {n} clients: {sum(r.get('tokens', 0) for r in done[0]) / done[1]:.0f} tokens/s",
+                          flush=True)
+            for mode, server in servers.items():
+                memory[mode]["rss_after_round"].append(server.rss_mb())
         import httpx
-        extra["health_after"] = httpx.get(server.url + "/health", timeout=10).json()
-        extra["rss_after_rest"] = server.rss_mb()
+        biggest = max(args.clients)
+        for mode, server in servers.items():
+            label = "" if len(args.modes) == 1 else f" ({mode})"
+            for n in args.clients:
+                rows.append({**summarize(n, runs[mode, n]), "name": f"{n} client{'s' * (n > 1)}{label}", "mode": mode})
+            cut = timed_level(server, run, biggest, args.requests, args.seconds, args.max_tokens, cut_fraction=0.25)
+            rows.append({**summarize(biggest, [cut]), "name": f"{biggest} + disconnects{label}", "mode": mode})
+            memory[mode]["rss_after_load"] = server.rss_mb()
+        time.sleep(2)
+        for mode, server in servers.items():
+            memory[mode]["health_after"] = httpx.get(server.url + "/health", timeout=10).json()
+            memory[mode]["rss_after_rest"] = server.rss_mb()
     finally:
-        server.stop()
-    return rows, extra
+        for server in servers.values():
+            server.stop()
+    return rows, memory
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     run = ensure_run(args)
     load = os.getloadavg()
-    rows, memory = [], {}
-    for mode in args.modes:
-        label = "" if len(args.modes) == 1 else f" ({mode})"
-        mode_rows, memory[mode] = measure(run, args, mode == "loop", label)
-        rows += mode_rows
+    rows, memory = measure(run, args)
     if not args.no_peer:
         n = max([c for c in args.clients if c <= 16] or [min(args.clients)])
-        peer = ServerProcess(run, 1, max(args.max_queue, n), args.modes[0] == "loop", args.stream_interval)
+        peer = ServerProcess(run, 1, max(args.max_queue, n), args.modes[0], args.stream_interval)
         try:
             asyncio.run(level(peer.url, run, 2, 1, args.seconds, 4))
             rounds = [timed_level(peer, run, n, args.requests, args.seconds, args.max_tokens)
@@ -359,7 +386,8 @@ def main(argv=None) -> int:
     base = bases.get(args.modes[0])
     load_after = os.getloadavg()
     header = (f"{'level':<26}{'requests':>9}{'errors':>7}{'req/s':>8}{'tokens/s':>10}{'x 1 client':>11}"
-              f"{'TTFT p50':>10}{'TTFT p95':>10}{'tok p50 ms':>11}{'tok p95 ms':>11}{'cpu ms/tok':>11}{'x 1 (cpu)':>10}")
+              f"{'TTFT p50':>10}{'TTFT p95':>10}{'tok p50 ms':>11}{'tok p95 ms':>11}{'tok/chunk':>10}{'cpu ms/tok':>11}"
+              f"{'x 1 (cpu)':>10}")
     print(f"\nscratchlm serve on {run} (max_batch {args.max_batch}, max_queue {args.max_queue}), "
           f"{args.max_tokens} tokens per request, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {load[0]:.1f} before, {load_after[0]:.1f} after")
@@ -370,7 +398,7 @@ def main(argv=None) -> int:
         r["x_one_client"] = ratio
         print(f"{r['name']:<26}{r['requests']:>9}{r['errors']:>7}{r['requests_per_s']:>8.2f}{r['tokens_per_s']:>10.0f}"
               f"{ratio:>11.2f}{r['ttft_p50_s']:>10.3f}{r['ttft_p95_s']:>10.3f}{r['per_token_p50_ms']:>11.1f}"
-              f"{r['per_token_p95_ms']:>11.1f}{r['server_cpu_ms_per_token']:>11.3f}{cpu_ratio(ones.get(r['mode']), r):>10.2f}")
+              f"{r['per_token_p95_ms']:>11.1f}{r['tokens_per_chunk']:>10.1f}{r['server_cpu_ms_per_token']:>11.3f}{cpu_ratio(ones.get(r['mode']), r):>10.2f}")
     for mode, m in memory.items():
         health = m["health_after"]
         rounds = ", ".join(f"{x:.0f}" for x in m["rss_after_round"])

@@ -130,19 +130,22 @@ def apply_repetition_penalty(logits: np.ndarray, context: np.ndarray, penalty: f
     return np.where(seen, penalized, logits)
 
 
-def sample_next_token(logits: np.ndarray, temperature: float, top_k, top_p, rng) -> np.ndarray:
+def sample_next_token(logits: np.ndarray, temperature, top_k, top_p, rng) -> np.ndarray:
     """One token id per row of host logits (B, V): temperature, then top-k, then top-p, then a draw.
 
-    Greedy (argmax, no random number drawn) when temperature is 0 or top_k is 1. Top-k keeps the
-    k largest logits (ties at the k-th value all stay); top-p keeps the smallest set of most
-    likely tokens whose probability reaches p (the most likely token always stays). Filtered-out
-    tokens get probability exactly 0. The draw inverts the cumulative distribution with one
-    uniform number per row.
+    Greedy (argmax, no random number drawn) when temperature is 0 or top_k is 1. ``temperature``
+    may also be one value per row, (B,), all > 0 (``sample_rows``: rows with different
+    temperatures in one pass; row b's result is the same as with its own value alone). Top-k
+    keeps the k largest logits (ties at the k-th value all stay); top-p keeps the smallest set of
+    most likely tokens whose probability reaches p (the most likely token always stays).
+    Filtered-out tokens get probability exactly 0. The draw inverts the cumulative distribution
+    with one uniform number per row.
     """
-    if temperature == 0 or top_k == 1:
+    per_row = np.ndim(temperature) == 1
+    if (not per_row and temperature == 0) or top_k == 1:
         return logits.argmax(axis=-1)
     B, V = logits.shape
-    logits = logits / temperature
+    logits = logits / (np.asarray(temperature)[:, None] if per_row else temperature)   # (B, V)
     if top_k and top_k < V:
         kth_largest = np.partition(logits, V - top_k, axis=-1)[:, V - top_k : V - top_k + 1]   # (B, 1)
         logits = np.where(logits < kth_largest, -np.inf, logits)
@@ -320,20 +323,32 @@ class RowGenerators:
 def sample_rows(rows, logits: np.ndarray) -> list[int]:
     """The next token of each row from logits (B, V), each row with its own controls: ``rows[b]``
     has ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``context`` (its token ids,
-    for the penalty) and ``rng``. Rows with the same controls are sampled in one
-    ``sample_next_token`` call, each with its own generator; a penalised row alone."""
+    for the penalty) and ``rng``. One pass over the rows of a kind, whatever their temperatures:
+    the greedy rows in one argmax; the others in one ``sample_next_token`` call per (top_k, top_p)
+    pair (one call for all rows without them), each row with its own temperature and its own
+    generator; a penalised row alone. Row b's token is the one it gets sampled alone."""
     tokens = [0] * len(rows)
+    greedy: list[int] = []
     groups: dict[tuple, list[int]] = {}
     for b, row in enumerate(rows):
         if row.repetition_penalty != 1:
             controlled = apply_repetition_penalty(logits[b:b + 1], row.context[None], row.repetition_penalty)
             tokens[b] = int(sample_next_token(controlled, row.temperature, row.top_k, row.top_p, row.rng)[0])
+        elif row.temperature == 0 or row.top_k == 1:
+            greedy.append(b)
         else:
-            groups.setdefault((row.temperature, row.top_k or None, row.top_p), []).append(b)
-    for (temperature, top_k, top_p), members in groups.items():
-        draws = RowGenerators([rows[b].rng for b in members])
-        chosen = sample_next_token(logits[members] if len(members) < len(rows) else logits, temperature, top_k,
-                                   top_p, draws)
+            groups.setdefault((row.top_k or None, row.top_p), []).append(b)
+
+    def of(members):                         # their logits (M, V): no copy when they are all the rows
+        return logits if len(members) == len(rows) else logits[members]
+
+    if greedy:
+        for b, token in zip(greedy, of(greedy).argmax(axis=-1).tolist()):
+            tokens[b] = token
+    for (top_k, top_p), members in groups.items():
+        temperatures = np.array([rows[b].temperature for b in members], dtype=logits.dtype)   # (M,)
+        chosen = sample_next_token(of(members), temperatures, top_k, top_p,
+                                   RowGenerators([rows[b].rng for b in members]))
         for b, token in zip(members, chosen.tolist()):
             tokens[b] = token
     return tokens
@@ -489,7 +504,11 @@ class _TextPieces:
 
     def __init__(self, tokenizer, context=()):
         from .tokenizers.base import boundary_id
+        from .tokenizers.char import CharTokenizer
         self.tokenizer = tokenizer
+        # a character's text does not depend on its neighbours: one lookup per token (a server's
+        # per-token cost), which is what the rule for other tokenizers below gives too
+        self.chars = tokenizer.chars if isinstance(tokenizer, CharTokenizer) else None
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace") \
             if hasattr(tokenizer, "decode_bytes") else None
         self.previous = [int(context[-1])] if len(context) else []     # one token of context is enough
@@ -503,6 +522,8 @@ class _TextPieces:
                 self.silent_boundary = b
 
     def push(self, token_id: int) -> str:
+        if self.chars is not None and 0 <= token_id < len(self.chars):
+            return self.chars[token_id]
         if self.utf8 is not None:
             return self.utf8.decode(self.tokenizer.decode_bytes([token_id]))
         if token_id == self.silent_boundary:

@@ -194,6 +194,30 @@ def test_byte_level_bpe_rows_release_whole_characters_as_stream_text():
     assert token_text(tokenizer, whole) == (tokenizer.decode([whole]), list(tokenizer.decode_bytes([whole])))
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_rows_with_mixed_controls_sample_as_each_row_alone(dtype):
+    """sample_rows over rows of every kind at once (greedy by temperature 0 and by top_k 1,
+    different temperatures in one pass, top-k, top-p, a repetition penalty) gives each row the
+    token it gets alone from sample_next_token with its own generator, step after step (the
+    generators advance as they would alone). The oracle is the one-row sampler."""
+    from types import SimpleNamespace
+    from scratchlm.generate import apply_repetition_penalty, sample_next_token, sample_rows
+    controls = [(0.0, None, None, 1.0), (0.7, None, None, 1.0), (1.0, None, None, 1.0), (1.9, 0, None, 1.0),
+                (1.3, 1, None, 1.0), (0.8, 3, None, 1.0), (1.1, 3, None, 1.0), (0.9, None, 0.6, 1.0),
+                (1.0, 4, 0.8, 1.0), (0.8, None, None, 1.4), (0, None, None, 1.2), (1, None, 1.0, 1.0)]
+    data = np.random.default_rng(0)
+    context = data.integers(0, 12, size=6)
+    rows = [SimpleNamespace(temperature=t, top_k=k, top_p=p, repetition_penalty=r, context=context,
+                            rng=np.random.default_rng(100 + b)) for b, (t, k, p, r) in enumerate(controls)]
+    alone = [np.random.default_rng(100 + b) for b in range(len(rows))]
+    for _ in range(5):
+        logits = (data.standard_normal((len(rows), 12)) * 3).astype(dtype)             # (B, V)
+        got = sample_rows(rows, logits)
+        for b, (t, k, p, r) in enumerate(controls):
+            one = apply_repetition_penalty(logits[b:b + 1], context[None], r)
+            assert got[b] == int(sample_next_token(one, t, k, p, alone[b])[0]), b
+
+
 def test_a_cancelled_row_leaves_and_the_others_are_unchanged(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     events = {0: [], 1: []}
@@ -310,10 +334,10 @@ def test_models_and_health(live):
     assert body["status"] == "ok" and body["block_size"] == BLOCK and body["model"] == "tiny"
 
 
-@pytest.mark.parametrize("threaded", [True, False], ids=["decode-thread", "decode-in-loop"])
-def test_concurrent_greedy_requests_equal_sequential_ones(serve, model_and_tokenizer, threaded):
+@pytest.mark.parametrize("decode", ["thread", "loop", "process"])
+def test_concurrent_greedy_requests_equal_sequential_ones(serve, model_and_tokenizer, decode):
     model, tokenizer = model_and_tokenizer
-    live = serve(threaded=threaded, model_name="tiny")
+    live = serve(model_name="tiny", decode=decode)
     lengths = [20, 5, 12, 17, 3, 9]
     expected = [reference(model, tokenizer, p, n) for p, n in zip(PROMPTS, lengths)]
     client = openai_client(live.url)
@@ -333,6 +357,58 @@ def test_concurrent_greedy_requests_equal_sequential_ones(serve, model_and_token
         t.join(60)
     assert sequential == expected
     assert results == expected
+
+
+def test_decode_process_seeded_sampling_and_stats(serve, model_and_tokenizer):
+    """--decode process: seeded sampling with n choices over HTTP is stream_text's (rows cross the
+    pipe with their controls and seeds), and /health shows the child's counters."""
+    model, tokenizer = model_and_tokenizer
+    live = serve(decode="process", model_name="tiny")
+    reply = httpx.post(live.url + "/v1/completions", json={"prompt": "the cat", "max_tokens": 12, "temperature": 0.9,
+                                                            "top_p": 0.9, "seed": 7, "n": 3}, timeout=60).json()
+    for j, choice in enumerate(reply["choices"]):
+        assert choice["text"] == reference(model, tokenizer, "the cat", 12, temperature=0.9, top_p=0.9, seed=7 + j)
+    assert wait_idle(live.engine)
+    stats = health(live)
+    assert stats["rows_done"] == 3 and stats["prefills"] == 3 and stats["tokens"] == reply["usage"]["completion_tokens"]
+    # log-probabilities and stop strings cross the pipe too: the same stream as a decode thread's
+    threaded = serve(model_name="tiny")
+    body = {"prompt": "the dog", "max_tokens": 10, "temperature": 1.0, "seed": 3, "logprobs": 2, "stop": [" a"],
+            "stream": True}
+    streams = [[json.loads(line[6:])["choices"] for line in httpx.post(server.url + "/v1/completions", json=body,
+                                                                        timeout=60).text.splitlines()
+                if line.startswith("data: {")] for server in (live, threaded)]
+    assert streams[0] == streams[1] and any(c[0]["logprobs"] for c in streams[0])
+
+
+def test_decode_process_that_dies_fails_requests_with_a_json_error(serve):
+    live = serve(decode="process", model_name="tiny")
+    live.engine.process.kill()
+    live.engine.reader.join(10)                                   # the pipe's end: open rows fail, and later ones
+    reply = httpx.post(live.url + "/v1/completions", json={"prompt": "the", "max_tokens": 4}, timeout=30)
+    assert reply.status_code == 500 and "decode process has stopped" in reply.json()["error"]["message"]
+    status = httpx.get(live.url + "/health")                     # the server still answers, and says why it fails
+    assert status.status_code == 503 and status.json()["status"] == "error"
+    assert httpx.get(live.url + "/v1/models").status_code == 200
+
+
+def test_decode_process_queue_bound_is_the_engines():
+    """ProcessEngine refuses rows on this side of the pipe exactly when BatchedDecoder would:
+    more than max_batch decoding + max_queue waiting; a cancelled row frees its place."""
+    from scratchlm.serve.batching import QueueFull
+    from scratchlm.serve.worker import ProcessEngine
+    sent = []
+    engine = ProcessEngine("unused", max_batch=2, max_queue=1)
+    engine.conn = type("Pipe", (), {"send": staticmethod(sent.append)})()
+    rows = [Row([1], 4, sink=lambda e: None) for _ in range(4)]
+    engine.submit(rows[:2])
+    engine.submit(rows[2:3])
+    with pytest.raises(QueueFull):
+        engine.submit(rows[3:4])
+    engine.cancel(rows[:1])
+    engine.submit(rows[3:4])
+    assert [kind for kind, _ in sent] == ["submit", "submit", "cancel", "submit"]
+    assert sent[2][1] == [rows[0].id] and [row_id for row_id, _ in sent[3][1]] == [rows[3].id]
 
 
 # ====================================================================== robustness
@@ -436,9 +512,22 @@ def test_a_stream_gathers_the_tokens_of_its_interval_into_one_chunk(serve, model
     assert len(gathered) <= 4 < len(expected)
 
 
-@pytest.mark.parametrize("threaded", [True, False], ids=["decode-thread", "decode-in-loop"])
-def test_client_disconnect_mid_stream_frees_the_slot(serve, threaded):
-    live = serve(threaded=threaded, step_delay=0.05)
+def test_the_end_of_a_stream_does_not_wait_out_its_interval(serve, model_and_tokenizer):
+    """A row's end cuts its stream's interval short: with a 30 s interval and a 5 s deadline the
+    reply still ends normally, with [DONE] and the whole text (a stream that slept out its
+    interval would hit the deadline and end with a timeout error instead)."""
+    model, tokenizer = model_and_tokenizer
+    live = serve(stream_interval=30.0, timeout=5.0)
+    body = {"prompt": "the cat", "max_tokens": 20, "temperature": 0, "stream": True}
+    text = httpx.post(live.url + "/v1/completions", json=body, timeout=60).text
+    assert text.rstrip().endswith("data: [DONE]") and '"error"' not in text
+    chunks = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == reference(model, tokenizer, "the cat", 20)
+
+
+@pytest.mark.parametrize("decode", ["thread", "loop"])
+def test_client_disconnect_mid_stream_frees_the_slot(serve, decode):
+    live = serve(decode=decode, step_delay=0.05)
     with httpx.Client(timeout=30) as client:
         with client.stream("POST", live.url + "/v1/completions",
                            json={"prompt": "the", "max_tokens": BLOCK - 3, "stream": True}) as response:
@@ -458,9 +547,9 @@ def test_client_disconnect_mid_stream_frees_the_slot(serve, threaded):
     assert ok.status_code == 200
 
 
-@pytest.mark.parametrize("threaded", [True, False], ids=["decode-thread", "decode-in-loop"])
-def test_client_leaving_a_non_streamed_request_frees_the_slot(serve, threaded):
-    live = serve(threaded=threaded, step_delay=0.05)
+@pytest.mark.parametrize("decode", ["thread", "loop"])
+def test_client_leaving_a_non_streamed_request_frees_the_slot(serve, decode):
+    live = serve(decode=decode, step_delay=0.05)
     with pytest.raises(httpx.TimeoutException):
         httpx.post(live.url + "/v1/completions", json={"prompt": "the", "max_tokens": BLOCK - 3}, timeout=0.5)
     assert wait_idle(live.engine)
@@ -468,9 +557,9 @@ def test_client_leaving_a_non_streamed_request_frees_the_slot(serve, threaded):
     assert stats["rows_cancelled"] == 1 and stats["rows_done"] == 0 and stats["tokens"] < BLOCK - 3
 
 
-@pytest.mark.parametrize("threaded", [True, False], ids=["decode-thread", "decode-in-loop"])
-def test_full_queue_answers_429_with_retry_after(serve, threaded):
-    live = serve(threaded=threaded, step_delay=0.05, max_batch=1, max_queue=1)
+@pytest.mark.parametrize("decode", ["thread", "loop"])
+def test_full_queue_answers_429_with_retry_after(serve, decode):
+    live = serve(decode=decode, step_delay=0.05, max_batch=1, max_queue=1)
     body = {"prompt": "the", "max_tokens": BLOCK - 3, "stream": True}
     client = httpx.Client(timeout=30)
     opened = client.stream("POST", live.url + "/v1/completions", json=body)
@@ -493,9 +582,9 @@ def test_full_queue_answers_429_with_retry_after(serve, threaded):
     assert httpx.post(live.url + "/v1/completions", json={"prompt": "the", "max_tokens": 2}).status_code == 200
 
 
-@pytest.mark.parametrize("threaded", [True, False], ids=["decode-thread", "decode-in-loop"])
-def test_timeout_answers_504_or_ends_the_stream_with_an_error(serve, threaded):
-    live = serve(threaded=threaded, step_delay=0.05, timeout=0.4)
+@pytest.mark.parametrize("decode", ["thread", "loop"])
+def test_timeout_answers_504_or_ends_the_stream_with_an_error(serve, decode):
+    live = serve(decode=decode, step_delay=0.05, timeout=0.4)
     body = {"prompt": "the", "max_tokens": BLOCK - 3}
     response = httpx.post(live.url + "/v1/completions", json=body, timeout=30)
     assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"

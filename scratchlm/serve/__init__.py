@@ -23,7 +23,9 @@ Endpoints (OpenAI's shapes; ``app.py``, ``protocol.py``):
   (or ``max_completion_tokens``) defaults to the rest of the context; ``logprobs``: true with
   ``top_logprobs`` 0-20.
 - ``GET /v1/models``, ``GET /v1/models/{id}``; ``GET /health`` (no key needed): the model, its
-  context and the engine's counters (active and waiting rows, steps, tokens).
+  context and the engine's counters (active and waiting rows, steps, tokens); 503 with
+  ``"status": "error"`` if the ``--decode process`` child has died (generation requests then
+  fail with 500 ``generation_failed``).
 - ``GET /``: the web page: a prompt box, the reply streaming in token by token, the sampling
   controls, and for the last token (or any token clicked) the model's top-10 next-token
   probabilities as bars. It calls ``/v1/completions`` with ``stream: true, logprobs: 10``:
@@ -51,13 +53,20 @@ disconnects has its rows cancelled before the next decode step.
 
 Batched decoding (``batching.py``): up to ``--max-batch`` rows (a row = one choice of one prompt)
 are decoded together, each with its own KV-cache slot, position and sampling controls; rows join
-and leave between steps. The decode loop runs in its own thread (``--decode-in-loop``: in the
-event loop's thread instead; bench/serve.py compares the two) with ``--blas-threads`` BLAS
-threads (default 1: a decode step's matrices are small). A stream writes what it has, then
-waits ``--stream-interval`` seconds (default 0.02) while its next tokens are decoded, and sends
-them as one chunk in one write: per-token writes (a system call, the HTTP framing, a JSON
-object) cost more than a decode step's share of a token once 16 requests are batched. The first
-token is sent at once; with ``logprobs`` every token keeps its own chunk.
+and leave between steps. ``--decode`` says where the decode loop runs: ``thread`` (the default),
+a thread of the server's process, where it and the HTTP side (framing, JSON, the chunks) take
+turns for the interpreter lock (the BLAS calls aside), as if on one core; ``process``, a child
+process (``worker.py``; POSIX), so that the two run on two cores; ``loop``, the event loop's own
+thread, between its I/O. bench/serve.py compares them (``--modes``). The decode loop
+has ``--blas-threads`` BLAS threads (default 1: a decode step's matrices are small). Sampling
+is one pass over the rows of a kind (``sample_rows``), and a step's events reach the event loop
+with one hand-off, waking only the handlers that wait. A stream writes what it has, then waits
+``--stream-interval`` seconds (default 0.02) while its next tokens are decoded, and sends them
+as one chunk in one write: per-token writes (a system call, the HTTP framing, a JSON object)
+cost more than a decode step's share of a token once 16 requests are batched. The first token
+is sent at once, and so is the end of a choice (its last text and ``finish_reason`` end the
+wait: a client's next request, and the slot it takes, do not wait out the interval); with
+``logprobs`` every token keeps its own chunk.
 """
 from __future__ import annotations
 
@@ -67,6 +76,9 @@ from scratchlm.errors import UserError
 
 DEFAULT_PORT = 8000
 DEFAULT_STREAM_INTERVAL = 0.02    # 50 writes/s per stream: smooth to the eye, cheap for the server
+DECODE_MODES = ["process", "thread", "loop"]
+DEFAULT_DECODE = "thread"          # "process" (POSIX only: the child inherits its pipe by descriptor) was 4-15% faster
+                                  # at 16-64 clients on a busy 2-core machine, not faster at 1 (bench/serve.py --modes)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,27 +100,38 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-interval", type=float, default=DEFAULT_STREAM_INTERVAL, metavar="S",
                         help="after each write a stream waits S seconds, so the tokens decoded meanwhile go out in "
                              f"one chunk and one write (default {DEFAULT_STREAM_INTERVAL}; 0 = a write per token)")
-    parser.add_argument("--decode-in-loop", action="store_true",
-                        help="run the decode steps in the event loop's thread instead of their own thread")
+    parser.add_argument("--decode", choices=DECODE_MODES, default=DEFAULT_DECODE,
+                        help="where the decode loop runs: a process of its own, beside the HTTP side (process), a "
+                             "thread that takes turns with it for the interpreter lock (thread), or the event loop "
+                             f"(loop); default {DEFAULT_DECODE}")
     parser.add_argument("--model-name", metavar="NAME", help="the model id in replies (default: the run folder's name)")
     parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="default numpy")
 
 
 def build_server(run_dir, api_key=None, max_batch: int = 32, max_queue: int = 64, timeout: float = 60.0,
-                 model_name: str | None = None, threaded: bool = True, stream_interval: float = DEFAULT_STREAM_INTERVAL):
+                 model_name: str | None = None, decode: str = "thread", stream_interval: float = DEFAULT_STREAM_INTERVAL,
+                 blas_threads: int = 1):
     """The ``Server`` for a run folder (its ``app`` is the ASGI app); the engine starts with the app,
-    in its own thread (``threaded``) or as a task of the event loop."""
+    where ``decode`` says: "thread" (its own thread), "loop" (a task of the event loop) or
+    "process" (a child process, ``worker.ProcessEngine``, with ``blas_threads`` BLAS threads)."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+    process = decode == "process"
     from pathlib import Path
+    from scratchlm import backend
     from scratchlm.runs import load_model
     from scratchlm.serve.app import Server
     from scratchlm.serve.batching import BatchedDecoder
+    from scratchlm.serve.worker import ProcessEngine
     model, tokenizer, _ = load_model(run_dir)
     try:
-        engine = BatchedDecoder(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+        engine = BatchedDecoder(model, tokenizer, max_batch=1 if process else max_batch, max_queue=max_queue)
     except TypeError as exc:
         raise UserError(f"{run_dir}: scratchlm serve cannot serve this run: {exc}") from None
+    if process:                        # the engine above only checked that the run can be served
+        engine = ProcessEngine(run_dir, max_batch, max_queue, backend.get_backend(), blas_threads)
     name = model_name or Path(run_dir).resolve().name
-    return Server(model, tokenizer, name, engine, api_key=api_key, timeout=timeout, threaded=threaded,
+    return Server(model, tokenizer, name, engine, api_key=api_key, timeout=timeout, threaded=decode != "loop",
                   stream_interval=stream_interval)
 
 
@@ -152,7 +175,7 @@ def cmd_serve(args) -> int:
         raise UserError(str(exc)) from None
     limit_blas_threads(args.blas_threads)
     server = build_server(args.run, args.api_key, args.max_batch, args.max_queue, args.timeout, args.model_name,
-                          threaded=not args.decode_in_loop, stream_interval=args.stream_interval)
+                          decode=args.decode, stream_interval=args.stream_interval, blas_threads=args.blas_threads)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"scratchlm serve: {server.model_name} ({server.block_size}-token context) on "
           f"http://{shown}:{args.port}/ (API at /v1; Ctrl-C stops)", flush=True)

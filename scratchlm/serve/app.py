@@ -3,9 +3,10 @@
 Each generation request is checked (``protocol.parse_job``), split into rows (one per prompt and
 choice), queued on the engine, and answered from the engine's events: as one JSON object, or as
 server-sent events (``data: {chunk}`` lines, then ``data: [DONE]``). The engine runs in its own
-thread (or, with ``threaded=False``, as a task of the event loop); its events cross into the
-event loop through ``Reply`` (a lock-protected list and one wake-up per batch of events, not one
-per token).
+thread (or, with ``threaded=False``, as a task of the event loop; or in a child process,
+``worker.ProcessEngine``); its events cross into the event loop through ``Reply`` (a
+lock-protected list; a wake-up only for a handler that waits, and one ``LoopWaker`` hand-off for
+all the handlers a decode step wakes, not one per token).
 
 What ends a request early, and how it is answered:
 - the client disconnects (watched while waiting for the next event): its rows are cancelled and
@@ -46,34 +47,77 @@ class TimedOut(Exception):
     """The request ran past its deadline."""
 
 
+class LoopWaker:
+    """Wakes request handlers from the engine's thread with one ``call_soon_threadsafe`` (one write
+    to the event loop's self-pipe, one wake-up of the loop) for all the replies that became ready
+    while the loop was busy, not one per reply: a decode step of 16 rows ends in one hand-off."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.thread = loop, threading.get_ident()
+        self.lock = threading.Lock()
+        self.pending: list[asyncio.Event] = []
+
+    def wake(self, ready: asyncio.Event) -> None:
+        if threading.get_ident() == self.thread:        # the engine runs in the loop (--decode loop)
+            ready.set()
+            return
+        with self.lock:
+            self.pending.append(ready)
+            if len(self.pending) > 1:                    # a hand-off is already on its way
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._set)
+        except RuntimeError:                             # the loop is closed: nobody is listening
+            pass
+
+    def _set(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for ready in pending:
+            ready.set()
+
+
 class Reply:
     """A request's events, handed from the engine thread to the event loop.
 
     One asyncio.Event wakes the handler for new events, the deadline (one timer per request) and
-    a disconnect (the watcher task): no task or timer per token."""
+    a disconnect (the watcher task): no task or timer per token. An event wakes the handler only
+    when it waits for one (``waiting``): a stream that sleeps through its ``--stream-interval``
+    finds the tokens of the interval when it comes back, with no wake-up in between."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float, receive=None):
-        self.loop, self.loop_thread = loop, threading.get_ident()
+    def __init__(self, waker: LoopWaker, deadline: float, receive=None):
+        self.waker = waker
         self.lock = threading.Lock()
         self.events: list[Event] = []
         self.ready = asyncio.Event()
-        self.woken = self.timed_out = self.disconnected = False
-        self.timer = loop.call_at(deadline, self._time_out)
+        self.waiting = self.pausing = self.timed_out = self.disconnected = False
+        self.timer = waker.loop.call_at(deadline, self._time_out)
         self.watcher = None if receive is None else asyncio.ensure_future(self._watch(receive))
 
     def push(self, event: Event) -> None:            # the engine's thread: the loop's, or its own
         with self.lock:
             self.events.append(event)
-            if self.woken:
+            if not (self.waiting or (self.pausing and event.kind != "token")):
                 return
-            self.woken = True
-        if threading.get_ident() == self.loop_thread:
-            self.ready.set()
-            return
+            self.waiting = self.pausing = False      # one wake-up for the events until the next wait
+        self.waker.wake(self.ready)
+
+    async def pause(self, seconds: float) -> None:
+        """Let tokens gather for up to ``seconds`` (a stream's interval between writes); a row's end
+        or error, a disconnect or the deadline ends the pause at once, so the last chunk (and the
+        client's next request) does not wait out the interval."""
+        with self.lock:
+            if any(event.kind != "token" for event in self.events):
+                return
+            self.ready.clear()
+            self.pausing = True
+        timer = self.waker.loop.call_later(seconds, self.ready.set)
         try:
-            self.loop.call_soon_threadsafe(self.ready.set)
-        except RuntimeError:                         # the loop is closed: nobody is listening
-            pass
+            await self.ready.wait()
+        finally:
+            timer.cancel()
+            with self.lock:
+                self.pausing = False
 
     def _time_out(self) -> None:
         self.timed_out = True
@@ -94,7 +138,8 @@ class Reply:
         """The events that came since the last call; waits for at least one."""
         while True:
             with self.lock:
-                events, self.events, self.woken = self.events, [], False
+                events, self.events = self.events, []
+                self.waiting = not events
                 self.ready.clear()
             if self.disconnected:
                 raise Disconnected()
@@ -151,6 +196,7 @@ class Server:
         self.api_key, self.timeout, self.threaded = api_key, timeout, threaded
         self.stream_interval = stream_interval   # seconds a stream waits after a write, gathering tokens
         self.block_size = model.config.block_size
+        self.waker = None
         routes = [Route("/", self.page), Route("/health", self.health),
                   Route("/v1/models", self.models), Route("/v1/models/{model_id:path}", self.model_info),
                   Route("/v1/completions", self.completions, methods=["POST"]),
@@ -178,7 +224,7 @@ class Server:
             self.engine.on_work = None
 
     async def _drive(self, work: asyncio.Event) -> None:
-        """Run the engine's turns in the event loop, between its I/O (``--decode-in-loop``): one
+        """Run the engine's turns in the event loop, between its I/O (``--decode loop``): one
         Python thread, so no GIL hand-offs between the decode step (which releases the GIL in
         every BLAS call) and the loop; but also no overlap of the two on a second core."""
         engine = self.engine
@@ -190,6 +236,13 @@ class Server:
                 continue
             engine.turn()
             await asyncio.sleep(0)                   # send what the step produced, take new requests
+
+    def _waker(self) -> LoopWaker:
+        """The running loop's waker (one per loop; a test may run the app in a fresh loop)."""
+        loop = asyncio.get_running_loop()
+        if self.waker is None or self.waker.loop is not loop:
+            self.waker = LoopWaker(loop)
+        return self.waker
 
     # ------------------------------------------------------------------ errors
     async def _api_error(self, request, exc: ApiError):
@@ -218,9 +271,11 @@ class Server:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     async def health(self, request):
-        return JSONResponse({"status": "ok", "model": self.model_name, "block_size": self.block_size,
-                             "vocab_size": self.tokenizer.vocab_size, "api_key_required": self.api_key is not None,
-                             "engine": self.engine.stats()})
+        dead = getattr(self.engine, "dead", None)           # a --decode process child that has died: 503
+        return JSONResponse({"status": "ok" if dead is None else "error", "model": self.model_name,
+                             "block_size": self.block_size, "vocab_size": self.tokenizer.vocab_size,
+                             "api_key_required": self.api_key is not None, "engine": self.engine.stats(),
+                             **({"message": dead} if dead else {})}, status_code=200 if dead is None else 503)
 
     def _model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "scratchlm",
@@ -247,8 +302,8 @@ class Server:
     async def _generate(self, request: Request, chat: bool):
         self._authorize(request)
         job = parse_job(await _read_json(request), self.tokenizer, self.block_size, chat)
-        loop = asyncio.get_running_loop()
-        reply = Reply(loop, loop.time() + self.timeout, request.receive)
+        waker = self._waker()
+        reply = Reply(waker, waker.loop.time() + self.timeout, request.receive)
         rows = [Row(prompt, job.max_tokens, job.temperature, job.top_k, job.top_p, job.repetition_penalty,
                     job.seed + j, job.stops, job.logprobs if job.want_logprobs else None, p * job.n + j,
                     reply.push)
@@ -332,7 +387,7 @@ class Server:
                 if batch:
                     yield batch
                     if self.stream_interval:  # let the next tokens gather: one write (and one chunk) for several
-                        await asyncio.sleep(self.stream_interval)
+                        await reply.pause(self.stream_interval)
                 try:
                     events = await reply.next_events()
                 except TimedOut as exc:

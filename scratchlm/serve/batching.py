@@ -94,7 +94,8 @@ class Row:
         self.decoder = _TextPieces(tokenizer)
         self.pending = ""                          # decoded, not yet released (may start a stop string)
         self.stops = list(self.stops) + ([END_OF_TEXT] if END_OF_TEXT not in self.stops else [])
-        self.last = None
+        self.stop_starts = {stop[0] for stop in self.stops}   # text without any of these holds no stop string,
+        self.last = None                                      # and no start of one either
 
     def take(self, logits: np.ndarray, token: int) -> None:
         """Accept ``token``, sampled from this row's logits (V,) by ``sample_rows``; emit what it releases."""
@@ -111,6 +112,11 @@ class Row:
 
     def _release(self):
         """(text now known not to start a stop string, finish reason or None)."""
+        if self.stop_starts.isdisjoint(self.pending):               # most tokens: nothing to look for
+            if self.generated >= self.max_new_tokens:
+                return "", "length"
+            release, self.pending = self.pending, ""
+            return release, None
         cut = _first_stop(self.pending, self.stops)
         if cut is not None:
             release, self.pending = self.pending[:cut], ""
@@ -265,11 +271,12 @@ class BatchedDecoder:
         logits = self.decoder.step(tokens, positions)                                  # (B, V)
         self.counters["steps"] += 1
         self.counters["tokens"] += len(self.active)
-        live = [b for b, row in enumerate(self.active) if not row.cancelled]
         for row in self.active:
             row.position += 1
-        rows = [self.active[b] for b in live]
-        for row, row_logits, token in zip(rows, logits[live], sample_rows(rows, logits[live])):
+        rows = [row for row in self.active if not row.cancelled]
+        if len(rows) < len(self.active):
+            logits = logits[[b for b, row in enumerate(self.active) if not row.cancelled]]
+        for row, row_logits, token in zip(rows, logits, sample_rows(rows, logits)):
             row.take(row_logits, token)
 
     def _retire(self) -> None:
