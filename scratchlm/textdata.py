@@ -29,7 +29,6 @@ selection uses a dev slice carved (also stratified) from the training folds, nev
 from __future__ import annotations
 
 import csv
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
