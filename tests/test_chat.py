@@ -250,7 +250,8 @@ class Terminal:
 def test_terminal_session_commands_ctrl_c_and_ctrl_d(endless_run_dir):
     term = Terminal(chat_command(endless_run_dir, "--max-new-tokens", "8", "--seed", "1"))
     try:
-        assert b"/help for commands" in term.read_until(b"you> ")
+        # the first prompt waits for Python, NumPy and the model to load: generous on a loaded machine
+        assert b"/help for commands" in term.read_until(b"you> ", timeout=240.0)
         term.send(b"/help\r")
         assert b"/topk K" in term.read_until(b"you> ")
         term.send(b"/temp 1.5\r")
