@@ -259,7 +259,7 @@ def test_terminal_session_commands_ctrl_c_and_ctrl_d(endless_run_dir):
         term.send(b"/nonsense\r")
         assert b"unknown command" in term.read_until(b"you> ")
         term.send(b"hello\r")                               # a short reply: 8 tokens, then the prompt
-        term.read_until(b"you> ")
+        term.read_until(b"you> ", timeout=240.0)            # (the first reply may compile the decode kernel)
         term.send(b"/max 1000000\r")                        # a reply that would run for minutes
         term.read_until(b"you> ")
         term.send(b"tell me everything\r")
