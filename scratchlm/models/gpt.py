@@ -29,7 +29,7 @@ from .. import nn
 from ..errors import UserError
 from ..generate import sample_next_token  # noqa: F401  (re-exported: the one sampler lives in generate.py)
 from ..nn import functional as F
-from ..tensor import Tensor, no_grad
+from ..tensor import Tensor
 
 
 class ModelArgumentError(UserError, ValueError):
@@ -284,34 +284,10 @@ class GPT(nn.Module):
         """A per-layer table (like Keras's): each leaf layer in call order with its output shape
         for a (batch_size, seq_len or block_size) input and its parameter count, then totals.
         Printed to ``file`` (None: not printed) and returned."""
-        T = seq_len or self.config.block_size
-        names = {id(module): name for name, module in self.named_modules()}
-        rows, counted = [], set()
-
-        def record(module, out):
-            out = out[-1] if isinstance(out, tuple) else out   # a fused residual + norm: its norm
-            if next(module.children(), None) is not None:
-                return                                   # containers: their leaves are rows
-            own = [p for _, p in module._named_parameters_all()]
-            fresh = [p for p in own if id(p) not in counted]
-            counted.update(id(p) for p in own)
-            n = sum(p.size for p in fresh)
-            note = "" if len(fresh) == len(own) else " (tied)"
-            rows.append((f"{names[id(module)]} ({type(module).__name__})", str(out.shape), f"{n:,}{note}"))
-
-        was_training = self.training
-        self.eval()
-        try:
-            with no_grad(), nn.record_outputs(record):
-                self(backend.xp.zeros((batch_size, T), dtype=backend.xp.int64))
-        finally:
-            self.train(was_training)
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(("Layer (type)", "Output shape", "Params"))]
-        line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-        rule = "=" * len(line(("", "", "")))
-        text = "\n".join([line(("Layer (type)", "Output shape", "Params")), rule, *map(line, rows), rule,
-                          f"Total params: {self.num_parameters(non_embedding=False):,}",
-                          f"Non-embedding params: {self.num_parameters():,}"])
+        from .summary import layer_table
+        ids = backend.xp.zeros((batch_size, seq_len or self.config.block_size), dtype=backend.xp.int64)
+        text = layer_table(self, ids, [f"Total params: {self.num_parameters(non_embedding=False):,}",
+                                       f"Non-embedding params: {self.num_parameters():,}"])
         if file is not None:
             print(text, file=file)
         return text

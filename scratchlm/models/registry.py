@@ -256,9 +256,5 @@ def summary_text(model) -> str:
     """The model's own per-layer summary (the GPT's), else one row per parameter and the total."""
     if hasattr(model, "summary"):
         return model.summary(file=None)
-    rows = [(name, str(tuple(p.shape)), f"{p.size:,}") for name, p in model.named_parameters()]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(("Parameter", "Shape", "Params"))]
-    line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    rule = "=" * len(line(("", "", "")))
-    return "\n".join([f"{type(model).__name__}", line(("Parameter", "Shape", "Params")), rule, *map(line, rows), rule,
-                      f"Total params: {num_parameters(model):,}"])
+    from .summary import parameter_table
+    return parameter_table(model, num_parameters(model))

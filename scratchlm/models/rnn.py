@@ -33,7 +33,7 @@ import numpy as np
 from .. import backend
 from .. import nn
 from ..nn import functional as F
-from ..tensor import Tensor, is_grad_enabled, no_grad
+from ..tensor import Tensor, is_grad_enabled
 from .gpt import ModelArgumentError, TiedLMHead, _index_array
 
 CELLS = {"rnn": (nn.RNN, 1), "lstm": (nn.LSTM, 4), "gru": (nn.GRU, 3)}   # layer class, gates G
@@ -112,33 +112,9 @@ class _LanguageModel(nn.Module):
     def summary(self, batch_size: int = 1, seq_len: int | None = None, file=sys.stdout) -> str:
         """A per-layer table: each leaf layer in call order, its output shape for a
         (batch_size, seq_len or block_size) input, and its parameter count; then the total."""
-        T = seq_len or self.config.block_size
-        names = {id(module): name for name, module in self.named_modules()}
-        rows, counted = [], set()
-
-        def record(module, out):
-            if next(module.children(), None) is not None:
-                return
-            own = [p for _, p in module._named_parameters_all()]
-            fresh = [p for p in own if id(p) not in counted]
-            counted.update(id(p) for p in own)
-            first = out[0] if isinstance(out, tuple) else out                   # recurrent layers: (out, state)
-            note = "" if len(fresh) == len(own) else " (tied)"
-            rows.append((f"{names[id(module)]} ({type(module).__name__})", str(first.shape),
-                         f"{sum(p.size for p in fresh):,}{note}"))
-
-        was_training = self.training
-        self.eval()
-        try:
-            with no_grad(), nn.record_outputs(record):
-                self(np.zeros((batch_size, T), dtype=np.int64))
-        finally:
-            self.train(was_training)
-        header = ("Layer (type)", "Output shape", "Params")
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-        line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-        rule = "=" * len(line(("", "", "")))
-        text = "\n".join([line(header), rule, *map(line, rows), rule, f"Total params: {self.num_parameters():,}"])
+        from .summary import layer_table
+        ids = np.zeros((batch_size, seq_len or self.config.block_size), dtype=np.int64)
+        text = layer_table(self, ids, [f"Total params: {self.num_parameters():,}"])
         if file is not None:
             print(text, file=file)
         return text
