@@ -44,7 +44,7 @@ from .. import nn
 from ..nn import functional as F
 from ..ops.shape import concatenate
 from ..tensor import Tensor, no_grad
-from .gpt import ModelArgumentError, _index_array
+from .gpt import ModelArgumentError
 from .rnn import RNNLM, RNNLMConfig, _Config
 
 IGNORE_INDEX = -100
@@ -244,7 +244,7 @@ class SeqGAN(nn.Module):
     def train_step(self, trainer, it: int, lr: float):
         """One iteration of the phase ``it`` falls in (module docstring). Returns (loss, grad norm, lr)
         like Trainer.train_step and puts the phase's figures in trainer.step_terms."""
-        c, xp = self.config, backend.xp
+        c = self.config
         phase = c.phase(it)
         boundary = _boundary_of(trainer)
         x_real, y_real = trainer.sampler.batch(it)                              # (B, T) x2, device
