@@ -227,7 +227,7 @@ def bound_table(backend_name: str) -> dict:
                 load_average=load, model=BOUND_MODEL, prompt=64, new_tokens=new)
 
 
-STEP_ROWS = (1, 16)                        # a lone client and the server's 16 (serve's max batch)
+STEP_ROWS = (1, 4, 16, 32)                # a lone client, a few, and the server's 16 and 32 (its max batch)
 
 
 def step_table(backend_name: str) -> dict:

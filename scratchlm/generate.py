@@ -420,7 +420,7 @@ def _token_loop(model, ids, max_new_tokens, temperature, top_k, top_p, repetitio
 
     def full_window():
         if rows is not None:                                       # each row into its slot
-            logits = np.stack([rows.prefill(ids[b, start:], b) for b in range(B)])
+            logits = rows.prefill_rows(list(ids[:, start:]), range(B))                # (B, V)
             cache.length = ids.shape[1] - start
             return logits
         return prefill(model, ids[:, start:], cache) if use_cache else _forward_window(model, ids[:, start:])

@@ -15,6 +15,8 @@ buffers, the prefill of a prompt into a slot, and the BLAS threads the reference
     ((5,), (5,))
     >>> rows.step([0, 1], positions=[3, 1]).shape      # row 0 continues at position 3, row 1 at 1
     (2, 5)
+    >>> rows.prefill_rows([[1, 2], [3, 4, 0]], slots=[1, 0]).shape    # two prompts in one forward
+    (2, 5)
 
 Shapes: B rows in a step, S = rows slots, C channels, V vocabulary.
 """
@@ -60,9 +62,11 @@ class RowDecoder:
         dtype = model.transformer.wte.weight.dtype
         self.cache = KVCache(config, rows, dtype)                                 # n_layer x (S, H, block, D)
         self.weights = step_weights(model)
-        # a prefill's positions are rows too: the buffers hold a step's rows or a prefill's chunk
-        self.scratch = decode.Scratch(max(rows, min(PREFILL_CHUNK, config.block_size)), rows, config.n_embd, config.n_head,
-                                      config.n_layer, config.vocab_size, config.block_size, dtype, xp)
+        # a prefill's positions are rows too: the buffers hold a step's rows or a prefill's chunk (of
+        # several prompts, so maybe longer than the window, and ending several: as many logit rows)
+        step_rows = max(rows, PREFILL_CHUNK)
+        self.scratch = decode.Scratch(step_rows, step_rows, config.n_embd, config.n_head, config.n_layer,
+                                      config.vocab_size, config.block_size, dtype, xp)
         self.keys = tuple(layer.keys for layer in self.cache.layers)
         self.values = tuple(layer.values for layer in self.cache.layers)
 
@@ -76,24 +80,47 @@ class RowDecoder:
 
     def prefill(self, tokens, slot: int) -> np.ndarray:
         """A whole prompt tokens (T,) into ``slot`` (positions 0..T-1) -> the next-token logits (V,),
-        float64, on the host. The step's code with the positions as rows that all write and read
-        the one slot: row t attends over positions 0..t (causal), and only the last row goes
-        through the head. The prompt goes in chunks of ``PREFILL_CHUNK`` positions, each chunk
-        attending over the slot the earlier chunks filled, so a step's scores are at most
-        (PREFILL_CHUNK, H, 1, T): no T x T matrix, and chunks small enough for the fused kernel."""
-        tokens = np.asarray(tokens, dtype=np.int64)
-        T = len(tokens)
-        for start in range(0, T, PREFILL_CHUNK):
-            stop = min(start + PREFILL_CHUNK, T)
-            logits = self._forward(tokens[start:stop], np.arange(start, stop), np.full(stop - start, slot),
-                                   slice(slot, slot + 1), last_only=True)
-        return backend.to_numpy(logits[0]).astype(np.float64)                    # (V,)
+        float64, on the host (``prefill_rows`` of one prompt)."""
+        return self.prefill_rows([tokens], [slot])[0]
 
-    def _forward(self, tokens, positions, slots, read, last_only: bool = False):
+    def prefill_rows(self, prompts, slots) -> np.ndarray:
+        """N prompts (each a non-empty sequence of token ids) into their ``slots`` (N distinct ints),
+        prompt n at positions 0..T_n-1 -> each prompt's next-token logits (N, V), float64, on the host.
+
+        One forward for all: the step's code with every prompt's positions as rows, each row
+        writing and reading its own prompt's slot, so row t of a prompt attends over its positions
+        0..t (causal within the prompt, blind to the others), and only each prompt's last row goes
+        through the head. The rows go in chunks of ``PREFILL_CHUNK``, each chunk attending over what
+        the earlier chunks wrote (a chunk may end one prompt and start the next), so a step's scores
+        are at most (PREFILL_CHUNK, H, 1, T): no T x T matrix, and chunks small enough for the fused
+        kernel. Prompts that join a server in the same turn thus share the weight reads of a step."""
+        prompts = [np.asarray(prompt, dtype=np.int64).reshape(-1) for prompt in prompts]
+        lengths = np.array([len(prompt) for prompt in prompts], dtype=np.int64)
+        if len(prompts) != len(slots) or not len(prompts) or lengths.min() < 1:
+            raise ValueError(f"prefill_rows: needs one slot per prompt and non-empty prompts, got "
+                             f"{len(prompts)} prompts of lengths {lengths.tolist()} and {len(slots)} slots")
+        tokens = np.concatenate(prompts)                                          # (R,) every prompt's rows
+        positions = np.concatenate([np.arange(n) for n in lengths])               # (R,)
+        row_slots = np.repeat(np.asarray(slots, dtype=np.int64), lengths)         # (R,)
+        ends = np.cumsum(lengths) - 1                                             # (N,) each prompt's last row
+        logits = np.empty((len(prompts), self.model.config.vocab_size))
+        chunk = min(PREFILL_CHUNK, len(self.scratch.x))
+        for start in range(0, len(tokens), chunk):
+            stop = min(start + chunk, len(tokens))
+            ending = np.flatnonzero((ends >= start) & (ends < stop))              # prompts whose last row is here
+            chunk_slots = row_slots[start:stop]
+            # rows of one slot read it as a slice: the reference then attends without gathering it per row
+            read = slice(chunk_slots[0], chunk_slots[0] + 1) if chunk_slots[0] == chunk_slots[-1] else chunk_slots
+            out = self._forward(tokens[start:stop], positions[start:stop], chunk_slots, read, ends[ending] - start)
+            logits[ending] = backend.to_numpy(out)                                # (len(ending), V)
+        return logits
+
+    def _forward(self, tokens, positions, slots, read, head_rows=None):
         """Rows (B,) of tokens at positions, writing their keys and values into ``slots`` (B,) and
-        attending over the slots ``read`` (B of them, or the one every row shares)."""
+        attending over the slots ``read`` (B of them, or the one every row shares); the logits of
+        the rows ``head_rows`` (None: every row)."""
         run = lambda: decode.step(self.weights, self.keys, self.values, tokens, positions, slots,  # noqa: E731
-                                  read, self.scratch, last_only)
+                                  read, self.scratch, head_rows)
         if decode.uses_kernel(self.scratch, len(tokens)):
             return run()
         with blas_threads_for(len(tokens), self.model.config.n_embd):

@@ -71,11 +71,18 @@ def step_both(model, lengths, seed, threads):
     return results
 
 
+def spread(rows):
+    """Positions of ``rows`` rows spread over the window (0 and the last one included)."""
+    return [(b * 7) % SMALL["block_size"] if b % 5 else SMALL["block_size"] - 1 - b % 3 for b in range(rows)]
+
+
 @pytest.mark.parametrize("overrides", VARIANTS)
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("lengths", [[0], [9], [23], [5, 0, 23, 11], [3, 3, 3, 3, 3, 3, 3, 3]])
+@pytest.mark.parametrize("lengths", [[0], [9], [23], [4, 17], [5, 0, 23, 11], [3, 3, 3, 3, 3, 3, 3, 3],
+                                     [5, 0, 23, 11, 2], spread(16), spread(32)], ids=lambda v: f"B={len(v)}")
 def test_kernel_step_equals_the_reference_step(overrides, threads, lengths):
-    """Rows at their own positions: the same logits and the same keys and values written."""
+    """Rows at their own positions (B = 1..32: the blocks of four rows and the rows left over): the
+    same logits and the same keys and values written."""
     (ref_logits, ref_written), (logits, written) = step_both(small(seed=1, **overrides), lengths, 7, threads)
     assert_close(logits, ref_logits)
     for (k, v), (ref_k, ref_v) in zip(written, ref_written):
@@ -98,6 +105,69 @@ def test_kernel_prefill_equals_the_reference_prefill(overrides):
     assert_close(results[1][0], results[0][0])
     for keys, ref_keys in zip(results[1][1], results[0][1]):
         assert_close(keys, ref_keys)
+
+
+def test_a_row_gets_the_same_bits_alone_or_in_a_batch():
+    """The kernel's products sum each row in one order whatever B and the row's place in a block of
+    four (on one thread): a 13-row step gives each row exactly the logits of its 1-row step."""
+    model = small(seed=11)
+    lengths = spread(13)
+    decoder, tokens = filled(model, 13, lengths, 12)
+    together = decode.step_numba(decoder.weights, decoder.keys, decoder.values, tokens, np.asarray(lengths),
+                                 np.arange(13), decoder.scratch, threads=1).copy()
+    for b in range(13):
+        alone = decode.step_numba(decoder.weights, decoder.keys, decoder.values, tokens[b:b + 1],
+                                  np.asarray(lengths[b:b + 1]), np.array([b]), decoder.scratch, threads=1)
+        np.testing.assert_array_equal(alone[0], together[b])
+
+
+PROMPT_LENGTHS, PROMPT_SLOTS = [7, 1, 23, 12, 3], [2, 0, 4, 1, 3]
+
+
+def prompts_of(seed):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, SMALL["vocab_size"], n) for n in PROMPT_LENGTHS]
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+@pytest.mark.parametrize("chunk", [5, 32])
+@pytest.mark.parametrize("rung", ["reference", "numba"])
+def test_prefill_rows_equals_separate_prefills(overrides, chunk, rung, monkeypatch):
+    """Five prompts (1 to 23 tokens) into five slots in one forward, in chunks that end one prompt and
+    start the next: each prompt's logits and its slot's keys and values equal those of its own prefill."""
+    import scratchlm.rowdecode as rowdecode
+    monkeypatch.setattr(rowdecode, "PREFILL_CHUNK", chunk)
+    model = small(seed=13, **overrides)
+    prompts = prompts_of(14)
+    together, alone = RowDecoder(model, 5), RowDecoder(model, 5)
+    with force_rung("decode", rung):
+        logits = together.prefill_rows(prompts, PROMPT_SLOTS)
+        for n, (prompt, slot) in enumerate(zip(prompts, PROMPT_SLOTS)):
+            assert_close(logits[n], alone.prefill(prompt, slot))
+    for mine, theirs in zip(together.cache.layers, alone.cache.layers):
+        for slot, length in zip(PROMPT_SLOTS, PROMPT_LENGTHS):
+            assert_close(mine.keys[slot, :, :length], theirs.keys[slot, :, :length])
+            assert_close(mine.values[slot, :, :length], theirs.values[slot, :, :length])
+
+
+@pytest.mark.parametrize("rung", ["reference", "numba"])
+def test_prefill_rows_gives_the_full_forward(rung, monkeypatch):
+    """Each prompt's logits from a joint prefill (chunks of 5) equal the model's full forward over
+    that prompt alone (no cache): no prompt sees another's positions."""
+    import scratchlm.rowdecode as rowdecode
+    monkeypatch.setattr(rowdecode, "PREFILL_CHUNK", 5)
+    model = small(seed=15)
+    prompts = prompts_of(16)
+    with force_rung("decode", rung):
+        logits = RowDecoder(model, 5).prefill_rows(prompts, PROMPT_SLOTS)
+    for ours, prompt in zip(logits, prompts):
+        full = sl.backend.to_numpy(G._forward_window(model, prompt[None]))[0]
+        assert_close(ours, full.astype(np.float64))
+
+
+def test_prefill_rows_refuses_an_empty_prompt():
+    with pytest.raises(ValueError, match="non-empty"):
+        RowDecoder(small(seed=0), 2).prefill_rows([[1, 2], []], [0, 1])
 
 
 @pytest.mark.parametrize("rung", ["reference", "numba"])

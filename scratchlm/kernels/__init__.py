@@ -29,7 +29,7 @@ cross_entropy.backward(dloss, logits, lse, targets, ignore_index) -> dlogits    
 embedding.backward(dout, idx, vocab_size) -> dweight   dout: (N, C); idx: (N,) int; dweight: (V, C)
 adamw.step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step) -> None
     in place on param, exp_avg, exp_avg_sq; PyTorch's AdamW update with bias correction.
-decode.step(weights, keys, values, tokens, positions, slots, read, scratch, last_only) -> logits (B, V)
+decode.step(weights, keys, values, tokens, positions, slots, read, scratch, head_rows) -> logits (B or N, V)
     one GPT decode step over B rows, each at its own position in its own KV-cache slot (rowdecode.py's
     RowDecoder); keys/values: one (S, H, T, D) buffer per block, written in place. Numba rung: float32,
     B <= decode.KERNEL_MAX_ROWS; no CUDA rung (CuPy runs the reference).

@@ -18,7 +18,9 @@ The step, for rows b = 0..B-1, row b feeding token i_b at position t_b and using
 
 K and V are the caller's ``LayerKVCache`` buffers, (S, H, T, D) per block, written in place. A
 prefill is the same step with the prompt's positions as rows that all use one slot: row t
-attends over positions 0..t, and every row's keys are written before any row reads them.
+attends over positions 0..t, and every row's keys are written before any row reads them. Several
+prompts prefill together the same way, each prompt's rows in its own slot; only the rows named
+``head_rows`` (each prompt's last) go through ln_f and the head.
 
 Why a kernel. At batch 1 a step reads every weight once and does two flops per weight, so its
 speed is the memory bandwidth it draws. The NumPy path (the reference below) makes ~15 array
@@ -44,7 +46,9 @@ for each other), so it draws one core's bandwidth. The kernel runs the whole ste
   A step smaller than PARALLEL_MIN_MACS runs on one thread without a region.
 
 The products stream W in the order it is stored ((n_in, n_out), contiguous rows): out[:, j] +=
-x[:, i] W[i, j] for eight rows i at a time. Sums run in another order than BLAS's, so float32
+x[:, i] W[i, j] for eight rows i at a time, applied to four step rows at once (each load of W
+feeds four rows' multiply-adds: at batch 1 a step is bound by reading the weights, at batch 16 it
+was bound by re-reading them from L1 for every row). Sums run in another order than BLAS's, so float32
 logits differ from the reference's in the last bits (the tests bound it). The kernel is float32
 only (the dtype models decode in); float64 runs the reference.
 """
@@ -105,7 +109,7 @@ class Scratch:
         self.tmp = xp.empty((rows, F), dtype)                     # the reference GELU's scratch
         self.scores = xp.empty((rows, n_head, 1, block_size), dtype)
         self.mask = xp.empty((rows, 1, 1, block_size), dtype)     # 0 up to a row's position, -inf after
-        self.logits = xp.empty((logit_rows, vocab_size), dtype)       # a step's rows (a prefill's last)
+        self.logits = xp.empty((logit_rows, vocab_size), dtype)       # a step's rows (a prefill's prompts' last)
         self.kernel = None
         if pick(self.x, "decode") == "numba" and self.x.dtype == np.float32:
             self.kernel = KernelScratch(min(rows, KERNEL_MAX_ROWS), n_embd, n_head, n_layer, block_size, dtype)
@@ -114,9 +118,9 @@ class Scratch:
 # ============================================================== 1. reference (the truth)
 
 def step_reference(weights: StepWeights, keys, values, tokens, positions, slots, read, scratch: Scratch,
-                   last_only: bool = False):
-    """The step above on the backend's arrays -> logits (B, V), or (1, V) of the last row with
-    ``last_only`` (a view of ``scratch.logits``). tokens, positions, slots: (B,) backend ints;
+                   head_rows=None):
+    """The step above on the backend's arrays -> logits (B, V), or (N, V) of the rows ``head_rows``
+    (N backend ints; a view of ``scratch.logits``). tokens, positions, slots: (B,) backend ints;
     ``read``: the cache rows attend over, an index giving B slots or a slice of the one slot every
     row shares (a prefill's: gathering it B times would copy it B times). keys, values: one
     (S, H, T, D) array per block."""
@@ -126,8 +130,8 @@ def step_reference(weights: StepWeights, keys, values, tokens, positions, slots,
     xp.add(weights.wte[tokens], weights.positions[positions], out=x)          # (B, C)
     for block, k, v in zip(weights.blocks, keys, values):
         block_reference(x, block, k, v, slots, positions, read, scratch)
-    if last_only:
-        x = x[-1:]
+    if head_rows is not None:
+        x = x[head_rows]                                                       # (N, C)
     h = scratch.h[:len(x)]
     layer_norm_reference(x, weights.lnf_weight, weights.lnf_bias, weights.lnf_eps, h)
     logits = scratch.logits[:len(x)]
@@ -208,10 +212,12 @@ def uses_kernel(scratch: Scratch, rows: int) -> bool:
 
 
 def step(weights: StepWeights, keys, values, tokens, positions, slots, read, scratch: Scratch,
-         last_only: bool = False):
-    """The step on the fastest rung (``uses_kernel``). tokens, positions, slots: host int64 arrays
-    (moved to the device for the reference on CuPy)."""
+         head_rows=None):
+    """The step on the fastest rung (``uses_kernel``). tokens, positions, slots, head_rows (None: every
+    row): host int64 arrays (moved to the device for the reference on CuPy)."""
     if uses_kernel(scratch, len(tokens)):
-        return step_numba(weights, keys, values, tokens, positions, slots, scratch, last_only)
+        return step_numba(weights, keys, values, tokens, positions, slots, scratch, head_rows)
     to = backend.to_device
-    return step_reference(weights, keys, values, to(tokens), to(positions), to(slots), read, scratch, last_only)
+    read = read if isinstance(read, slice) else to(read)
+    return step_reference(weights, keys, values, to(tokens), to(positions), to(slots), read, scratch,
+                          None if head_rows is None else to(head_rows))

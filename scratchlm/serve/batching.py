@@ -11,7 +11,7 @@ and the sampler is ``scratchlm.generate.sample_rows``. This module decides who i
 - ``Row``: one sequence (one choice of one request) with its own sampling settings, seeded
   generator, stop strings and incremental text decoder, and a ``sink`` for its ``Event``s;
 - ``BatchedDecoder``: a loop (its own thread, or driven by the caller) that admits waiting rows
-  between steps (a prefill each, into the row's slot), runs one
+  between steps (the rows joining in one turn prefilled together, each into its slot), runs one
   ``RowDecoder.step`` over the active rows, samples each row's token, and retires rows that
   finished or were cancelled. Active rows always occupy slots 0..B-1 (when one leaves, the last
   one moves into its slot), so a step reads the first B slots, with no gather.
@@ -237,8 +237,7 @@ class BatchedDecoder:
             joining = self.waiting[:max(self.max_batch - len(self.active), 0)]
             del self.waiting[:len(joining)]
         try:
-            for row in joining:
-                self._join(row)
+            self._join(joining)
             self._retire()
             if self.active:
                 self._step()
@@ -252,18 +251,26 @@ class BatchedDecoder:
             self.counters["rows_cancelled"] += 1
         return row.cancelled
 
-    def _join(self, row: Row) -> None:
-        if row.cancelled:
-            self.counters["rows_cancelled"] += 1
+    def _join(self, joining: list[Row]) -> None:
+        """Prefill the joining rows in one forward (``RowDecoder.prefill_rows``: the prompts share
+        the weight reads), each into the next free slot, then each takes its first token, in order."""
+        rows = []
+        for row in joining:
+            if row.cancelled:
+                self.counters["rows_cancelled"] += 1
+            else:
+                row.start(self.tokenizer)
+                rows.append(row)
+        if not rows:
             return
-        row.start(self.tokenizer)
-        slot = len(self.active)
-        logits = self.decoder.prefill(row.prompt, slot)[None]                   # (1, V)
-        self.active.append(row)
-        self.counters["prefills"] += 1
-        self.counters["max_active"] = max(self.counters["max_active"], len(self.active))
-        self.counters["tokens"] += 1
-        row.take(logits[0], sample_rows([row], logits)[0])
+        first = len(self.active)
+        logits = self.decoder.prefill_rows([row.prompt for row in rows], range(first, first + len(rows)))  # (N, V)
+        for row, row_logits in zip(rows, logits):
+            self.active.append(row)
+            self.counters["prefills"] += 1
+            self.counters["max_active"] = max(self.counters["max_active"], len(self.active))
+            self.counters["tokens"] += 1
+            row.take(row_logits, sample_rows([row], row_logits[None])[0])
 
     def _step(self) -> None:
         tokens = np.array([row.last for row in self.active], dtype=np.int64)              # (B,)
