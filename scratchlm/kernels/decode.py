@@ -43,7 +43,7 @@ for each other), so it draws one core's bandwidth. The kernel runs the whole ste
   its threads one by one) finds the early shares taken and joins in, and a single thread runs
   the whole step alone. A thread waits only for shares another has claimed and is running, so
   nothing deadlocks, whatever the thread count or scheduling, and two threads degrade towards one.
-  A step smaller than PARALLEL_MIN_MACS runs on one thread without a region.
+  A model whose weights fit the caches (under PARALLEL_MIN_WEIGHT_BYTES) steps on one thread.
 
 The products stream W in the order it is stored ((n_in, n_out), contiguous rows): out[:, j] +=
 x[:, i] W[i, j] for eight rows i at a time, applied to four step rows at once (each load of W

@@ -94,23 +94,26 @@ def max_shares(threads: int) -> int:
 SHARES_PER_THREAD = 1
 
 
-# A step of fewer multiply-adds than this (rows x weights) runs on one thread: starting and joining a
-# parallel region of Numba's workqueue takes ~20-100 us (it is longer on a busy machine), as long as
-# a whole one-row step of the nano-cpu model (0.8M weights, ~0.15 ms). The 6-layer 384-wide model's
-# one-row step (10.6M) and nano-cpu's 16-row step (13M) run on every thread.
-PARALLEL_MIN_MACS = 1 << 22
+# A model whose weights are smaller than this runs its steps on one thread. A step streams every
+# weight once: when they come from memory (the 6-layer 384-wide model: 42.7 MB), two cores read
+# them faster than one (quiet machine, one row: 358 vs 263 tokens/s). When they sit in the caches
+# (nano-cpu: 3.2 MB), a step is a few hundred us of arithmetic, and starting a parallel region
+# (~20-100 us) and the threads' waits between phases cost more than the split saves (quiet machine,
+# 16 rows: 1.05 ms on one thread, 1.15 on two).
+PARALLEL_MIN_WEIGHT_BYTES = 8 << 20
 
 
 def step_numba(weights, keys, values, tokens, positions, slots, scratch,
                head_rows=None, threads: int | None = None):
     """Same contract as decode.py's ``step_reference`` (every row reads its own slot, so no ``read``), on
-    ``threads`` threads (default: Numba's current count, or 1 below PARALLEL_MIN_MACS)."""
+    ``threads`` threads (default: Numba's current count, or 1 below PARALLEL_MIN_WEIGHT_BYTES)."""
     k = scratch.kernel
     k.bind(weights, keys, values)
     B = len(tokens)
     C, H, F, V = k.shape[0], k.shape[1], 4 * k.shape[0], weights.wte.shape[0]
-    if threads is None:                        # a small step on one thread: a region's start costs more
-        threads = num_threads() if B * (12 * C * C * len(weights.blocks) + V * C) >= PARALLEL_MIN_MACS else 1
+    if threads is None:                        # weights in the caches: one thread (PARALLEL_MIN_WEIGHT_BYTES)
+        weight_bytes = (12 * C * C * len(weights.blocks) + V * C) * weights.wte.dtype.itemsize
+        threads = num_threads() if weight_bytes >= PARALLEL_MIN_WEIGHT_BYTES else 1
     threads = min(threads, len(k.x))           # buffers for this many
     shares = max_shares(threads)
     head_shares = min(H, k.max_shares, shares)
