@@ -241,7 +241,7 @@ def step_table(backend_name: str) -> dict:
     from scratchlm.rowdecode import RowDecoder
     model = GPT(model_config("nano-cpu"), seed=0).eval()
     modes = {"reference (NumPy)": ("reference", None), "kernel, 1 thread": ("numba", 1),
-             "kernel, 2 threads": ("numba", 2)}
+             "kernel, default": ("numba", None)}       # the kernel's own choice (PARALLEL_MIN_WEIGHT_BYTES)
     if not decode.uses_kernel(RowDecoder(model, 1).scratch, 1):
         modes = {"reference (NumPy)": ("reference", None)}
     results = {}
