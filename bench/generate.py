@@ -31,7 +31,7 @@ at the default threads, at 1 and at 2 BLAS/Numba threads, and uncached decoding 
 per token). Targets: cached >= 60% of the bound, >= 5x uncached, 2 threads never slower than 1.
 The ``cached, NumPy reference`` row forces the decode step's NumPy reference (kernels/decode.py;
 what runs without Numba) in the same interleaved rounds. Then the ``RowDecoder.step`` table: one
-step of the served nano-cpu model over 1 and 16 rows, reference against the kernel at 1 and 2 threads.
+step of the served nano-cpu model over 1 to 32 rows, reference against the kernel at 1 thread and at its default.
 
     python bench/generate.py --bound-only         # the bound table alone (about a minute on 2 quiet cores)
 
@@ -233,7 +233,7 @@ STEP_ROWS = (1, 4, 16, 32)                # a lone client, a few, and the server
 def step_table(backend_name: str) -> dict:
     """One ``RowDecoder.step`` on the nano-cpu shapes (4 layers, 128 wide, block 64: the served
     model) over 1 and 16 rows at spread positions: the NumPy reference path against the Numba kernel at
-    1 and 2 threads, interleaved, median ms per step (wall and this process's CPU)."""
+    1 thread and at its own default, interleaved, median ms per step (wall and this process's CPU)."""
     import contextlib
     import numpy as np
     from scratchlm.kernels import decode, force_rung
