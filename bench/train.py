@@ -58,28 +58,14 @@ def batches(vocab_size: int, B: int, T: int, n: int, seed: int = 0):
 
 # ================================================================ scratchlm side
 
-class _StubTokenizer:
-    """What the Trainer needs of a tokenizer when the data is random ids: a size and a save()."""
-
-    def __init__(self, vocab_size):
-        self.vocab_size = vocab_size
-
-    def save(self, path):
-        Path(path).write_text(json.dumps({"type": "bench-stub", "vocab_size": self.vocab_size}))
-
-
 def run_scratchlm(args, config, vocab_size) -> dict:
-    import numpy as np
-    from types import SimpleNamespace
     from scratchlm import backend, kernels
     from scratchlm.runlog import peak_flops
-    from scratchlm.train import Trainer
+    from scratchlm.runsetup import random_tokens_trainer
     kernels.use_reference(args.kernels == "off")
     backend.use_backend(args.backend)
-    tokens = np.random.default_rng(0).integers(0, vocab_size, size=1_000_000).astype(np.uint16 if vocab_size <= 65536 else np.uint32)
-    prepared = SimpleNamespace(train=tokens, val=tokens)
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(config, _StubTokenizer(vocab_size), prepared, run_dir, progress=False)
+        trainer = random_tokens_trainer(config, vocab_size, run_dir)
         trainer.model.use_fused_ops(args.fused != "off")
         times, cpu_times = [], []
         for it in range(args.warmup + args.iters):

@@ -105,3 +105,27 @@ def _corpus_spec(corpus, text) -> str:
     if isinstance(corpus, (str, os.PathLike)):
         return str(Path(corpus).expanduser().resolve())
     return str(getattr(corpus, "source", text.name))
+
+
+class _RandomIdsTokenizer:
+    """What the Trainer needs of a tokenizer when the data is random ids: a size and a save()."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def save(self, path) -> None:
+        import json
+        Path(path).write_text(json.dumps({"type": "random-ids", "vocab_size": self.vocab_size}))
+
+
+def random_tokens_trainer(config, vocab_size: int, run_dir, seed: int = 0):
+    """A Trainer whose data is a stream of uniformly random token ids, for timing its steps: the
+    speed of ``Trainer.train_step`` does not depend on the text (``scratchlm bench`` and
+    bench/train.py). ``run_dir`` gets the run's files, as any run's; pass a temporary folder."""
+    import numpy as np
+    from types import SimpleNamespace
+    from scratchlm.train import Trainer
+    dtype = np.uint16 if vocab_size <= 65536 else np.uint32
+    tokens = np.random.default_rng(seed).integers(0, vocab_size, size=1_000_000).astype(dtype)
+    return Trainer(config, _RandomIdsTokenizer(vocab_size), SimpleNamespace(train=tokens, val=tokens), run_dir,
+                   progress=False)

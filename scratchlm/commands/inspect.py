@@ -85,38 +85,33 @@ def config_from(args):
 def cmd_bench(args) -> int:
     """Time training steps of a preset's model on random tokens (the shapes are what matter)."""
     import statistics
+    import tempfile
     import time
-    import numpy as np
-    from scratchlm import backend, kernels, optim
+    from scratchlm import backend, kernels
     from scratchlm.config import read_preset
-    from scratchlm.models import GPT
     from scratchlm.memory import check_fits_in_memory
+    from scratchlm.runsetup import random_tokens_trainer
     use_backend(args.backend)
     kernels.use_reference(args.kernels == "off")
     backend.keep_freed_host_memory()
     config = config_from(args)
     vocab_size = args.vocab_size if args.vocab_size is not None else read_preset(args.preset).get("vocab_size", 65)
     check_fits_in_memory(config.model_config(vocab_size), config.batch_size, config.block_size)
-    model = GPT(config.model_config(vocab_size), seed=config.seed)
-    optimizer = optim.AdamW(model.configure_optimizer_groups(config.weight_decay), lr=config.learning_rate,
-                            betas=(config.beta1, config.beta2), weight_decay=config.weight_decay)
-    B, T = config.batch_size, config.block_size
-    rng = np.random.default_rng(0)
     seconds = []
-    for step in range(args.warmup + args.iters):      # warm-up: Numba compiles, caches fill
-        tokens = backend.to_device(rng.integers(0, vocab_size, size=(B, T + 1)))
-        start = time.perf_counter()
-        _, loss = model(tokens[:, :-1], tokens[:, 1:])
-        optimizer.zero_grad()
-        loss.backward()
-        optim.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        backend.synchronize()
-        if step >= args.warmup:
-            seconds.append(time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as run_dir:    # the trainer's own step, on random tokens
+        trainer = random_tokens_trainer(config, vocab_size, run_dir)
+        for step in range(args.warmup + args.iters):  # warm-up: Numba compiles, caches fill
+            backend.synchronize()
+            start = time.perf_counter()
+            trainer.train_step(step)
+            backend.synchronize()
+            if step >= args.warmup:
+                seconds.append(time.perf_counter() - start)
+    model, B, T = trainer.model, config.batch_size, config.block_size
+    tokens_per_step = B * T * config.gradient_accumulation_steps
     ms = statistics.median(seconds) * 1e3
     print(f"preset {args.preset}: {model.num_parameters(non_embedding=False):,} parameters, B={B} T={T}, "
           f"backend {backend.get_backend()}, kernels {args.kernels}")
-    print(f"{ms:.1f} ms/iter, {B * T / ms * 1e3:,.0f} tokens/s (median of {args.iters} steps after "
+    print(f"{ms:.1f} ms/iter, {tokens_per_step / ms * 1e3:,.0f} tokens/s (median of {args.iters} steps after "
           f"{args.warmup} warm-up; bench/train.py puts PyTorch beside it)")
     return 0
